@@ -1,0 +1,124 @@
+"""The audit log: one JSON document per run, its provenance fields, schema check and atomic writing."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import secrets
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+from kprune_batch import __version__
+from kprune_batch.errors import AuditLogError
+from kprune_batch.files import atomic_write_bytes
+from kprune_batch.schemas import load_schema
+
+AUDIT_VERSION = 1
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def new_run_id() -> str:
+    """UTC time first, so that logs named by run id sort by time; a random tail keeps them unique."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions() -> dict[str, Any]:
+    """Versions from package metadata: no TensorFlow import needed."""
+    return {"name": "kprune-batch", "version": __version__, "keras": _version("keras"),
+            "tensorflow": _version("tensorflow") or _version("tensorflow-cpu"),
+            "numpy": _version("numpy"), "h5py": _version("h5py"),
+            "python": platform.python_version()}
+
+
+def git_provenance(path: str) -> dict[str, Any]:
+    """{commit, dirty} of the file at `path` in its git work tree; `reason` when there is none.
+
+    dirty is true when the file differs from HEAD (staged or not) or is not tracked at all.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True,
+                              timeout=30, check=False)
+
+    try:
+        head = git("rev-parse", "--verify", "-q", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None, "reason": "git is not available"}
+    inside = git("rev-parse", "--is-inside-work-tree")
+    if inside.returncode != 0 or inside.stdout.strip() != "true":
+        return {"commit": None, "dirty": None, "reason": "the spec is not in a git work tree"}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": True, "reason": "the repository has no commit yet"}
+    commit = head.stdout.strip()
+    tracked = git("ls-files", "--error-unmatch", "--", name).returncode == 0
+    if not tracked:
+        return {"commit": commit, "dirty": True, "reason": "the spec file is not tracked by git"}
+    changed = git("diff", "--quiet", "HEAD", "--", name).returncode != 0
+    return {"commit": commit, "dirty": changed}
+
+
+def run_status(model_statuses: list[str]) -> str:
+    ok = sum(1 for s in model_statuses if s == "ok")
+    if ok == len(model_statuses):
+        return "ok"
+    return "partial" if ok else "failed"
+
+
+def validate_log(log: dict[str, Any]) -> list[str]:
+    """Schema violations of an audit log, as 'json.path: message' strings."""
+    import jsonschema
+
+    from kprune_batch.spec import json_path
+
+    validator = jsonschema.Draft202012Validator(load_schema("audit"))
+    return sorted(f"{json_path(e.absolute_path) or '(root)'}: {e.message}"
+                  for e in validator.iter_errors(log))
+
+
+def write_log(path: str, log: dict[str, Any]) -> None:
+    """Check the log against its schema, then write it atomically (a bug here must not go unseen)."""
+    problems = validate_log(log)
+    if problems:
+        raise AuditLogError(f"internal error: the audit log does not follow its schema: {problems[0]}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(log, indent=2, allow_nan=False) + "\n").encode())
+
+
+def read_log(path: str) -> dict[str, Any]:
+    """Load and schema-check an audit log; AuditLogError with one clear line if that fails."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            log = json.load(fh)
+    except FileNotFoundError:
+        raise AuditLogError(f"{path}: no such audit log") from None
+    except OSError as exc:
+        raise AuditLogError(f"{path}: cannot read audit log: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AuditLogError(f"{path}: not a JSON audit log ({exc})") from None
+    if not isinstance(log, dict):
+        raise AuditLogError(f"{path}: not a kprune audit log (top level is not an object)")
+    problems = validate_log(log)
+    if problems:
+        raise AuditLogError(f"{path}: not a valid kprune audit log: {problems[0]}")
+    return log
+
+
+def command_line() -> list[str]:
+    return [os.path.basename(sys.argv[0])] + sys.argv[1:]

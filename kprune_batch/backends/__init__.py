@@ -1,0 +1,1 @@
+"""Executor backends: the only code that opens model files."""

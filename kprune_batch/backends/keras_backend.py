@@ -1,0 +1,130 @@
+"""The Keras backend: loads the model with Keras (safe mode on), edits variables, saves reproducibly."""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from kprune_batch.errors import ModelError
+from kprune_batch.graph import build_graph
+from kprune_batch.quiet import import_keras, native_stderr_silenced
+
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def _describe_load_error(exc: BaseException, path: str) -> tuple[str, str | None]:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lowered = text.lower()
+    if "lambda" in lowered and ("safe_mode" in lowered or "unsafe" in lowered):
+        return ("the model contains a Lambda layer, whose Python code Keras refuses to load in safe "
+                "mode; kprune always loads models with safe_mode=True",
+                "replace the Lambda with a registered layer")
+    if "unknown layer" in lowered or "could not locate" in lowered or "custom_objects" in lowered:
+        first = text.splitlines()[0][:300]
+        return (f"the model uses a layer class Keras does not know ({first})",
+                "kprune loads only built-in Keras layers")
+    if isinstance(exc, (zipfile.BadZipFile, OSError)) or "truncated" in lowered \
+            or "signature" in lowered or "not a zip" in lowered:
+        return (f"the file is not a readable Keras model ({text.splitlines()[0][:200]})",
+                "check the file is a complete .keras or .h5 model")
+    return f"Keras could not load the model ({text.splitlines()[0][:300]})", None
+
+
+class KerasModelWeights:
+    """A model loaded with keras.saving.load_model; the reference backend."""
+
+    backend = "keras"
+
+    def __init__(self, path: str, model_name: str):
+        self.path = path
+        self.model_name = model_name
+        keras = import_keras()
+        if not os.path.exists(path):
+            raise ModelError(f"input file {path} does not exist", model=model_name,
+                             hint="check the model's 'path' (relative to the spec file's folder)")
+        if not os.access(path, os.R_OK):
+            raise ModelError(f"input file {path} is not readable (permission denied)",
+                             model=model_name)
+        try:
+            with native_stderr_silenced():
+                self.model = keras.saving.load_model(path, compile=True, safe_mode=True)
+        except Exception as exc:  # Keras raises many types for bad files; all end this model only
+            message, hint = _describe_load_error(exc, path)
+            raise ModelError(message, model=model_name, file=path, hint=hint) from exc
+        if not isinstance(self.model, keras.Model):
+            raise ModelError("the file does not hold a Keras model", model=model_name, file=path)
+        try:
+            config = keras.saving.serialize_keras_object(self.model)
+            self.graph = build_graph(config)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ModelError(
+                f"the model's architecture cannot be read as a Functional or Sequential graph "
+                f"({exc})", model=model_name, file=path,
+                hint="subclassed models are not supported") from exc
+
+    def _layer(self, layer_path: str) -> Any:
+        obj = self.model
+        for part in layer_path.split("/"):
+            obj = obj.get_layer(part)
+        return obj
+
+    def variables(self, layer_path: str) -> dict[str, np.ndarray]:
+        layer = self._layer(layer_path)
+        return {v.name: np.array(v.numpy(), copy=True) for v in layer.weights}
+
+    def assign(self, layer_path: str, name: str, value: np.ndarray) -> None:
+        layer = self._layer(layer_path)
+        for var in layer.weights:
+            if var.name == name:
+                if tuple(var.shape) != tuple(value.shape):
+                    raise ValueError(f"shape mismatch for {layer_path}/{name}")
+                var.assign(value.astype(var.dtype))
+                return
+        raise KeyError(f"{layer_path} has no variable {name}")
+
+    def save(self, tmp_path: str) -> None:
+        suffix = ".keras" if self.path.endswith(".keras") else ".h5"
+        staging = tmp_path + suffix  # Keras picks the format from the file name's ending
+        try:
+            with native_stderr_silenced():
+                self.model.save(staging)
+            if suffix == ".keras":
+                _reproducible_zip(staging, tmp_path, like=self.path)
+            else:
+                os.replace(staging, tmp_path)
+        finally:
+            if os.path.exists(staging):
+                os.unlink(staging)
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _reproducible_zip(src: str, dest: str, like: str) -> None:
+    """Rewrite Keras's zip so that it carries no save-time timestamp.
+
+    keras/src/saving/saving_lib.py writes metadata.json with `date_saved` = now and the weights
+    entry with the current time; both are taken from the input file instead, so the same spec
+    on the same inputs gives byte-identical outputs. Entry order and compression are kept.
+    """
+    with zipfile.ZipFile(like) as original:
+        stamps = {info.filename: info.date_time for info in original.infolist()}
+        try:
+            date_saved = json.loads(original.read("metadata.json")).get("date_saved")
+        except (KeyError, ValueError):
+            date_saved = None
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "metadata.json" and date_saved is not None:
+                meta = json.loads(data)
+                meta["date_saved"] = date_saved
+                data = json.dumps(meta).encode()
+            out = zipfile.ZipInfo(info.filename, date_time=stamps.get(info.filename, _ZIP_EPOCH))
+            out.compress_type = info.compress_type
+            out.external_attr = info.external_attr
+            out.create_system = info.create_system
+            zout.writestr(out, data)

@@ -1,0 +1,96 @@
+"""The command line: parse, call one command function, print its result, exit with its code."""
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable
+
+import click
+
+from kprune_batch import __version__
+from kprune_batch.commands import EXIT_FAILED, Result
+from kprune_batch.errors import KpruneError
+from kprune_batch.quiet import set_debug
+
+
+def _finish(ctx: click.Context, call: Callable[[], Result]) -> None:
+    debug = bool(ctx.obj and ctx.obj.get("debug"))
+    try:
+        result = call()
+    except KpruneError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {exc.render()}", err=True)
+        ctx.exit(EXIT_FAILED)
+    except Exception as exc:  # a bug: one line, and the traceback only with --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: internal error: {type(exc).__name__}: {exc} "
+                   f"(run with --debug for the traceback)", err=True)
+        ctx.exit(EXIT_FAILED)
+    for line in result.out:
+        click.echo(line)
+    for line in result.err:
+        click.echo(line, err=True)
+    ctx.exit(result.return_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kprune")
+@click.option("--debug", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Declarative, auditable filter surgery for Keras 3 CNNs."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    set_debug(debug)
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.pass_context
+def validate(ctx: click.Context, specs: tuple[str, ...]) -> None:
+    """Check spec files (schema and semantics); opens no model. Exit 0 valid, 2 invalid."""
+    from kprune_batch.commands.validate import validate as run
+
+    _finish(ctx, lambda: run(list(specs)))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+@click.pass_context
+def plan(ctx: click.Context, spec: str, fmt: str) -> None:
+    """Show which filters each rule would zero; reads models, writes nothing."""
+    from kprune_batch.commands.plan import plan as run
+
+    _finish(ctx, lambda: run(spec, fmt))
+
+
+@cli.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--audit-log", type=click.Path(dir_okay=False),
+              help="Where to write the audit log (default: OUTPUT_DIR/audit/RUN_ID.json).")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Override the spec's output_dir (relative to the current directory).")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed model.")
+@click.option("--probe", is_flag=True,
+              help="Run a seeded probe batch and measure every zeroed channel.")
+@click.pass_context
+def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str | None,
+          fail_fast: bool, probe: bool) -> None:
+    """Zero the filters the spec selects; write edited models and an audit log."""
+    from kprune_batch.commands.apply import apply as run
+
+    _finish(ctx, lambda: run(spec, audit_log=audit_log, output_dir=output_dir,
+                             fail_fast=fail_fast, probe=probe))
+
+
+def main() -> None:
+    cli(prog_name="kprune")
+
+
+if __name__ == "__main__":
+    main()
+

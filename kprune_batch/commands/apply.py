@@ -1,0 +1,161 @@
+"""`kprune apply SPEC`: run every model job, write outputs and the run's audit log."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from typing import Any, Iterator
+
+from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new_run_id,
+                                run_status, tool_versions, utc_now, write_log)
+from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Result
+from kprune_batch.errors import AuditLogError, SpecError
+from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ModelOutcome,
+                                   Opener, open_keras, run_job)
+from kprune_batch.plan import Plan, compile_plan
+from kprune_batch.spec import read_spec
+
+LOCK_NAME = ".kprune.lock"
+
+
+class _Stop:
+    """Turns SIGTERM/SIGINT into a request to stop after the current model."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        def handler(signum: int, _frame: Any) -> None:
+            self.signal = signal.Signals(signum).name
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (library use): no handler
+                pass
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def _lock(folder: str) -> Iterator[bool]:
+    """An exclusive lock on `folder` so two runs never interleave writes; yields False if held."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield True
+    finally:
+        os.close(fd)
+
+
+def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None = None,
+          fail_fast: bool = False, probe: bool = False, opener: Opener = open_keras) -> Result:
+    result = Result()
+    started = utc_now()
+    try:
+        spec = read_spec(spec_file)
+        plan = compile_plan(spec, output_dir=output_dir)
+    except SpecError as exc:
+        result.err.extend(p.render() for p in exc.problems)
+        result.return_code = EXIT_INVALID
+        return result
+    run_id = new_run_id()
+    log_path = os.path.abspath(audit_log) if audit_log else os.path.join(
+        plan.output_dir, "audit", f"{run_id}.json")
+    outcomes: list[ModelOutcome] = []
+    stop = _Stop()
+    interrupted = None
+    try:
+        lock_cm = _lock(plan.output_dir)
+        held = lock_cm.__enter__()
+    except OSError as exc:
+        result.err.append(f"error: cannot use output folder {plan.output_dir}: {exc.strerror}")
+        result.return_code = EXIT_FAILED
+        return result
+    try:
+        if not held:
+            message = (f"another kprune apply is writing to {plan.output_dir} (lock "
+                       f"{os.path.join(plan.output_dir, LOCK_NAME)}); run again when it has finished")
+            result.err.append(f"error: {message}")
+            outcomes = [ModelOutcome(job=j, status=STATUS_SKIPPED, error=message) for j in plan.jobs]
+        else:
+            with stop.installed():
+                for job in plan.jobs:
+                    if stop.signal or (fail_fast and any(o.status == STATUS_FAILED
+                                                         for o in outcomes)):
+                        reason = (f"not run: kprune was stopped by {stop.signal}" if stop.signal
+                                  else "not run: an earlier model failed and --fail-fast is set")
+                        outcomes.append(ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason))
+                        continue
+                    outcomes.append(run_job(job, opener=opener))
+                interrupted = stop.signal
+        log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, interrupted)
+        try:
+            write_log(log_path, log)
+        except (OSError, AuditLogError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) else str(exc)
+            result.err.append(f"error: cannot write audit log {log_path}: {text}")
+            result.return_code = EXIT_FAILED
+    finally:
+        lock_cm.__exit__(None, None, None)
+    for outcome in outcomes:
+        if outcome.status == STATUS_OK:
+            layers = len({r["layer"] for r in outcome.zeroed})
+            result.out.append(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)} filter(s) "
+                              f"in {layers} layer(s) -> {outcome.job.output}")
+        elif outcome.status == STATUS_FAILED:
+            result.err.append(f"error: {outcome.error}")
+        else:
+            result.out.append(f"skipped {outcome.job.name}: {outcome.error}")
+    if os.path.exists(log_path):
+        result.out.append(f"audit log: {log_path}")
+    if result.return_code == EXIT_OK and any(o.status != STATUS_OK for o in outcomes):
+        result.return_code = EXIT_FAILED
+    return result
+
+
+def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
+              outcomes: list[ModelOutcome], fail_fast: bool, probe: bool,
+              interrupted: str | None) -> dict[str, Any]:
+    """The audit log document of one run (schema/audit.schema.json)."""
+    log: dict[str, Any] = {
+        "version": AUDIT_VERSION,
+        "run_id": run_id,
+        "status": run_status([o.status for o in outcomes]),
+        "spec": {"path": plan.spec_path, "sha256": plan.spec_sha256,
+                 "git": git_provenance(spec_file)},
+        "plan_sha256": plan.sha256,
+        "command": command_line(),
+        "started_at": started,
+        "finished_at": utc_now(),
+        "tool": tool_versions(),
+        "options": {"output_dir": plan.output_dir, "fail_fast": fail_fast, "probe": probe},
+        "models": [{
+            "name": o.job.name,
+            "status": o.status,
+            "backend": o.backend,
+            "input": {"path": o.job.input, "sha256": o.input_sha256},
+            "output": ({"path": o.job.output, "sha256": o.output_sha256}
+                       if o.status == STATUS_OK else None),
+            "error": o.error,
+            "layers": [sel.to_json() for sel in o.layers] if o.status == STATUS_OK else [],
+        } for o in outcomes],
+        "zeroed": [record for o in outcomes if o.status == STATUS_OK for record in o.zeroed],
+    }
+    if interrupted:
+        log["interrupted"] = interrupted
+    return log

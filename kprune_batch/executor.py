@@ -1,0 +1,286 @@
+"""The executor: opens each job's model through a backend, selects filters, edits, writes outputs."""
+from __future__ import annotations
+
+import difflib
+import errno
+import fnmatch
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from kprune_batch.backends.base import ModelWeights
+from kprune_batch.errors import KpruneError, ModelError
+from kprune_batch.families import Family, canonical_class, family_of
+from kprune_batch.files import atomic_write, sha256_file
+from kprune_batch.plan import LayerOp, ModelJob, Options
+from kprune_batch.rules import RuleError, filter_stats, select
+from kprune_batch.silence import channel_fate
+
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
+
+
+@dataclass
+class LayerSelection:
+    """What the rules select in one layer (union over every entry resolving to it)."""
+
+    path: str
+    class_name: str
+    family: Family
+    n_filters: int
+    options: Options
+    max_fraction: float
+    allow_empty_layer: bool
+    entries: list[str]  # locations of the layer entries that resolve to this layer
+    by_rule: dict[str, list[int]]  # rule location -> filters it selects
+    filters: dict[int, list[str]]  # filter -> every rule location that selects it (sorted)
+    stats: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"layer": self.path, "layer_class": self.class_name, "filters_total": self.n_filters,
+                "entries": self.entries, "max_fraction": self.max_fraction,
+                "rules": self.by_rule, "selected": sorted(self.filters)}
+
+
+@dataclass
+class ModelOutcome:
+    job: ModelJob
+    status: str
+    error: str | None = None
+    input_sha256: str | None = None
+    output_sha256: str | None = None
+    layers: list[LayerSelection] = field(default_factory=list)
+    zeroed: list[dict[str, Any]] = field(default_factory=list)
+    backend: str = "keras"
+
+
+Opener = Callable[[ModelJob], ModelWeights]
+
+
+def open_keras(job: ModelJob) -> ModelWeights:
+    from kprune_batch.backends.keras_backend import KerasModelWeights
+
+    return KerasModelWeights(job.input, job.name)
+
+
+# --- selection ---------------------------------------------------------------------------------
+
+
+def _resolve(op: LayerOp, weights: ModelWeights, model: str) -> list[str]:
+    """The layer paths a layer entry names (exact name) or matches (glob over convolution layers)."""
+    graph = weights.graph
+    if op.name is not None:
+        if op.name not in graph.layers:
+            near = difflib.get_close_matches(op.name, list(graph.layers), n=1, cutoff=0.6)
+            hint = f"did you mean '{near[0]}'?" if near else "run 'kprune plan' to list the layers"
+            raise ModelError(f"{op.loc}: no layer named '{op.name}' in the model", model=model,
+                             hint=hint)
+        node = graph.layers[op.name]
+        if family_of(node.class_name) is None:
+            raise ModelError(f"{op.loc}: layer '{op.name}' is a {node.class_name} layer; only "
+                             f"convolution layers have filters", model=model)
+        if op.type is not None and canonical_class(node.class_name) != canonical_class(op.type):
+            raise ModelError(f"{op.loc}: layer '{op.name}' is a {node.class_name}, not a {op.type}",
+                             model=model)
+        return [op.name]
+    convs = [p for p, n in graph.layers.items() if family_of(n.class_name) is not None]
+    typed = [p for p in convs if op.type is None
+             or canonical_class(graph.layers[p].class_name) == canonical_class(op.type)]
+    found = [p for p in typed if fnmatch.fnmatchcase(p, op.match or "")]
+    if not found:
+        near = difflib.get_close_matches(op.match or "", typed, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'?" if near else (
+            f"the model's convolution layers are: {', '.join(typed[:8])}"
+            + (" ..." if len(typed) > 8 else "") if typed else "the model has no such layers")
+        kind = f"{op.type} " if op.type else "convolution "
+        raise ModelError(f"{op.loc}: match '{op.match}' matches no {kind}layer", model=model,
+                         hint=hint)
+    return found
+
+
+def select_filters(job: ModelJob, weights: ModelWeights) -> list[LayerSelection]:
+    """Evaluate every rule of the job on the input model's weights; check the guards."""
+    selections: dict[str, LayerSelection] = {}
+    for op in job.ops:
+        for path in _resolve(op, weights, job.name):
+            node = weights.graph.layers[path]
+            family = family_of(node.class_name)
+            assert family is not None
+            sel = selections.get(path)
+            if sel is None:
+                kernel = _kernel(weights, path, family, job.name)
+                sel = selections[path] = LayerSelection(
+                    path=path, class_name=node.class_name, family=family,
+                    n_filters=family.n_filters(kernel.shape), options=op.options,
+                    max_fraction=op.options.max_fraction,
+                    allow_empty_layer=op.options.allow_empty_layer, entries=[], by_rule={},
+                    filters={})
+                sel.stats = _slices_and_stats(kernel, family)
+            else:
+                for key in ("bias", "batchnorm", "action"):
+                    mine, theirs = getattr(op.options, key), getattr(sel.options, key)
+                    if mine != theirs:
+                        raise ModelError(
+                            f"{op.loc} sets {key}: {mine}, but {sel.entries[0]} sets {key}: "
+                            f"{theirs} for the same layer", model=job.name, layer=path,
+                            hint="give both entries the same value")
+                sel.max_fraction = min(sel.max_fraction, op.options.max_fraction)
+                sel.allow_empty_layer = sel.allow_empty_layer and op.options.allow_empty_layer
+            sel.entries.append(op.loc)
+            slices = sel.family.filter_view(_kernel(weights, path, family, job.name))
+            for rule in op.rules:
+                try:
+                    chosen = select(rule.kind, rule.params, slices)
+                except RuleError as exc:
+                    raise ModelError(f"{rule.loc}: {exc.message}", model=job.name, layer=path,
+                                     hint=exc.hint) from exc
+                sel.by_rule[rule.loc] = chosen
+                for f in chosen:
+                    sel.filters.setdefault(f, []).append(rule.loc)
+    for sel in selections.values():
+        sel.filters = {f: sorted(set(locs), key=_loc_key) for f, locs in sorted(sel.filters.items())}
+        _check_guards(sel, job.name)
+    return list(selections.values())
+
+
+def _loc_key(loc: str) -> list[int]:
+    return [int(part.split("]")[0]) for part in loc.split("[")[1:]]
+
+
+def _kernel(weights: ModelWeights, path: str, family: Family, model: str) -> np.ndarray:
+    variables = weights.variables(path)
+    for name in (family.kernel_var,) + family.legacy_kernel_vars:
+        if name in variables:
+            return variables[name]
+    raise ModelError(f"has no '{family.kernel_var}' variable (is it built?)", model=model,
+                     layer=path)
+
+
+def _slices_and_stats(kernel: np.ndarray, family: Family) -> dict[int, dict[str, float]]:
+    stats = filter_stats(family.filter_view(kernel))
+    return {f: {k: float(v[f]) for k, v in stats.items()} for f in range(len(stats["mean"]))}
+
+
+def _check_guards(sel: LayerSelection, model: str) -> None:
+    count, total = len(sel.filters), sel.n_filters
+    if not count:
+        return
+    rules = ", ".join(f"{loc} ({len(chosen)})" for loc, chosen in sel.by_rule.items() if chosen)
+    if count == total and not sel.allow_empty_layer:
+        raise ModelError(
+            f"the rules would zero all {total} filters of the layer (selected by {rules})",
+            model=model, layer=sel.path,
+            hint="if that is intended, set allow_empty_layer: true (and max_fraction: 1.0) on "
+                 "the entry")
+    if count > sel.max_fraction * total + 1e-9:
+        raise ModelError(
+            f"the rules would zero {count} of {total} filters ({100.0 * count / total:.1f}%), "
+            f"more than max_fraction {sel.max_fraction:g} allows "
+            f"({int(sel.max_fraction * total + 1e-9)}); selected by {rules}",
+            model=model, layer=sel.path,
+            hint="tighten the rules or raise max_fraction for this entry")
+
+
+# --- editing ---------------------------------------------------------------------------------
+
+
+def edit_model(job: ModelJob, weights: ModelWeights,
+               selections: list[LayerSelection]) -> list[dict[str, Any]]:
+    """Zero the selected filters (kernel slice, bias, BN follower) in `weights`; return records."""
+    records: list[dict[str, Any]] = []
+    pending_bn: dict[tuple[str, str], np.ndarray] = {}
+    original: dict[str, dict[str, np.ndarray]] = {}
+
+    def input_variables(path: str) -> dict[str, np.ndarray]:
+        if path not in original:
+            original[path] = weights.variables(path)
+        return original[path]
+
+    for sel in selections:
+        if not sel.filters:
+            continue
+        variables = input_variables(sel.path)
+        kernel_name = next(n for n in (sel.family.kernel_var,) + sel.family.legacy_kernel_vars
+                           if n in variables)
+        filters = list(sel.filters)
+        weights.assign(sel.path, kernel_name, sel.family.zeroed(variables[kernel_name], filters))
+        bias = variables.get("bias")
+        if bias is not None and sel.options.bias == "zero":
+            new_bias = bias.copy()
+            new_bias[filters] = 0
+            weights.assign(sel.path, "bias", new_bias)
+        for f in filters:
+            pre = 0.0 if bias is None or sel.options.bias == "zero" else float(bias[f])
+            fate = channel_fate(weights.graph, sel.path, f, pre,
+                                sel.options.batchnorm == "neutralize", input_variables)
+            for edit in fate.edits:
+                key = (edit.layer, edit.variable)
+                if key not in pending_bn:
+                    pending_bn[key] = input_variables(edit.layer)[edit.variable].copy()
+                pending_bn[key][edit.channel] = edit.value
+            records.append({
+                "model": job.name,
+                "layer": sel.path,
+                "layer_class": sel.class_name,
+                "filter": f,
+                "rules": sel.filters[f],
+                "stats": sel.stats[f],
+                "bias": "none" if bias is None else ("zeroed" if sel.options.bias == "zero"
+                                                     else "kept"),
+                "batchnorm": [{"layer": e.layer, "variable": e.variable, "value": e.value}
+                              for e in fate.edits],
+                "silent": fate.silent,
+                "constant": None if fate.silent else fate.constant,
+                "notes": fate.notes,
+            })
+    for (layer, variable), value in pending_bn.items():
+        weights.assign(layer, variable, value)
+    return records
+
+
+def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True) -> ModelOutcome:
+    """Run one model job to completion; every failure becomes a `failed` outcome, never a raise."""
+    outcome = ModelOutcome(job=job, status=STATUS_FAILED)
+    weights = None
+    try:
+        if os.path.exists(job.input):
+            outcome.input_sha256 = sha256_file(job.input)
+        weights = opener(job)
+        outcome.backend = weights.backend
+        outcome.layers = select_filters(job, weights)
+        if not write:
+            outcome.status = STATUS_OK
+            return outcome
+        outcome.zeroed = edit_model(job, weights, outcome.layers)
+        _write_output(job, weights)
+        outcome.output_sha256 = sha256_file(job.output)
+        if outcome.input_sha256 != sha256_file(job.input):
+            raise ModelError("the input file changed while kprune was reading it", model=job.name,
+                             file=job.input, hint="run again when nothing else writes to it")
+        outcome.status = STATUS_OK
+    except KpruneError as exc:
+        outcome.error = exc.render()
+        outcome.zeroed = []
+    finally:
+        if weights is not None:
+            weights.close()
+    return outcome
+
+
+def _write_output(job: ModelJob, weights: ModelWeights) -> None:
+    folder = os.path.dirname(job.output)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        atomic_write(job.output, weights.save)
+    except Exception as exc:  # Keras and h5py wrap OS errors in their own types
+        errno_ = getattr(exc, "errno", None)
+        if errno_ == errno.ENOSPC or "No space left" in str(exc):
+            reason = "the disk is full"
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise ModelError(f"cannot write output {job.output}: {reason}", model=job.name,
+                         hint="nothing was written under the output's name; check the output "
+                              "folder and free space") from exc

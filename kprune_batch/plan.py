@@ -1,0 +1,119 @@
+"""The plan: a validated spec compiled to pure, frozen, JSON-serialisable jobs (no model is opened)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from kprune_batch.spec import OPTION_KEYS, Spec, check_output_dir
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every per-layer option with its effective value (defaults written out)."""
+
+    bias: str
+    batchnorm: str
+    max_fraction: float
+    allow_empty_layer: bool
+    action: str
+    coupled: str
+    approximate: bool
+    round_to: int
+
+
+@dataclass(frozen=True)
+class RuleOp:
+    loc: str  # models[i].layers[j].rules[k]: the rule's place in the spec, also used in the audit log
+    kind: str
+    params: Any
+
+
+@dataclass(frozen=True)
+class LayerOp:
+    loc: str  # models[i].layers[j]
+    name: str | None
+    match: str | None
+    type: str | None
+    options: Options
+    rules: tuple[RuleOp, ...]
+
+    @property
+    def selector(self) -> str:
+        what = f"name '{self.name}'" if self.name is not None else f"match '{self.match}'"
+        return what + (f" type {self.type}" if self.type else "")
+
+
+@dataclass(frozen=True)
+class ModelJob:
+    loc: str  # models[i]
+    name: str
+    input: str  # absolute path
+    output: str  # absolute path
+    format: str  # "keras" or "h5": the output keeps the input's format
+    ops: tuple[LayerOp, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int
+    spec_path: str
+    spec_sha256: str
+    output_dir: str
+    jobs: tuple[ModelJob, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the canonical JSON form: two runs of one plan are recognisable in audit logs."""
+        text = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_format(path: str) -> str:
+    return "keras" if path.endswith(".keras") else "h5"
+
+
+def compile_plan(spec: Spec, output_dir: str | None = None) -> Plan:
+    """Compile `spec` into a Plan. `output_dir` (from --output-dir) overrides the spec's."""
+    if output_dir is not None:
+        output_dir = os.path.abspath(output_dir)
+        check_output_dir(spec, output_dir)
+    out_dir = output_dir or spec.output_dir
+    defaults = dict(spec.defaults)
+    jobs = []
+    for model in spec.models:
+        ops = []
+        for entry in model.layers:
+            effective = {k: dict(entry.options).get(k, defaults[k]) for k in OPTION_KEYS}
+            effective["max_fraction"] = float(effective["max_fraction"])
+            ops.append(LayerOp(
+                loc=entry.loc, name=entry.name, match=entry.match, type=entry.type,
+                options=Options(**effective),
+                rules=tuple(RuleOp(r.loc, r.kind, _freeze(r.params)) for r in entry.rules)))
+        jobs.append(ModelJob(loc=model.loc, name=model.name, input=model.path,
+                             output=spec.output_path(model, out_dir),
+                             format=model_format(model.path), ops=tuple(ops)))
+    return Plan(version=PLAN_VERSION, spec_path=os.path.abspath(spec.file),
+                spec_sha256=spec.sha256, output_dir=out_dir, jobs=tuple(jobs))
+
+
+def _freeze(params: Any) -> Any:
+    """Rule parameters as plain JSON values (index lists as lists of ints, thresholds as floats)."""
+    if isinstance(params, list):
+        return [int(i) for i in params]
+    out = {}
+    for key, value in params.items():
+        if key in ("below", "above"):
+            out[key] = float(value)
+        elif key == "element":
+            out[key] = [int(i) for i in value]
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,70 @@
+"""Keeps TensorFlow's and Keras's start-up and save-time chatter off the user's terminal."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import warnings
+from typing import Any, Iterator
+
+_DEBUG = False
+
+
+def set_debug(flag: bool) -> None:
+    """With --debug, swallowed native log lines are replayed on stderr."""
+    global _DEBUG
+    _DEBUG = flag
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Redirect file descriptor 2 while TensorFlow runs native code.
+
+    TF 2.21 prints oneDNN and CUDA lines from C++ before absl logging is configured, so
+    TF_CPP_MIN_LOG_LEVEL alone does not hide them; only a descriptor-level redirect does.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real descriptor 2 (embedded use): nothing to hide
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if _DEBUG:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode("utf-8", "replace"))
+
+
+_keras: Any = None
+
+
+def import_keras() -> Any:
+    """Import Keras (TensorFlow backend) once, quietly."""
+    global _keras
+    if _keras is None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+        with native_stderr_silenced():
+            import keras  # noqa: PLC0415 - deliberately late: TensorFlow costs ~3 s to import
+
+            try:
+                import absl.logging  # noqa: PLC0415
+
+                absl.logging.set_verbosity(absl.logging.ERROR)
+            except ImportError:
+                pass
+            import tensorflow as tf  # noqa: PLC0415
+
+            tf.get_logger().setLevel("ERROR")
+        _keras = keras
+    return _keras

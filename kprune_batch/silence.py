@@ -1,0 +1,133 @@
+"""Static silence analysis: where a zeroed channel goes, which BatchNorm edits silence it, and whether it is silent.
+
+Pure: works on the layer graph (from the model config) and numpy arrays; no TensorFlow.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from kprune_batch.families import ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES, activation_value
+from kprune_batch.graph import OUTPUT, GraphLayer, LayerGraph
+
+PASS_THROUGH_CLASSES = ("InputLayer",)  # a nested model's input: the tensor itself
+
+
+@dataclass(frozen=True)
+class BnEdit:
+    layer: str
+    variable: str
+    channel: int
+    value: float
+
+
+@dataclass
+class Fate:
+    """What a zeroed channel becomes downstream of its layer."""
+
+    silent: bool
+    constant: float | None  # inference-mode value where not silent; None when it cannot be known
+    edits: list[BnEdit] = field(default_factory=list)
+    followers: list[str] = field(default_factory=list)  # BatchNormalization layers on the way
+    notes: list[str] = field(default_factory=list)
+
+
+def _bn_axis_ok(bn: GraphLayer, conv_config: dict) -> bool:
+    """Does the BN normalise the conv's channel axis? (channels_first: axis 1, else the last)."""
+    axis = bn.config.get("axis", -1)
+    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+    if not isinstance(axis, int):
+        return False
+    shape = bn.build_config.get("input_shape")
+    rank = len(shape) if isinstance(shape, list) else None
+    if conv_config.get("data_format") == "channels_first":
+        return axis == 1
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def channel_fate(graph: LayerGraph, layer_path: str, channel: int, pre_activation: float,
+                 neutralize: bool, variables: Callable[[str], dict[str, np.ndarray]]) -> Fate:
+    """Follow channel `channel` of `layer_path`, whose pre-activation output is the constant
+    `pre_activation`, through its activation, activation layers and BatchNorm followers.
+
+    `variables(path)` returns a layer's variables by name (as the input model has them).
+    The channel is silent only if every place it reaches sees exactly 0, in inference and in
+    training mode; anything unknown (an activation kprune cannot evaluate, a shared layer, a BN
+    on another axis) makes it not silent, never the other way round.
+    """
+    layer = graph.layers[layer_path]
+    fate = Fate(silent=True, constant=None)
+    value = activation_value(layer.class_name, layer.config, pre_activation)
+    if value is None:
+        fate.notes.append(f"activation of '{layer_path}' is not known to kprune")
+    _follow(graph, layer_path, layer.config, channel, value, neutralize, variables, fate, set())
+    return fate
+
+
+def _mark_loud(fate: Fate, value: float | None) -> None:
+    if fate.silent or fate.constant is None:
+        fate.constant = value
+    fate.silent = False
+
+
+def _follow(graph: LayerGraph, src: str, conv_config: dict, channel: int, value: float | None,
+            neutralize: bool, variables: Callable[[str], dict[str, np.ndarray]], fate: Fate,
+            seen: set[str]) -> None:
+    for consumer in graph.consumers(src):
+        if consumer == OUTPUT or consumer in seen:
+            if value != 0.0:
+                _mark_loud(fate, value)
+            continue
+        node = graph.layers[consumer]
+        once = node.calls == 1
+        if once and node.class_name in PASS_THROUGH_CLASSES:
+            _follow(graph, consumer, conv_config, channel, value, neutralize, variables, fate,
+                    seen | {consumer})
+        elif once and node.class_name in ACTIVATION_LAYER_CLASSES and value is not None:
+            after = activation_value(node.class_name, node.config, value)
+            _follow(graph, consumer, conv_config, channel, after, neutralize, variables, fate,
+                    seen | {consumer})
+        elif once and node.class_name in BATCHNORM_CLASSES and _bn_axis_ok(node, conv_config):
+            _batchnorm(consumer, node.config, channel, value, neutralize, variables(consumer), fate)
+        elif value != 0.0:
+            _mark_loud(fate, value)
+
+
+def _batchnorm(path: str, config: dict, channel: int, value: float | None, neutralize: bool,
+               weights: dict[str, np.ndarray], fate: Fate) -> None:
+    """BN(x) = gamma * (x - mean) / sqrt(var + eps) + beta (keras/src/layers/normalization/
+    batch_normalization.py); in training mode the batch mean of a constant channel is the constant.
+    """
+    fate.followers.append(path)
+    scale = "gamma" in weights
+    center = "beta" in weights
+    if neutralize:
+        # gamma = 0 zeroes both modes exactly (0 * finite); without gamma the moving mean is set to
+        # the constant input, which is exact only when that constant is 0.
+        if scale:
+            fate.edits.append(BnEdit(path, "gamma", channel, 0.0))
+        if center:
+            fate.edits.append(BnEdit(path, "beta", channel, 0.0))
+        if not scale:
+            fate.edits.append(BnEdit(path, "moving_mean", channel, value if value is not None else 0.0))
+            if value != 0.0:
+                fate.notes.append(
+                    f"BatchNormalization '{path}' has scale=False and its input channel is the "
+                    f"constant {value}, not 0: exact silence cannot be guaranteed")
+                _mark_loud(fate, 0.0 if value is not None else None)
+        return
+    if value is None:
+        _mark_loud(fate, None)
+        return
+    gamma = float(weights["gamma"][channel]) if scale else 1.0
+    beta = float(weights["beta"][channel]) if center else 0.0
+    mean = float(weights["moving_mean"][channel])
+    var = float(weights["moving_variance"][channel])
+    eps = float(config.get("epsilon", 1e-3))
+    inference = gamma * (value - mean) / math.sqrt(var + eps) + beta
+    training = beta  # (x - batch mean) is 0 for a constant channel
+    if inference != 0.0 or training != 0.0:
+        _mark_loud(fate, inference)

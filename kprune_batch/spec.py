@@ -1,0 +1,422 @@
+"""Spec files: safe YAML loading with positions, schema and semantic validation, the typed `Spec`."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from kprune_batch.errors import SpecError, SpecProblem
+from kprune_batch.families import CONV_CLASSES, family_of
+from kprune_batch.schemas import load_schema
+
+OPTION_DEFAULTS: dict[str, Any] = {
+    "bias": "zero",
+    "batchnorm": "neutralize",
+    "max_fraction": 0.5,
+    "allow_empty_layer": False,
+    "action": "zero",
+    "coupled": "error",
+    "approximate": False,
+    "round_to": 1,
+}
+OPTION_KEYS = tuple(OPTION_DEFAULTS)
+DEFAULT_OUTPUT_DIR = "pruned"
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+_STANDARD_TAGS = {
+    "tag:yaml.org,2002:map", "tag:yaml.org,2002:seq", "tag:yaml.org,2002:str",
+    "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool",
+    "tag:yaml.org,2002:null", "tag:yaml.org,2002:timestamp",
+}
+
+
+# --- positions ---------------------------------------------------------------------------------
+
+Path_ = tuple  # a JSON path as a tuple of keys (str) and indices (int)
+
+
+def json_path(parts: Iterable[Any]) -> str:
+    """('models', 0, 'layers') -> 'models[0].layers'."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@dataclass
+class Positions:
+    """1-based (line, col) of every value and every mapping key of a YAML document."""
+
+    values: dict[tuple, tuple[int, int]] = field(default_factory=dict)
+    keys: dict[tuple, tuple[int, int]] = field(default_factory=dict)
+
+    def of(self, path: Iterable[Any], key: bool = False) -> tuple[int, int]:
+        path = tuple(path)
+        table = self.keys if key else self.values
+        while path:
+            if path in table:
+                return table[path]
+            if path in self.values:
+                return self.values[path]
+            path = path[:-1]
+        return self.values.get((), (1, 1))
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def load_yaml(text: str, file: str) -> tuple[Any, Positions, list[SpecProblem]]:
+    """Parse `text` safely into plain data, positions and the problems found on the way.
+
+    A syntax error or an empty document raises SpecError at once (there is no data to check).
+
+    Only the YAML core tags are accepted (never a Python tag: nothing in a spec can execute).
+    Duplicate keys, which PyYAML would silently collapse, are errors.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+            what = exc.problem or "syntax error"
+            if exc.context:
+                what = f"{exc.context}, {what}"
+            raise SpecError(file, [SpecProblem(line, col, "", f"YAML syntax error: {what}", file)])
+        except yaml.YAMLError as exc:
+            raise SpecError(file, [SpecProblem(1, 1, "", f"YAML error: {exc}", file)])
+        if root is None:
+            raise SpecError(file, [SpecProblem(1, 1, "", "the spec file is empty", file)])
+        problems: list[SpecProblem] = []
+        positions = Positions()
+        data = _convert(root, (), loader, positions, problems, file)
+        return data, positions, problems
+    finally:
+        loader.dispose()
+
+
+def _convert(node: yaml.Node, path: tuple, loader: yaml.SafeLoader, positions: Positions,
+             problems: list[SpecProblem], file: str) -> Any:
+    positions.values[path] = _mark(node)
+    if node.tag not in _STANDARD_TAGS:
+        line, col = _mark(node)
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        problems.append(SpecProblem(line, col, json_path(path),
+                                    f"unsupported YAML tag '{tag}': spec files may use only "
+                                    f"plain YAML (kprune never constructs objects from tags)", file))
+        return None
+    if isinstance(node, yaml.MappingNode):
+        try:
+            loader.flatten_mapping(node)  # resolves '<<' merge keys like SafeLoader does
+        except yaml.MarkedYAMLError as exc:
+            line, col = _mark(node)
+            problems.append(SpecProblem(line, col, json_path(path), f"YAML error: {exc.problem}", file))
+            return None
+        out: dict[Any, Any] = {}
+        first_seen: dict[Any, tuple[int, int]] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _STANDARD_TAGS:
+                line, col = _mark(key_node)
+                problems.append(SpecProblem(line, col, json_path(path),
+                                            "mapping keys must be plain scalars", file))
+                continue
+            key = loader.construct_object(key_node)
+            key = key if isinstance(key, str) else str(key)
+            if key in first_seen:
+                line, col = _mark(key_node)
+                problems.append(SpecProblem(line, col, json_path(path + (key,)),
+                                            f"duplicate key '{key}' (first given at line "
+                                            f"{first_seen[key][0]})", file))
+                continue
+            first_seen[key] = _mark(key_node)
+            positions.keys[path + (key,)] = _mark(key_node)
+            out[key] = _convert(value_node, path + (key,), loader, positions, problems, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_convert(child, path + (i,), loader, positions, problems, file)
+                for i, child in enumerate(node.value)]
+    return loader.construct_object(node)
+
+
+# --- the typed spec ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    kind: str
+    params: Any  # plain JSON data: a list for index, a mapping otherwise
+    loc: str
+    line: int
+    col: int
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    loc: str
+    line: int
+    col: int
+    name: str | None
+    match: str | None
+    type: str | None
+    options: tuple[tuple[str, Any], ...]  # only the options this entry sets itself
+    rules: tuple[RuleSpec, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    loc: str
+    line: int
+    col: int
+    name: str
+    path: str  # absolute, resolved against the spec's folder
+    output: str | None  # as written (relative to output_dir), None for the default
+    layers: tuple[LayerEntry, ...]
+
+
+@dataclass(frozen=True)
+class Spec:
+    file: str  # as given on the command line
+    folder: str  # absolute folder of the spec file: relative paths start here
+    sha256: str
+    version: int
+    output_dir: str  # absolute
+    defaults: tuple[tuple[str, Any], ...]  # every option, defaults written out
+    models: tuple[ModelSpec, ...]
+    positions: Positions = field(compare=False, repr=False)
+
+    def output_path(self, model: ModelSpec, output_dir: str | None = None) -> str:
+        base = output_dir if output_dir is not None else self.output_dir
+        rel = model.output if model.output is not None else os.path.basename(model.path)
+        return os.path.normpath(os.path.join(base, rel))
+
+
+def read_spec(file: str | os.PathLike[str]) -> Spec:
+    """Read, parse and validate a spec file; raise SpecError with every problem found."""
+    file = str(file)
+    try:
+        raw = Path(file).read_bytes()
+    except OSError as exc:
+        raise SpecError(file, [SpecProblem(0, 0, "", f"cannot read spec file: {exc.strerror}", file)])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(file, [SpecProblem(1, 1, "", f"the spec file is not UTF-8 text ({exc.reason})",
+                                           file)])
+    return parse_spec(text, file, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def parse_spec(text: str, file: str, sha256: str | None = None) -> Spec:
+    """Validate spec text that was read from `file` (used for relative paths and messages)."""
+    data, positions, problems = load_yaml(text, file)
+    problems += schema_problems(data, positions, file)
+    if not problems:
+        problems = semantic_problems(data, positions, file)
+    if problems:
+        raise SpecError(file, problems)
+    return _build(data, positions, file, sha256 or hashlib.sha256(text.encode()).hexdigest())
+
+
+def schema_problems(data: Any, positions: Positions, file: str) -> list[SpecProblem]:
+    """Every schema violation of `data`, as positioned problems with readable messages."""
+    import jsonschema  # deferred: keeps `import kprune_batch.spec` cheap for tools that only read specs
+
+    schema = load_schema("spec")
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = []
+    for error in validator.iter_errors(data):
+        problems.extend(_explain(error, positions, file))
+    return sorted(set(problems))
+
+
+def _explain(error: Any, positions: Positions, file: str) -> list[SpecProblem]:
+    path = tuple(error.absolute_path)
+    sub = error.schema if isinstance(error.schema, dict) else {}
+    kind = error.validator
+
+    def at(p: tuple, message: str, key: bool = False) -> SpecProblem:
+        line, col = positions.of(p, key=key)
+        return SpecProblem(line, col, json_path(p), message, file)
+
+    if kind == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(sub.get("properties", {}))
+        out = []
+        for key in error.instance:
+            if key in allowed:
+                continue
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else f" (allowed: {', '.join(allowed)})"
+            out.append(at(path + (key,), f"unknown key '{key}'{extra}", key=True))
+        return out
+    if kind == "required":
+        missing = [k for k in error.validator_value if k not in error.instance]
+        return [at(path, f"required key '{k}' is missing") for k in missing] or [at(path, error.message)]
+    if kind == "oneOf" and "x-message-oneOf" in sub:
+        return [at(path, sub["x-message-oneOf"])]
+    if kind in ("minProperties", "maxProperties") and "x-message-count" in sub:
+        return [at(path, sub["x-message-count"])]
+    if kind in ("const", "pattern") and "x-message" in sub:
+        return [at(path, f"{error.instance!r} {sub['x-message']}")]
+    if kind == "minItems" and error.validator_value == 1:
+        return [at(path, "must not be empty")]
+    return [at(path, error.message)]
+
+
+def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> list[SpecProblem]:
+    """Checks the schema cannot express (data is schema-valid); no model file is opened."""
+    problems: list[SpecProblem] = []
+
+    def add(path: tuple, message: str, key: bool = False) -> None:
+        line, col = positions.of(path, key=key)
+        problems.append(SpecProblem(line, col, json_path(path), message, file))
+
+    for opt_path in [("defaults",)] + [("models", i, "layers", j)
+                                       for i, m in enumerate(data["models"])
+                                       for j in range(len(m["layers"]))]:
+        opts = _get(data, opt_path) or {}
+        if opts.get("action") == "remove":
+            add(opt_path + ("action",),
+                "action 'remove' (physical filter removal) is not implemented in this kprune "
+                "version; use action: zero")
+    for i, model in enumerate(data["models"]):
+        for j, entry in enumerate(model["layers"]):
+            cls = entry.get("type")
+            if cls is not None and family_of(cls) is None:
+                add(("models", i, "layers", j, "type"),
+                    f"type '{cls}' is not a convolution layer class; filters exist only in: "
+                    f"{', '.join(CONV_CLASSES[:11])}")
+            for k, rule in enumerate(entry["rules"]):
+                (kind, params), = rule.items()
+                rpath = ("models", i, "layers", j, "rules", k, kind)
+                if isinstance(params, dict):
+                    for bound in ("below", "above"):
+                        if bound in params and not math.isfinite(float(params[bound])):
+                            add(rpath + (bound,),
+                                f"threshold must be a finite number, got {params[bound]!r}")
+                if kind == "sign" and cls is not None and family_of(cls) is not None:
+                    axes = _slice_axes(cls)
+                    if axes is not None and len(params["element"]) != axes:
+                        add(rpath + ("element",),
+                            f"a {cls} filter slice has {axes} axes, but element has "
+                            f"{len(params['element'])} number(s)")
+    problems.extend(_path_problems(data, positions, file))
+    return problems
+
+
+def _slice_axes(cls: str) -> int | None:
+    """Axes of one filter slice for a class: spatial dims (+1 input-channel axis unless depthwise)."""
+    fam = family_of(cls)
+    digits = [c for c in cls if c.isdigit()]
+    if fam is None or not digits:
+        return None
+    rank = int(digits[0])
+    return rank if fam.name == "depthwise" else rank + 1
+
+
+def _get(data: Any, path: tuple) -> Any:
+    for part in path:
+        data = data[part]
+    return data
+
+
+def _spec_folder(file: str) -> str:
+    return os.path.dirname(os.path.abspath(file))
+
+
+def model_name(model: dict[str, Any]) -> str:
+    return model.get("name") or Path(model["path"]).stem
+
+
+def _path_problems(data: dict[str, Any], positions: Positions, file: str,
+                   output_dir: str | None = None) -> list[SpecProblem]:
+    """Duplicate model names, two models writing one output, an output that is an input."""
+    folder = _spec_folder(file)
+    out_dir = output_dir or os.path.join(folder, data.get("output_dir", DEFAULT_OUTPUT_DIR))
+    problems: list[SpecProblem] = []
+
+    def add(path: tuple, message: str) -> None:
+        line, col = positions.of(path)
+        problems.append(SpecProblem(line, col, json_path(path), message, file))
+
+    names: dict[str, int] = {}
+    outputs: dict[str, int] = {}
+    inputs = {os.path.realpath(os.path.join(folder, m["path"])): i
+              for i, m in enumerate(data["models"])}
+    for i, model in enumerate(data["models"]):
+        name = model_name(model)
+        if name in names:
+            where = ("name",) if "name" in model else ("path",)
+            add(("models", i) + where,
+                f"model name '{name}' is already used by models[{names[name]}]; give each model "
+                f"a unique 'name'")
+        names.setdefault(name, i)
+        rel = model.get("output", os.path.basename(model["path"]))
+        target = os.path.realpath(os.path.join(out_dir, rel))
+        where = ("output",) if "output" in model else ("path",)
+        if target in outputs:
+            add(("models", i) + where,
+                f"output {target} is already written by models[{outputs[target]}]; give one of "
+                f"them another 'output'")
+        outputs.setdefault(target, i)
+        if target in inputs:
+            add(("models", i) + where,
+                f"output {target} is the input file of models[{inputs[target]}]; kprune never "
+                f"overwrites an input: choose another output_dir or output")
+    return problems
+
+
+def check_output_dir(spec: Spec, output_dir: str) -> None:
+    """Re-run the output checks for an --output-dir given on the command line."""
+    problems = _path_problems(spec_data(spec), spec.positions, spec.file, output_dir=output_dir)
+    if problems:
+        raise SpecError(spec.file, problems)
+
+
+def spec_data(spec: Spec) -> dict[str, Any]:
+    """The parts of a Spec that the path checks need, as plain data."""
+    return {"models": [{"name": m.name, "path": m.path,
+                        **({"output": m.output} if m.output is not None else {})}
+                       for m in spec.models]}
+
+
+def _build(data: dict[str, Any], positions: Positions, file: str, sha256: str) -> Spec:
+    folder = _spec_folder(file)
+    defaults = dict(OPTION_DEFAULTS)
+    defaults.update(data.get("defaults") or {})
+    models = []
+    for i, model in enumerate(data["models"]):
+        layers = []
+        for j, entry in enumerate(model["layers"]):
+            rules = []
+            for k, rule in enumerate(entry["rules"]):
+                (kind, params), = rule.items()
+                rpath = ("models", i, "layers", j, "rules", k)
+                line, col = positions.of(rpath)
+                rules.append(RuleSpec(kind, params, json_path(rpath), line, col))
+            lpath = ("models", i, "layers", j)
+            line, col = positions.of(lpath)
+            layers.append(LayerEntry(
+                loc=json_path(lpath), line=line, col=col, name=entry.get("name"),
+                match=entry.get("match"), type=entry.get("type"),
+                options=tuple((k, entry[k]) for k in OPTION_KEYS if k in entry),
+                rules=tuple(rules)))
+        mpath = ("models", i)
+        line, col = positions.of(mpath)
+        models.append(ModelSpec(
+            loc=json_path(mpath), line=line, col=col, name=model_name(model),
+            path=os.path.normpath(os.path.join(folder, model["path"])),
+            output=model.get("output"), layers=tuple(layers)))
+    return Spec(file=file, folder=folder, sha256=sha256, version=int(data["version"]),
+                output_dir=os.path.normpath(os.path.join(folder, data.get("output_dir",
+                                                                          DEFAULT_OUTPUT_DIR))),
+                defaults=tuple(defaults.items()), models=tuple(models), positions=positions)
