@@ -44,12 +44,12 @@ def _histories(obj: Any) -> Iterator[tuple[str, int]]:
         cfg = obj.get("config")
         if obj.get("class_name") == "__keras_tensor__" and isinstance(cfg, dict):
             hist = cfg.get("keras_history")
-            if isinstance(hist, list) and hist:
+            if isinstance(hist, (list, tuple)) and hist:
                 yield str(hist[0]), int(hist[2]) if len(hist) > 2 else 0
             return
         for value in obj.values():
             yield from _histories(value)
-    elif isinstance(obj, list):
+    elif isinstance(obj, (list, tuple)):
         # Keras 2: [layer_name, node_index, tensor_index, kwargs]
         if len(obj) >= 3 and isinstance(obj[0], str) and isinstance(obj[1], int) \
                 and isinstance(obj[2], int):
@@ -119,9 +119,9 @@ class _Builder:
 
 def _names(spec: Any) -> list[str]:
     """Layer names in an input_layers/output_layers entry ([name, node, tensor] or a list of them)."""
-    if isinstance(spec, list) and len(spec) >= 1 and isinstance(spec[0], str):
+    if isinstance(spec, (list, tuple)) and len(spec) >= 1 and isinstance(spec[0], str):
         return [spec[0]]
-    if isinstance(spec, list):
+    if isinstance(spec, (list, tuple)):
         return [name for item in spec for name in _names(item)]
     return []
 

@@ -1,0 +1,150 @@
+"""Shared test fixtures: real Keras models built once per session, a CLI runner, weight readers."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def keras() -> Any:
+    from kprune_batch.quiet import import_keras
+
+    return import_keras()
+
+
+# --- running the real command line -----------------------------------------------------------
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess[str]):
+        self.code = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+        self.args = proc.args
+
+    def __repr__(self) -> str:
+        return (f"kprune exited {self.code}\n--- args: {self.args}\n--- stdout:\n{self.stdout}"
+                f"--- stderr:\n{self.stderr}")
+
+    def expect(self, code: int) -> "CliResult":
+        assert self.code == code, repr(self)
+        return self
+
+
+def kprune(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict | None = None,
+           timeout: float = 300) -> CliResult:
+    """Run `python -m kprune_batch ARGS` in a subprocess, exactly as a user would."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "kprune_batch", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env=full_env,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return CliResult(proc)
+
+
+@pytest.fixture(name="kprune")
+def kprune_fixture() -> Any:
+    return kprune
+
+
+def write_spec(folder: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = Path(folder) / name
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+# --- reading weights back, independently of kprune ---------------------------------------------
+
+def layer_weights(keras: Any, path: str | os.PathLike[str]) -> dict[str, dict[str, np.ndarray]]:
+    """{layer path: {variable name: array}} of a saved model, nested models as 'outer/inner'."""
+    model = keras.saving.load_model(str(path), compile=False)
+    out: dict[str, dict[str, np.ndarray]] = {}
+
+    def walk(layer: Any, prefix: str) -> None:
+        for sub in layer.layers:
+            name = prefix + sub.name
+            if hasattr(sub, "layers") and isinstance(sub, keras.Model):
+                walk(sub, name + "/")
+            else:
+                out[name] = {v.name: np.array(v.numpy()) for v in sub.weights}
+
+    walk(model, "")
+    return out
+
+
+def assert_only_changed(before: dict, after: dict, allowed: dict[tuple[str, str], Any]) -> None:
+    """Every variable is bit-identical to `before` except where `allowed[(layer, var)]` is a
+    boolean mask of the elements that may differ (and which must then equal 0 in `after`)."""
+    assert before.keys() == after.keys()
+    for layer, variables in before.items():
+        for name, old in variables.items():
+            new = after[layer][name]
+            assert old.shape == new.shape, (layer, name)
+            mask = allowed.get((layer, name))
+            if mask is None:
+                assert np.array_equal(old.view(np.uint8), new.view(np.uint8)), \
+                    f"{layer}/{name} changed but should be bit-identical"
+            else:
+                assert np.array_equal(old[~mask].view(np.uint8), new[~mask].view(np.uint8)), \
+                    f"{layer}/{name} changed outside the zeroed filters"
+
+
+# --- models built once per session -----------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _seeded_weights(model: Any, seed: int) -> None:
+    """Give every variable distinct, trained-looking values (BN statistics included)."""
+    rng = np.random.default_rng(seed)
+    for var in model.weights:
+        shape = tuple(var.shape)
+        if "moving_variance" in var.path:
+            value = rng.uniform(0.5, 2.0, shape)
+        else:
+            value = rng.normal(0.0, 0.3, shape)
+        var.assign(value.astype(var.dtype))
+
+
+@pytest.fixture(scope="session")
+def small_cnn(keras: Any, models_dir: Path) -> Path:
+    """A functional CNN whose *first* conv is named conv2d_1 and second conv2d (names that
+    collide with Keras's auto-generated ones), with BN, compiled and trained one step."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv2d_1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Activation("relu", name="act")(x)
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="conv2d")(x)
+    x = keras.layers.Conv2D(4, 1, use_bias=False, name="head_conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(3, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="small")
+    _seeded_weights(model, 1)
+    model.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(4, 8, 8, 3)), rng.normal(size=(4, 3)), epochs=1, verbose=0)
+    path = models_dir / "small.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_cnn_h5(keras: Any, small_cnn: Path, models_dir: Path) -> Path:
+    model = keras.saving.load_model(str(small_cnn))
+    path = models_dir / "small.h5"
+    model.save(path)
+    return path
