@@ -23,6 +23,8 @@ class SpecProblem:
 
     def render(self) -> str:
         where = f"{self.path}: " if self.path else ""
+        if self.line <= 0:  # the file itself (unreadable): no position to give
+            return f"{self.file}: {where}{self.message}"
         return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
 
 

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 import yaml
 
 from kprune_batch.errors import SpecError, SpecProblem
-from kprune_batch.families import CONV_CLASSES, family_of
+from kprune_batch.families import FAMILIES, family_of
 from kprune_batch.schemas import load_schema
 
 OPTION_DEFAULTS: dict[str, Any] = {
@@ -260,7 +260,7 @@ def _explain(error: Any, positions: Positions, file: str) -> list[SpecProblem]:
         return out
     if kind == "required":
         missing = [k for k in error.validator_value if k not in error.instance]
-        return [at(path, f"required key '{k}' is missing") for k in missing] or [at(path, error.message)]
+        return [at(path + (k,), "required key is missing") for k in missing] or [at(path, error.message)]
     if kind == "oneOf" and "x-message-oneOf" in sub:
         return [at(path, sub["x-message-oneOf"])]
     if kind in ("minProperties", "maxProperties") and "x-message-count" in sub:
@@ -294,7 +294,7 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
             if cls is not None and family_of(cls) is None:
                 add(("models", i, "layers", j, "type"),
                     f"type '{cls}' is not a convolution layer class; filters exist only in: "
-                    f"{', '.join(CONV_CLASSES[:11])}")
+                    f"{', '.join(c for fam in FAMILIES for c in fam.classes)}")
             for k, rule in enumerate(entry["rules"]):
                 (kind, params), = rule.items()
                 rpath = ("models", i, "layers", j, "rules", k, kind)
@@ -325,6 +325,8 @@ def _slice_axes(cls: str) -> int | None:
 
 def _get(data: Any, path: tuple) -> Any:
     for part in path:
+        if isinstance(data, dict) and part not in data:
+            return None
         data = data[part]
     return data
 

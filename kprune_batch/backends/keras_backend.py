@@ -49,8 +49,12 @@ class KerasModelWeights:
             raise ModelError(f"input file {path} is not readable (permission denied)",
                              model=model_name)
         try:
+            # A legacy .h5 is loaded without compiling: Keras 3 cannot re-create some compile
+            # configs it wrote itself (e.g. loss "mse" -> keras.metrics.mse); save() copies the
+            # file's training_config and optimizer_weights over verbatim instead.
             with native_stderr_silenced():
-                self.model = keras.saving.load_model(path, compile=True, safe_mode=True)
+                self.model = keras.saving.load_model(path, compile=path.endswith(".keras"),
+                                                     safe_mode=True)
         except Exception as exc:  # Keras raises many types for bad files; all end this model only
             message, hint = _describe_load_error(exc, path)
             raise ModelError(message, model=model_name, file=path, hint=hint) from exc
@@ -94,6 +98,7 @@ class KerasModelWeights:
             if suffix == ".keras":
                 _reproducible_zip(staging, tmp_path, like=self.path)
             else:
+                _copy_training_state(self.path, staging)
                 os.replace(staging, tmp_path)
         finally:
             if os.path.exists(staging):
@@ -101,6 +106,21 @@ class KerasModelWeights:
 
     def close(self) -> None:
         self.model = None
+
+
+def _copy_training_state(src: str, dest: str) -> None:
+    """Copy a legacy .h5's compile config and optimizer state from the input, unchanged.
+
+    keras/src/legacy/saving/legacy_h5_format.py keeps them in the `training_config` attribute
+    and the `optimizer_weights` group of the file's root.
+    """
+    import h5py
+
+    with h5py.File(src, "r") as fin, h5py.File(dest, "r+") as fout:
+        if "training_config" in fin.attrs:
+            fout.attrs["training_config"] = fin.attrs["training_config"]
+        if "optimizer_weights" in fin and "optimizer_weights" not in fout:
+            fin.copy(fin["optimizer_weights"], fout, name="optimizer_weights")
 
 
 def _reproducible_zip(src: str, dest: str, like: str) -> None:

@@ -1,0 +1,195 @@
+"""Spec parsing and validation: positions, every error at once, semantic checks, no TensorFlow."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import kprune, write_spec
+from kprune_batch.errors import SpecError
+from kprune_batch.spec import read_spec
+
+VALID = """\
+version: 1
+models:
+  - path: models/digits.keras
+    layers:
+      - name: conv1
+        rules:
+          - index: [4, 7]
+"""
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    spec = write_spec(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        read_spec(spec)
+    prefix = f"{spec}:"
+    return [p.render().replace(prefix, "") for p in info.value.problems]
+
+
+def test_valid_spec_fills_every_default(tmp_path: Path) -> None:
+    spec = read_spec(write_spec(tmp_path, VALID))
+    assert dict(spec.defaults) == {"bias": "zero", "batchnorm": "neutralize", "max_fraction": 0.5,
+                                   "allow_empty_layer": False, "action": "zero",
+                                   "coupled": "error", "approximate": False, "round_to": 1}
+    assert spec.output_dir == str(tmp_path / "pruned")
+    (model,) = spec.models
+    assert model.name == "digits"
+    assert model.path == str(tmp_path / "models" / "digits.keras")
+    assert model.layers[0].rules[0].loc == "models[0].layers[0].rules[0]"
+    assert (model.layers[0].rules[0].line, model.layers[0].rules[0].col) == (7, 13)
+
+
+def test_paths_are_relative_to_the_spec_not_the_cwd(tmp_path: Path, monkeypatch) -> None:
+    sub = tmp_path / "specs"
+    sub.mkdir()
+    spec_file = write_spec(sub, VALID)
+    monkeypatch.chdir(tmp_path)
+    spec = read_spec(os.path.relpath(spec_file))
+    assert spec.models[0].path == str(sub / "models" / "digits.keras")
+    assert spec.output_dir == str(sub / "pruned")
+
+
+def test_all_errors_of_a_file_at_once_sorted_by_position(tmp_path: Path) -> None:
+    text = """\
+    version: 2
+    defaults:
+      bais: zero
+    models:
+      - path: m.keras
+        layers:
+          - name: conv1
+            match: x
+            rules:
+              - mean: {below: low}
+              - l2: {below: 1, above: 2}
+              - sign: {element: [0, 0], zero: neg}
+              - foo: 1
+    """
+    assert problems(tmp_path, text) == [
+        "1:10: version: 2 must be the integer 1 (the only spec language version this kprune knows)",
+        "3:3: defaults.bais: unknown key 'bais'; did you mean 'bias'?",
+        "7:9: models[0].layers[0]: give exactly one of 'name' or 'match'",
+        "10:27: models[0].layers[0].rules[0].mean.below: 'low' is not of type 'number'",
+        "11:17: models[0].layers[0].rules[1].l2: give exactly one of 'below' or 'above'",
+        "12:43: models[0].layers[0].rules[2].sign.zero: 'neg' is not one of ['negative', "
+        "'positive', 'zero', 'nonnegative', 'nonpositive']",
+        "13:13: models[0].layers[0].rules[3].foo: unknown key 'foo' (allowed: abs_mean, index, "
+        "l1, l2, mean, sign)",
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", ["1:1: the spec file is empty"]),
+    ("- a\n- b\n", ["1:1: 'a mapping' expected"]),
+    ("version: 1\nmodels: [\n", None),
+    ("models: []\n", ["1:1: version: required key is missing",
+                      "1:9: models: must not be empty"]),
+    ("version: 1\nversion: 1\nmodels: []\n", None),
+])
+def test_structural_errors(tmp_path: Path, text: str, expected: list[str] | None) -> None:
+    found = problems(tmp_path, text)
+    if text.startswith("- a"):
+        assert found == ["1:1: ['a', 'b'] is not of type 'object'"]
+    elif text.startswith("version: 1\nmodels: ["):
+        assert len(found) == 1 and found[0].startswith("3:1: YAML syntax error: ")
+    elif text.startswith("version: 1\nversion"):
+        assert found[0] == "2:1: version: duplicate key 'version' (first given at line 1)"
+    else:
+        assert found == expected
+
+
+def test_python_tags_are_refused_and_never_executed(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    text = VALID + f'extra: !!python/object/apply:os.system ["touch {marker}"]\n'
+    found = problems(tmp_path, text)
+    assert "8:8: extra: unsupported YAML tag '!!python/object/apply:os.system': spec files may use " \
+           "only plain YAML (kprune never constructs objects from tags)" in found
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("threshold", [".nan", ".inf", "-.inf"])
+def test_non_finite_thresholds_are_invalid(tmp_path: Path, threshold: str) -> None:
+    text = VALID.replace("- index: [4, 7]", f"- mean: {{below: {threshold}}}")
+    (found,) = problems(tmp_path, text)
+    assert found.startswith("7:27: models[0].layers[0].rules[0].mean.below: threshold must be a "
+                            "finite number, got ")
+
+
+def test_semantic_errors(tmp_path: Path) -> None:
+    text = """\
+    version: 1
+    output_dir: .
+    models:
+      - path: a.keras
+        layers: [{name: c, rules: [{index: [0]}]}]
+      - path: sub/a.keras
+        layers: [{name: c, rules: [{index: [0]}]}]
+      - name: b
+        path: b.keras
+        output: a.keras
+        layers: [{name: c, type: Conv2D, rules: [{sign: {element: [0, 0], zero: zero}}]}]
+      - name: d
+        path: d.h5
+        output: sub/../d.h5
+        layers: [{name: c, type: Dense, action: remove, rules: [{index: [0]}]}]
+    """
+    (tmp_path / "sub").mkdir()
+    assert problems(tmp_path, text) == [
+        "4:11: models[0].path: output " + str(tmp_path / "a.keras") + " is the input file of "
+        "models[0]; kprune never overwrites an input: choose another output_dir or output",
+        "6:11: models[1].path: model name 'a' is already used by models[0]; give each model a "
+        "unique 'name'",
+        "6:11: models[1].path: output " + str(tmp_path / "a.keras") + " is already written by "
+        "models[0]; give one of them another 'output'",
+        "6:11: models[1].path: output " + str(tmp_path / "a.keras") + " is the input file of "
+        "models[0]; kprune never overwrites an input: choose another output_dir or output",
+        "10:13: models[2].output: output " + str(tmp_path / "a.keras") + " is already written by "
+        "models[0]; give one of them another 'output'",
+        "10:13: models[2].output: output " + str(tmp_path / "a.keras") + " is the input file of "
+        "models[0]; kprune never overwrites an input: choose another output_dir or output",
+        "11:63: models[2].layers[0].rules[0].sign.element: a Conv2D filter slice has 3 axes, but "
+        "element has 2 number(s)",
+        "14:13: models[3].output: output " + str(tmp_path / "d.h5") + " is the input file of "
+        "models[3]; kprune never overwrites an input: choose another output_dir or output",
+        "15:30: models[3].layers[0].type: type 'Dense' is not a convolution layer class; filters "
+        "exist only in: Conv1D, Conv2D, Conv3D, Conv1DTranspose, Conv2DTranspose, "
+        "Conv3DTranspose, DepthwiseConv1D, DepthwiseConv2D, SeparableConv1D, SeparableConv2D",
+        "15:45: models[3].layers[0].action: action 'remove' (physical filter removal) is not "
+        "implemented in this kprune version; use action: zero",
+    ]
+
+
+def test_output_onto_input_through_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "models")
+    text = "version: 1\noutput_dir: link\nmodels:\n  - path: models/m.keras\n" \
+           "    layers: [{name: c, rules: [{index: [0]}]}]\n"
+    (found,) = problems(tmp_path, text)
+    assert "is the input file of models[0]" in found
+
+
+def test_validate_cli_exit_codes_and_no_tensorflow(tmp_path: Path) -> None:
+    good = write_spec(tmp_path, VALID, "good.yaml")
+    bad = write_spec(tmp_path, VALID.replace("version: 1", "version: 2"), "bad.yaml")
+    kprune("validate", good).expect(0)
+    result = kprune("validate", good, bad).expect(2)
+    assert result.stderr == f"{bad}:1:10: version: 2 must be the integer 1 (the only spec " \
+                            f"language version this kprune knows)\n"
+    assert f"{good}: ok (1 model(s), 1 layer entry)" in result.stdout
+    code = ("import sys; from kprune_batch.cli import main; sys.argv=['kprune','validate',"
+            f"{str(good)!r}]\ntry:\n main()\nexcept SystemExit:\n pass\n"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','h5py')]\n"
+            "print('IMPORTED', bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
+
+
+def test_validate_missing_spec_file(tmp_path: Path) -> None:
+    result = kprune("validate", tmp_path / "nope.yaml").expect(2)
+    assert result.stderr == f"{tmp_path / 'nope.yaml'}: cannot read spec file: No such file or " \
+                            f"directory\n"
