@@ -193,3 +193,27 @@ def test_validate_missing_spec_file(tmp_path: Path) -> None:
     result = kprune("validate", tmp_path / "nope.yaml").expect(2)
     assert result.stderr == f"{tmp_path / 'nope.yaml'}: cannot read spec file: No such file or " \
                             f"directory\n"
+
+
+def test_schemas_ship_inside_the_wheel(tmp_path: Path) -> None:
+    """Build the wheel, unpack it, and run `validate` from the unpacked wheel alone."""
+    import zipfile
+
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(repo)], check=True,
+                   capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("kprune_batch-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert "kprune_batch/schema/spec.schema.json" in names
+        assert "kprune_batch/schema/audit.schema.json" in names
+        zf.extractall(tmp_path / "unpacked")
+    spec = write_spec(tmp_path, VALID)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "unpacked"))
+    code = ("import kprune_batch.schemas as s, sys; print(s.schema_dir()); "
+            "from kprune_batch.cli import main; sys.argv=['kprune','validate',sys.argv[1]]; main()")
+    out = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.splitlines()[0] == str(tmp_path / "unpacked" / "kprune_batch" / "schema")
