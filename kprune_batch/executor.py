@@ -53,6 +53,7 @@ class ModelOutcome:
     layers: list[LayerSelection] = field(default_factory=list)
     zeroed: list[dict[str, Any]] = field(default_factory=list)
     backend: str = "keras"
+    probe: Any = "skipped"
 
 
 Opener = Callable[[ModelJob], ModelWeights]
@@ -239,7 +240,8 @@ def edit_model(job: ModelJob, weights: ModelWeights,
     return records
 
 
-def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True) -> ModelOutcome:
+def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
+            probe: bool = False) -> ModelOutcome:
     """Run one model job to completion; every failure becomes a `failed` outcome, never a raise."""
     outcome = ModelOutcome(job=job, status=STATUS_FAILED)
     weights = None
@@ -253,7 +255,16 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True) -> M
             outcome.status = STATUS_OK
             return outcome
         outcome.zeroed = edit_model(job, weights, outcome.layers)
-        _write_output(job, weights)
+        check = None
+        if probe:
+            from kprune_batch.probe import measure
+
+            def check(tmp: str) -> None:
+                outcome.probe = measure(tmp, outcome.zeroed, job.name)
+        else:
+            for record in outcome.zeroed:
+                record["probe"] = "skipped"
+        _write_output(job, weights, check)
         outcome.output_sha256 = sha256_file(job.output)
         if outcome.input_sha256 != sha256_file(job.input):
             raise ModelError("the input file changed while kprune was reading it", model=job.name,
@@ -268,11 +279,15 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True) -> M
     return outcome
 
 
-def _write_output(job: ModelJob, weights: ModelWeights) -> None:
+def _write_output(job: ModelJob, weights: ModelWeights,
+                  check: Callable[[str], None] | None) -> None:
     folder = os.path.dirname(job.output)
     try:
         os.makedirs(folder, exist_ok=True)
-        atomic_write(job.output, weights.save)
+        # the temp name keeps the format's ending: Keras picks the format from the file name
+        atomic_write(job.output, weights.save, suffix=os.path.splitext(job.output)[1], check=check)
+    except KpruneError:
+        raise
     except Exception as exc:  # Keras and h5py wrap OS errors in their own types
         errno_ = getattr(exc, "errno", None)
         if errno_ == errno.ENOSPC or "No space left" in str(exc):

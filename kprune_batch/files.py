@@ -35,13 +35,17 @@ def temp_path_beside(dest: str, suffix: str = "") -> Iterator[str]:
             os.unlink(tmp)
 
 
-def atomic_write(dest: str, write: Callable[[str], None], suffix: str = "") -> None:
+def atomic_write(dest: str, write: Callable[[str], None], suffix: str = "",
+                 check: Callable[[str], None] | None = None) -> None:
     """Call write(tmp) for a temporary path beside `dest`, fsync it, then rename it onto `dest`.
 
     A reader never sees a partial file under `dest`: either the old file or the complete new one.
+    `check(tmp)` may inspect the complete file first and raise to keep it from ever being renamed.
     """
     with temp_path_beside(dest, suffix) as tmp:
         write(tmp)
+        if check is not None:
+            check(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)

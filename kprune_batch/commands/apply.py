@@ -101,7 +101,7 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
                                   else "not run: an earlier model failed and --fail-fast is set")
                         outcomes.append(ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason))
                         continue
-                    outcomes.append(run_job(job, opener=opener))
+                    outcomes.append(run_job(job, opener=opener, probe=probe))
                 interrupted = stop.signal
         log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, interrupted)
         try:
@@ -153,6 +153,7 @@ def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
                        if o.status == STATUS_OK else None),
             "error": o.error,
             "layers": [sel.to_json() for sel in o.layers] if o.status == STATUS_OK else [],
+            "probe": o.probe if o.status == STATUS_OK else "skipped",
         } for o in outcomes],
         "zeroed": [record for o in outcomes if o.status == STATUS_OK for record in o.zeroed],
     }
