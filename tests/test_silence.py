@@ -1,0 +1,154 @@
+"""Silence: BatchNorm followers neutralised (inference and training), honest `silent` flags, probe."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import _seeded_weights, kprune, write_spec
+
+FILTER = 1
+
+
+def build(keras: Any, folder: Path, name: str, *, activation: str = "linear",
+          bn: dict | None = None, act_layer: bool = False, add_branch: bool = False) -> Path:
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3), name="x")
+    x = L.Conv2D(4, 3, padding="same", activation=activation, name="conv")(inputs)
+    if act_layer:
+        x = L.ReLU(name="relu")(x)
+    if bn is not None:
+        x = L.BatchNormalization(name="bn", **bn)(x)
+    if add_branch:
+        other = L.Conv2D(4, 1, name="other")(inputs)
+        x = L.Add(name="add")([x, other])
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(x))
+    model = keras.Model(inputs, outputs, name=name)
+    _seeded_weights(model, 5)  # non-zero beta, moving mean and variance: trained-looking BN
+    path = folder / f"{name}.keras"
+    model.save(path)
+    return path
+
+
+def apply_one(folder: Path, model: Path, extra: str = "") -> dict:
+    spec = write_spec(folder, f"""\
+        version: 1
+        models:
+          - path: {model.name}
+            layers:
+              - {{name: conv, {extra} rules: [{{index: [{FILTER}]}}]}}
+        """, f"{model.stem}.yaml")
+    kprune("apply", spec, "--probe", "--audit-log", folder / f"{model.stem}.json").expect(0)
+    return json.loads((folder / f"{model.stem}.json").read_text())
+
+
+def channel(keras: Any, path: Path, layer: str, training: bool) -> np.ndarray:
+    model = keras.saving.load_model(str(path), compile=False)
+    probe = keras.Model(model.inputs, model.get_layer(layer).output)
+    x = np.random.default_rng(7).normal(size=(8, 6, 6, 3)).astype("float32")
+    return np.asarray(probe(x, training=training))[..., FILTER]
+
+
+@pytest.mark.parametrize("bn", [
+    {}, {"scale": False}, {"center": False}, {"scale": False, "center": False},
+])
+@pytest.mark.parametrize("act_layer", [False, True])
+def test_batchnorm_follower_is_neutralised(keras: Any, tmp_path: Path, bn: dict,
+                                           act_layer: bool) -> None:
+    model = build(keras, tmp_path, "m", bn=bn, act_layer=act_layer)
+    before = channel(keras, model, "bn", training=False)
+    assert np.abs(before).max() > 0  # the BN's own shift would keep the channel alive
+    log = apply_one(tmp_path, model)
+    out = tmp_path / "pruned" / "m.keras"
+    for training in (False, True):
+        assert np.all(channel(keras, out, "bn", training) == 0.0), training
+    (record,) = log["zeroed"]
+    assert record["silent"] is True and record["constant"] is None
+    assert record["probe"] == {"max_abs": 0.0}
+    assert {e["layer"] for e in record["batchnorm"]} == {"bn"}
+
+
+def test_sigmoid_conv_is_not_silent_and_records_its_constant(keras: Any, tmp_path: Path) -> None:
+    model = build(keras, tmp_path, "sig", activation="sigmoid")
+    log = apply_one(tmp_path, model)
+    (record,) = log["zeroed"]
+    assert record["silent"] is False
+    assert record["constant"] == 0.5
+    assert record["probe"] == {"max_abs": 0.5}
+    assert np.all(channel(keras, tmp_path / "pruned" / "sig.keras", "conv", False) == 0.5)
+
+
+def test_sigmoid_conv_with_neutralised_bn_is_silent(keras: Any, tmp_path: Path) -> None:
+    model = build(keras, tmp_path, "sigbn", activation="sigmoid", bn={})
+    (record,) = apply_one(tmp_path, model)["zeroed"]
+    assert record["silent"] is True
+    for training in (False, True):
+        assert np.all(channel(keras, tmp_path / "pruned" / "sigbn.keras", "bn", training) == 0)
+
+
+def test_batchnorm_keep_records_the_constant(keras: Any, tmp_path: Path) -> None:
+    model = build(keras, tmp_path, "keep", bn={})
+    bn = keras.saving.load_model(str(model)).get_layer("bn")
+    gamma, beta, mean, var = (w.numpy().astype(np.float64)[FILTER] for w in bn.weights)
+    expected = gamma * (0.0 - mean) / np.sqrt(var + bn.epsilon) + beta
+    (record,) = apply_one(tmp_path, model, "batchnorm: keep,")["zeroed"]
+    assert record["silent"] is False
+    assert record["constant"] == pytest.approx(expected, rel=1e-12)
+    assert record["batchnorm"] == []
+    measured = channel(keras, tmp_path / "pruned" / "keep.keras", "bn", False)
+    np.testing.assert_allclose(measured, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bias, silent", [(-0.7, True), (0.7, False)])
+def test_bias_keep_through_relu(keras: Any, tmp_path: Path, bias: float, silent: bool) -> None:
+    model_path = build(keras, tmp_path, "bias", activation="relu")
+    model = keras.saving.load_model(str(model_path))
+    conv = model.get_layer("conv")
+    b = conv.bias.numpy()
+    b[FILTER] = bias
+    conv.bias.assign(b)
+    model.save(model_path)
+    (record,) = apply_one(tmp_path, model_path, "bias: keep,")["zeroed"]
+    assert record["silent"] is silent
+    assert record["bias"] == "kept"
+    if not silent:
+        assert record["constant"] == pytest.approx(0.7, rel=1e-6)
+
+
+def test_silent_channel_adds_nothing_downstream(keras: Any, tmp_path: Path) -> None:
+    model = build(keras, tmp_path, "res", activation="relu", add_branch=True)
+    (record,) = apply_one(tmp_path, model)["zeroed"]
+    assert record["silent"] is True
+    out = tmp_path / "pruned" / "res.keras"
+    np.testing.assert_array_equal(channel(keras, out, "add", False),
+                                  channel(keras, out, "other", False))
+
+
+def test_a_wrong_silence_claim_fails_the_model(keras: Any, tmp_path: Path, monkeypatch) -> None:
+    """If the static analysis ever claimed silence wrongly, the probe must stop the write."""
+    from kprune_batch import executor, silence
+    from kprune_batch.plan import compile_plan
+    from kprune_batch.spec import read_spec
+
+    model = build(keras, tmp_path, "liar", activation="sigmoid")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: liar.keras\n"
+                                "    layers: [{name: conv, rules: [{index: [1]}]}]\n")
+    real = silence.channel_fate
+
+    def lying(*args: Any, **kwargs: Any) -> silence.Fate:
+        fate = real(*args, **kwargs)
+        fate.silent = True
+        return fate
+
+    monkeypatch.setattr(executor, "channel_fate", lying)
+    (job,) = compile_plan(read_spec(spec)).jobs
+    outcome = executor.run_job(job, probe=True)
+    assert outcome.status == "failed"
+    assert outcome.error == ("model 'liar', layer 'conv': probe measured max |activation| 0.5 on "
+                             "filter 1, which kprune decided is silent; nothing was written for "
+                             "this model; please report this as a bug, with the audit log")
+    assert not (tmp_path / "pruned" / "liar.keras").exists()
+    assert [p.name for p in (tmp_path / "pruned").iterdir()] == []
