@@ -20,6 +20,20 @@ def same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def remove_stale_temps(dest: str) -> list[str]:
+    """Delete temp files a killed run left beside `dest` (call only while holding the run lock)."""
+    folder = os.path.dirname(os.path.abspath(dest)) or "."
+    prefix = f".{os.path.basename(dest)}."
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(folder):
+            if name.startswith(prefix) and ".tmp" in name[len(prefix):]:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(folder, name))
+                    removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def temp_path_beside(dest: str, suffix: str = "") -> Iterator[str]:
     """A fresh temporary path in dest's folder (so a rename is atomic); removed if still there."""

@@ -58,6 +58,7 @@ class Positions:
 
     values: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     keys: dict[tuple, tuple[int, int]] = field(default_factory=dict)
+    count: int = 0  # values converted so far
 
     def of(self, path: Iterable[Any], key: bool = False) -> tuple[int, int]:
         path = tuple(path)
@@ -83,32 +84,63 @@ def load_yaml(text: str, file: str) -> tuple[Any, Positions, list[SpecProblem]]:
     Only the YAML core tags are accepted (never a Python tag: nothing in a spec can execute).
     Duplicate keys, which PyYAML would silently collapse, are errors.
     """
-    loader = yaml.SafeLoader(text)
     try:
+        loader = yaml.SafeLoader(text)  # the reader rejects control characters right here
         try:
             root = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-            what = exc.problem or "syntax error"
-            if exc.context:
-                what = f"{exc.context}, {what}"
-            raise SpecError(file, [SpecProblem(line, col, "", f"YAML syntax error: {what}", file)])
-        except yaml.YAMLError as exc:
-            raise SpecError(file, [SpecProblem(1, 1, "", f"YAML error: {exc}", file)])
-        if root is None:
-            raise SpecError(file, [SpecProblem(1, 1, "", "the spec file is empty", file)])
-        problems: list[SpecProblem] = []
-        positions = Positions()
-        data = _convert(root, (), loader, positions, problems, file)
-        return data, positions, problems
-    finally:
-        loader.dispose()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        what = exc.problem or "syntax error"
+        if exc.context:
+            what = f"{exc.context}, {what}"
+        raise SpecError(file, [SpecProblem(line, col, "", f"YAML syntax error: {what}", file)])
+    except yaml.YAMLError as exc:
+        line, col = _reader_position(text, exc)
+        message = str(getattr(exc, "reason", "") or exc).splitlines()[0]
+        if isinstance(exc, yaml.reader.ReaderError):
+            message = f"unacceptable character #x{exc.character:04x} (special characters are " \
+                      f"not allowed)"
+        raise SpecError(file, [SpecProblem(line, col, "", f"YAML error: {message}", file)])
+    if root is None:
+        raise SpecError(file, [SpecProblem(1, 1, "", "the spec file is empty", file)])
+    problems: list[SpecProblem] = []
+    positions = Positions()
+    data = _convert(root, (), loader, positions, problems, file, ())
+    return data, positions, problems
+
+
+def _reader_position(text: str, exc: yaml.YAMLError) -> tuple[int, int]:
+    position = getattr(exc, "position", None)
+    if not isinstance(position, int):
+        return 1, 1
+    before = text[:position]
+    return before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1
+
+
+MAX_DEPTH = 64  # far deeper than any spec; stops self-referencing aliases
+MAX_NODES = 100_000  # far larger than any spec; stops "billion laughs" alias expansion
 
 
 def _convert(node: yaml.Node, path: tuple, loader: yaml.SafeLoader, positions: Positions,
-             problems: list[SpecProblem], file: str) -> Any:
+             problems: list[SpecProblem], file: str, ancestors: tuple[int, ...]) -> Any:
     positions.values[path] = _mark(node)
+    if id(node) in ancestors or len(ancestors) > MAX_DEPTH:
+        line, col = _mark(node)
+        problems.append(SpecProblem(line, col, json_path(path),
+                                    "YAML alias refers to itself (or nesting is too deep)", file))
+        return None
+    ancestors = ancestors + (id(node),)
+    positions.count += 1
+    if positions.count > MAX_NODES:
+        if positions.count == MAX_NODES + 1:
+            line, col = _mark(node)
+            problems.append(SpecProblem(line, col, json_path(path),
+                                        f"the document expands to more than {MAX_NODES} values "
+                                        f"(an alias bomb?)", file))
+        return None
     if node.tag not in _STANDARD_TAGS:
         line, col = _mark(node)
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
@@ -131,7 +163,7 @@ def _convert(node: yaml.Node, path: tuple, loader: yaml.SafeLoader, positions: P
                 problems.append(SpecProblem(line, col, json_path(path),
                                             "mapping keys must be plain scalars", file))
                 continue
-            key = loader.construct_object(key_node)
+            key = _scalar(key_node, loader, path, problems, file)
             key = key if isinstance(key, str) else str(key)
             if key in first_seen:
                 line, col = _mark(key_node)
@@ -141,12 +173,25 @@ def _convert(node: yaml.Node, path: tuple, loader: yaml.SafeLoader, positions: P
                 continue
             first_seen[key] = _mark(key_node)
             positions.keys[path + (key,)] = _mark(key_node)
-            out[key] = _convert(value_node, path + (key,), loader, positions, problems, file)
+            out[key] = _convert(value_node, path + (key,), loader, positions, problems, file,
+                                ancestors)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(child, path + (i,), loader, positions, problems, file)
+        return [_convert(child, path + (i,), loader, positions, problems, file, ancestors)
                 for i, child in enumerate(node.value)]
-    return loader.construct_object(node)
+    return _scalar(node, loader, path, problems, file)
+
+
+def _scalar(node: yaml.Node, loader: yaml.SafeLoader, path: tuple, problems: list[SpecProblem],
+            file: str) -> Any:
+    try:
+        return loader.construct_object(node)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        line, col = _mark(node)
+        problems.append(SpecProblem(line, col, json_path(path),
+                                    f"invalid YAML value {node.value!r} ({type(exc).__name__})",
+                                    file))
+        return None
 
 
 # --- the typed spec ------------------------------------------------------------------------------

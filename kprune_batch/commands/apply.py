@@ -13,6 +13,7 @@ from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Result
 from kprune_batch.errors import AuditLogError, SpecError
 from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ModelOutcome,
                                    Opener, open_keras, run_job)
+from kprune_batch.files import remove_stale_temps
 from kprune_batch.plan import Plan, compile_plan
 from kprune_batch.spec import read_spec
 
@@ -93,6 +94,8 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             result.err.append(f"error: {message}")
             outcomes = [ModelOutcome(job=j, status=STATUS_SKIPPED, error=message) for j in plan.jobs]
         else:
+            for job in plan.jobs:  # a SIGKILLed earlier run may have left temp files behind
+                remove_stale_temps(job.output)
             with stop.installed():
                 for job in plan.jobs:
                     if stop.signal or (fail_fast and any(o.status == STATUS_FAILED

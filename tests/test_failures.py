@@ -1,0 +1,326 @@
+"""Batch jobs never lose data: bad model files, write faults, signals, concurrent runs, fuzzed specs."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import kprune, layer_weights, write_spec
+from kprune_batch.commands.validate import validate
+from kprune_batch.errors import SpecError
+from kprune_batch.files import sha256_file
+from kprune_batch.spec import parse_spec
+
+ONE_MODEL = "version: 1\nmodels:\n  - path: {path}\n    layers: [{{name: conv2d, rules: [{{index: [0]}}]}}]\n"
+
+
+def run_one(folder: Path, path: str) -> tuple[Any, dict]:
+    spec = write_spec(folder, ONE_MODEL.format(path=path))
+    result = kprune("apply", spec, "--audit-log", folder / "log.json").expect(1)
+    return result, json.loads((folder / "log.json").read_text())
+
+
+@pytest.fixture
+def lambda_model(keras: Any, tmp_path: Path) -> Path:
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Conv2D(2, 1, name="conv2d")(inputs)
+    x = keras.layers.Lambda(lambda t: t * 2.0, name="double")(x)
+    path = tmp_path / "lam.keras"
+    keras.Model(inputs, x).save(path)
+    return path
+
+
+def test_truncated_keras_file(tmp_path: Path, small_cnn: Path) -> None:
+    data = small_cnn.read_bytes()
+    (tmp_path / "m.keras").write_bytes(data[: len(data) // 2])
+    result, log = run_one(tmp_path, "m.keras")
+    assert result.stderr.startswith(f"error: {tmp_path / 'm.keras'}: model 'm': the file is not a "
+                                    f"readable Keras model (")
+    assert result.stderr.endswith("; check the file is a complete .keras or .h5 model\n")
+    assert log["models"][0]["status"] == "failed" and log["models"][0]["output"] is None
+
+
+@pytest.mark.parametrize("name, content", [
+    ("garbage.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100),
+    ("text.keras", b"this is not a model\n"),
+])
+def test_corrupt_or_foreign_files(tmp_path: Path, name: str, content: bytes) -> None:
+    (tmp_path / name).write_bytes(content)
+    result, log = run_one(tmp_path, name)
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"error: {tmp_path / name}: model '{Path(name).stem}': ")
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / name).read_bytes() == content
+    assert not (tmp_path / "pruned" / name).exists()
+
+
+def test_weights_only_h5_is_not_a_model(keras: Any, tmp_path: Path, small_cnn: Path) -> None:
+    keras.saving.load_model(str(small_cnn)).save_weights(tmp_path / "w.weights.h5")
+    shutil.copy(tmp_path / "w.weights.h5", tmp_path / "w.h5")
+    result, _ = run_one(tmp_path, "w.h5")
+    assert result.stderr.startswith(f"error: {tmp_path / 'w.h5'}: model 'w': ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_lambda_layer_is_refused_in_safe_mode(tmp_path: Path, lambda_model: Path) -> None:
+    result, log = run_one(tmp_path, "lam.keras")
+    assert result.stderr == (
+        f"error: {lambda_model}: model 'lam': the model contains a Lambda layer, whose Python "
+        f"code Keras refuses to load in safe mode; kprune always loads models with "
+        f"safe_mode=True; replace the Lambda with a registered layer\n")
+
+
+def test_custom_layer_class_is_refused(keras: Any, tmp_path: Path) -> None:
+    @keras.saving.register_keras_serializable(package="kprune_tests")
+    class Twice(keras.layers.Layer):
+        def call(self, x: Any) -> Any:
+            return x * 2.0
+
+    inputs = keras.Input((4, 4, 1))
+    x = Twice(name="twice")(keras.layers.Conv2D(2, 1, name="conv2d")(inputs))
+    keras.Model(inputs, x).save(tmp_path / "custom.keras")
+    result, _ = run_one(tmp_path, "custom.keras")
+    assert result.stderr.startswith(f"error: {tmp_path / 'custom.keras'}: model 'custom': the "
+                                    f"model uses a layer class Keras does not know (")
+    assert result.stderr.endswith("; kprune loads only built-in Keras layers\n")
+
+
+def test_nan_weights_fail_threshold_rules(keras: Any, tmp_path: Path, small_cnn: Path) -> None:
+    model = keras.saving.load_model(str(small_cnn))
+    kernel = model.get_layer("conv2d").kernel.numpy()
+    kernel[0, 0, 0, 2] = np.nan
+    model.get_layer("conv2d").kernel.assign(kernel)
+    model.save(tmp_path / "nan.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: nan.keras\n"
+                                "    layers: [{name: conv2d, rules: [{mean: {below: 0}}]}]\n")
+    result = kprune("apply", spec).expect(1)
+    assert result.stderr == (
+        "error: model 'nan', layer 'conv2d': models[0].layers[0].rules[0]: filter 2 has NaN or "
+        "infinite weights (1 filter(s) affected); a 'mean' rule cannot compare them; fix the "
+        "model, or select those filters with an 'index' rule\n")
+
+
+def test_output_folder_that_cannot_be_created(tmp_path: Path, small_cnn: Path) -> None:
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    spec = write_spec(tmp_path, ONE_MODEL.format(path="m.keras").replace(
+        "version: 1\n", "version: 1\noutput_dir: blocker/out\n"))
+    result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(1)
+    assert result.stderr == (f"error: cannot use output folder {tmp_path / 'blocker' / 'out'}: "
+                             f"Not a directory\n")
+
+
+def test_disk_full_leaves_nothing_under_the_final_name(tmp_path: Path, small_cnn: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injected in the writer: half a file is written, then ENOSPC."""
+    from kprune_batch.backends import keras_backend
+    from kprune_batch.executor import run_job
+    from kprune_batch.plan import compile_plan
+    from kprune_batch.spec import read_spec
+
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    (tmp_path / "pruned").mkdir()
+    old = tmp_path / "pruned" / "m.keras"
+    old.write_bytes(b"output of an earlier run")
+
+    def full_disk(self: Any, tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a zip")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(keras_backend.KerasModelWeights, "save", full_disk)
+    (job,) = compile_plan(read_spec(write_spec(tmp_path, ONE_MODEL.format(path="m.keras")))).jobs
+    outcome = run_job(job)
+    assert outcome.status == "failed"
+    assert outcome.error == (f"model 'm': cannot write output {old}: the disk is full; nothing "
+                             f"was written under the output's name; check the output folder and "
+                             f"free space")
+    assert old.read_bytes() == b"output of an earlier run"
+    assert sorted(p.name for p in old.parent.iterdir()) == ["m.keras"]
+
+
+def test_existing_output_is_replaced(tmp_path: Path, small_cnn: Path, keras: Any) -> None:
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "pruned" / "m.keras").write_bytes(b"stale")
+    kprune("apply", write_spec(tmp_path, ONE_MODEL.format(path="m.keras"))).expect(0)
+    assert layer_weights(keras, tmp_path / "pruned" / "m.keras")["conv2d"]["kernel"][..., 0].max() == 0
+    leftovers = [p.name for p in (tmp_path / "pruned").iterdir() if p.name.startswith(".m.keras")]
+    assert leftovers == []
+
+
+def test_a_second_run_does_not_interleave(tmp_path: Path, small_cnn: Path) -> None:
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    spec = write_spec(tmp_path, ONE_MODEL.format(path="m.keras"))
+    (tmp_path / "pruned").mkdir()
+    with open(tmp_path / "pruned" / ".kprune.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running `kprune apply` holds it
+        result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(1)
+    assert result.stderr == (f"error: another kprune apply is writing to {tmp_path / 'pruned'} "
+                             f"(lock {tmp_path / 'pruned' / '.kprune.lock'}); run again when it "
+                             f"has finished\n")
+    assert not (tmp_path / "pruned" / "m.keras").exists()
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["status"] == "failed" and log["models"][0]["status"] == "skipped"
+
+
+def _batch(tmp_path: Path, small_cnn: Path, n: int) -> Path:
+    lines = ["version: 1", "models:"]
+    for i in range(n):
+        shutil.copy(small_cnn, tmp_path / f"m{i}.keras")
+        lines += [f"  - path: m{i}.keras", "    layers: [{name: conv2d, rules: [{index: [0]}]}]"]
+    return write_spec(tmp_path, "\n".join(lines) + "\n")
+
+
+def _start(spec: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "kprune_batch", "apply", str(spec), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _complete_outputs(keras: Any, folder: Path) -> list[str]:
+    names = []
+    for p in sorted(folder.glob("*.keras")):
+        with zipfile.ZipFile(p) as zf:
+            assert zf.testzip() is None
+        layer_weights(keras, p)  # loads: complete
+        names.append(p.name)
+    return names
+
+
+def test_sigterm_stops_after_the_current_model(tmp_path: Path, small_cnn: Path,
+                                               keras: Any) -> None:
+    spec = _batch(tmp_path, small_cnn, 6)
+    proc = _start(spec, "--audit-log", str(tmp_path / "log.json"))
+    _wait_for(tmp_path / "pruned" / "m0.keras", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out + err
+    log = json.loads((tmp_path / "log.json").read_text())
+    statuses = [m["status"] for m in log["models"]]
+    assert log["status"] == "partial" and log["interrupted"] == "SIGTERM"
+    assert statuses[0] == "ok" and statuses[-1] == "skipped"
+    assert set(statuses) <= {"ok", "skipped"}
+    written = _complete_outputs(keras, tmp_path / "pruned")
+    assert written == [f"m{i}.keras" for i, s in enumerate(statuses) if s == "ok"]
+    for m in log["models"]:
+        if m["status"] == "ok":
+            assert sha256_file(m["output"]["path"]) == m["output"]["sha256"]
+        else:
+            assert m["error"] == "not run: kprune was stopped by SIGTERM"
+
+
+def test_sigkill_leaves_only_complete_files_and_the_next_run_cleans_up(
+        tmp_path: Path, small_cnn: Path, keras: Any) -> None:
+    spec = _batch(tmp_path, small_cnn, 4)
+    inputs = {p.name: sha256_file(str(p)) for p in tmp_path.glob("m*.keras")}
+    proc = _start(spec)
+    _wait_for(tmp_path / "pruned" / "m0.keras", proc)
+    time.sleep(0.3)
+    proc.kill()
+    proc.communicate()
+    _complete_outputs(keras, tmp_path / "pruned")
+    assert {p.name: sha256_file(str(p)) for p in tmp_path.glob("m*.keras")} == inputs
+    (tmp_path / "pruned" / ".m3.keras.abcd1234.tmp.keras").write_bytes(b"PK half")  # as if killed
+    kprune("apply", spec).expect(0)
+    assert _complete_outputs(keras, tmp_path / "pruned") == [f"m{i}.keras" for i in range(4)]
+    assert [p.name for p in (tmp_path / "pruned").iterdir() if ".tmp" in p.name] == []
+
+
+# --- fuzzing: validate never raises, always 0 or 2 ---------------------------------------------
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
+                         st.text(max_size=8), st.sampled_from(["conv*", "zero", "keep", "remove",
+                                                               "index", "mean", ".nan"]))
+json_like = st.recursive(
+    yaml_scalars,
+    lambda children: st.one_of(st.lists(children, max_size=4),
+                               st.dictionaries(st.sampled_from(
+                                   ["version", "models", "path", "layers", "name", "match",
+                                    "rules", "index", "mean", "below", "above", "sign",
+                                    "element", "zero", "defaults", "bias", "type", "x"]),
+                                   children, max_size=5)),
+    max_leaves=20)
+
+
+def _check_validate(tmp_path: Path, text: str) -> None:
+    spec = tmp_path / "fuzz.yaml"
+    spec.write_text(text, encoding="utf-8")
+    result = validate([str(spec)])
+    assert result.return_code in (0, 2)
+    assert all(line.startswith(str(spec)) for line in result.err)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_fuzz_arbitrary_text(tmp_path: Path, text: str) -> None:
+    _check_validate(tmp_path, text)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(doc=json_like)
+def test_fuzz_arbitrary_documents(tmp_path: Path, doc: Any) -> None:
+    _check_validate(tmp_path, json.dumps(doc, allow_nan=True))
+
+
+VALID_SPEC = (Path(__file__).resolve().parent.parent / "specs" / "examples" / "digits.yaml")
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(0, 2000), insert=st.text(max_size=6), delete=st.integers(0, 8))
+def test_fuzz_mutated_valid_spec(tmp_path: Path, cut: int, insert: str, delete: int) -> None:
+    text = VALID_SPEC.read_text()
+    cut = cut % (len(text) + 1)
+    _check_validate(tmp_path, text[:cut] + insert + text[cut + delete:])
+
+
+def test_parse_spec_only_raises_spec_errors() -> None:
+    for text in ["version: 1\nmodels: *a\n", "? [a, b]\n: c\n", "a: &x [*x]\n", "\t", "%YAML 9\n"]:
+        try:
+            parse_spec(text, "x.yaml")
+        except SpecError:
+            pass
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [*x]\n", "1:4: a[0]: YAML alias refers to itself (or nesting is too deep)"),
+    ("version: !!int abc\n", "1:10: version: invalid YAML value 'abc' (ValueError)"),
+    ("version: 1\x1f\n", "1:11: YAML error: unacceptable character #x001f (special characters "
+                         "are not allowed)"),
+])
+def test_hostile_yaml_is_one_clear_problem(text: str, message: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "x.yaml")
+    assert f"x.yaml:{message}" in [p.render() for p in info.value.problems]
+
+
+def test_alias_bomb_is_refused_quickly() -> None:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    start = time.monotonic()
+    with pytest.raises(SpecError) as info:
+        parse_spec("\n".join(lines) + "\n", "bomb.yaml")
+    assert time.monotonic() - start < 10
+    assert any("expands to more than 100000 values" in p.message for p in info.value.problems)
