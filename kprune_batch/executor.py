@@ -246,8 +246,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     outcome = ModelOutcome(job=job, status=STATUS_FAILED)
     weights = None
     try:
-        if os.path.exists(job.input):
-            outcome.input_sha256 = sha256_file(job.input)
+        outcome.input_sha256 = _hash_input(job)
         weights = opener(job)
         outcome.backend = weights.backend
         outcome.layers = select_filters(job, weights)
@@ -277,6 +276,23 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         if weights is not None:
             weights.close()
     return outcome
+
+
+def _hash_input(job: ModelJob) -> str:
+    """The input's sha256; a missing or unreadable input fails the model before any backend runs."""
+    if not os.path.exists(job.input):
+        raise ModelError(f"input file {job.input} does not exist", model=job.name,
+                         hint="check the model's 'path' (relative to the spec file's folder)")
+    if os.path.isdir(job.input):
+        raise ModelError(f"input {job.input} is a folder, not a model file", model=job.name)
+    try:
+        return sha256_file(job.input)
+    except PermissionError:
+        raise ModelError(f"input file {job.input} is not readable (permission denied)",
+                         model=job.name) from None
+    except OSError as exc:
+        raise ModelError(f"input file {job.input} cannot be read: {exc.strerror}",
+                         model=job.name) from None
 
 
 def _write_output(job: ModelJob, weights: ModelWeights,

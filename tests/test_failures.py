@@ -324,3 +324,38 @@ def test_alias_bomb_is_refused_quickly() -> None:
         parse_spec("\n".join(lines) + "\n", "bomb.yaml")
     assert time.monotonic() - start < 10
     assert any("expands to more than 100000 values" in p.message for p in info.value.problems)
+
+
+def test_unreadable_model_file(tmp_path: Path, small_cnn: Path) -> None:
+    """Permission denied, checked as an unprivileged user (root reads everything)."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run kprune as an unprivileged user")
+    folder = Path(tempfile.mkdtemp(prefix="kprune-perm-"))
+    try:
+        folder.chmod(0o777)
+        shutil.copy(small_cnn, folder / "m.keras")
+        (folder / "m.keras").chmod(0o000)
+        spec = write_spec(folder, ONE_MODEL.format(path="m.keras"))
+        spec.chmod(0o644)
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+               "-m", "kprune_batch", "apply", str(spec)]
+        probe = subprocess.run(cmd[:5] + ["-c", "import kprune_batch"], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip("the unprivileged user cannot run this Python environment")
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=folder)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stderr == (f"error: model 'm': input file {folder / 'm.keras'} is not "
+                               f"readable (permission denied)\n")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_h5_outputs_are_byte_identical_across_runs(tmp_path: Path, small_cnn_h5: Path) -> None:
+    shutil.copy(small_cnn_h5, tmp_path / "m.h5")
+    spec = write_spec(tmp_path, ONE_MODEL.format(path="m.h5"))
+    kprune("apply", spec, "--output-dir", tmp_path / "one").expect(0)
+    time.sleep(1.1)  # a save-time timestamp would now differ
+    kprune("apply", spec, "--output-dir", tmp_path / "two").expect(0)
+    assert sha256_file(str(tmp_path / "one" / "m.h5")) == sha256_file(str(tmp_path / "two" / "m.h5"))

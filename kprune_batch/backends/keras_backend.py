@@ -42,12 +42,6 @@ class KerasModelWeights:
         self.path = path
         self.model_name = model_name
         keras = import_keras()
-        if not os.path.exists(path):
-            raise ModelError(f"input file {path} does not exist", model=model_name,
-                             hint="check the model's 'path' (relative to the spec file's folder)")
-        if not os.access(path, os.R_OK):
-            raise ModelError(f"input file {path} is not readable (permission denied)",
-                             model=model_name)
         try:
             # A legacy .h5 is loaded without compiling: Keras 3 cannot re-create some compile
             # configs it wrote itself (e.g. loss "mse" -> keras.metrics.mse); save() copies the
