@@ -67,7 +67,8 @@ class Plan:
     jobs: tuple[ModelJob, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON data (tuples become lists), exactly what json.dumps writes."""
+        return json.loads(json.dumps(asdict(self)))
 
     @property
     def sha256(self) -> str:
