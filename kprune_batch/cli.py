@@ -77,14 +77,17 @@ def plan(ctx: click.Context, spec: str, fmt: str) -> None:
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed model.")
 @click.option("--probe", is_flag=True,
               help="Run a seeded probe batch and measure every zeroed channel.")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Process models in this many worker processes.")
 @click.pass_context
 def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str | None,
-          fail_fast: bool, probe: bool) -> None:
+          fail_fast: bool, probe: bool, jobs: int) -> None:
     """Zero the filters the spec selects; write edited models and an audit log."""
     from kprune_batch.commands.apply import apply as run
 
     _finish(ctx, lambda: run(spec, audit_log=audit_log, output_dir=output_dir,
-                             fail_fast=fail_fast, probe=probe))
+                             fail_fast=fail_fast, probe=probe, jobs=jobs,
+                             progress=sys.stderr.isatty()))
 
 
 def main() -> None:

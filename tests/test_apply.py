@@ -334,3 +334,24 @@ def test_h5_keeps_training_config_and_optimizer_weights(tmp_path: Path, small_cn
             if isinstance(fin["optimizer_weights"][name], h5py.Dataset):
                 assert np.array_equal(fin["optimizer_weights"][name][()],
                                       fout["optimizer_weights"][name][()])
+
+
+def test_jobs_runs_models_in_parallel_with_the_same_result(tmp_path: Path, small_cnn: Path) -> None:
+    lines = ["version: 1", "models:"]
+    for i in range(3):
+        shutil.copy(small_cnn, tmp_path / f"m{i}.keras")
+        lines += [f"  - path: m{i}.keras", f"    layers: [{{name: conv2d, rules: [{{index: [{i}]}}]}}]"]
+    lines += ["  - path: missing.keras", "    layers: [{name: conv2d, rules: [{index: [0]}]}]"]
+    spec = write_spec(tmp_path, "\n".join(lines) + "\n")
+    kprune("apply", spec, "--output-dir", "serial", "--audit-log", "serial.json",
+           cwd=tmp_path).expect(1)
+    result = kprune("apply", spec, "--jobs", "2", "--output-dir", "parallel", "--audit-log",
+                    "parallel.json", cwd=tmp_path).expect(1)
+    assert "\r" not in result.stderr  # no progress bar when stderr is not a terminal
+    serial = json.loads((tmp_path / "serial.json").read_text())
+    parallel = json.loads((tmp_path / "parallel.json").read_text())
+    assert [m["status"] for m in parallel["models"]] == ["ok", "ok", "ok", "failed"]
+    assert parallel["zeroed"] == serial["zeroed"]
+    for i in range(3):
+        assert sha256_file(str(tmp_path / "serial" / f"m{i}.keras")) == \
+            sha256_file(str(tmp_path / "parallel" / f"m{i}.keras"))

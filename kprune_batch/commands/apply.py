@@ -1,10 +1,13 @@
 """`kprune apply SPEC`: run every model job, write outputs and the run's audit log."""
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
+import multiprocessing
 import os
 import signal
+import sys
 from typing import Any, Iterator
 
 from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new_run_id,
@@ -64,7 +67,8 @@ def _lock(folder: str) -> Iterator[bool]:
 
 
 def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None = None,
-          fail_fast: bool = False, probe: bool = False, opener: Opener = open_keras) -> Result:
+          fail_fast: bool = False, probe: bool = False, opener: Opener = open_keras,
+          jobs: int = 1, progress: bool = False) -> Result:
     result = Result()
     started = utc_now()
     try:
@@ -77,17 +81,14 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
     run_id = new_run_id()
     log_path = os.path.abspath(audit_log) if audit_log else os.path.join(
         plan.output_dir, "audit", f"{run_id}.json")
-    outcomes: list[ModelOutcome] = []
     stop = _Stop()
-    interrupted = None
-    try:
-        lock_cm = _lock(plan.output_dir)
-        held = lock_cm.__enter__()
-    except OSError as exc:
-        result.err.append(f"error: cannot use output folder {plan.output_dir}: {exc.strerror}")
-        result.return_code = EXIT_FAILED
-        return result
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(_lock(plan.output_dir))
+        except OSError as exc:
+            result.err.append(f"error: cannot use output folder {plan.output_dir}: {exc.strerror}")
+            result.return_code = EXIT_FAILED
+            return result
         if not held:
             message = (f"another kprune apply is writing to {plan.output_dir} (lock "
                        f"{os.path.join(plan.output_dir, LOCK_NAME)}); run again when it has finished")
@@ -97,24 +98,14 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             for job in plan.jobs:  # a SIGKILLed earlier run may have left temp files behind
                 remove_stale_temps(job.output)
             with stop.installed():
-                for job in plan.jobs:
-                    if stop.signal or (fail_fast and any(o.status == STATUS_FAILED
-                                                         for o in outcomes)):
-                        reason = (f"not run: kprune was stopped by {stop.signal}" if stop.signal
-                                  else "not run: an earlier model failed and --fail-fast is set")
-                        outcomes.append(ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason))
-                        continue
-                    outcomes.append(run_job(job, opener=opener, probe=probe))
-                interrupted = stop.signal
-        log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, interrupted)
+                outcomes = _run_all(plan, stop, opener, probe, fail_fast, jobs, progress)
+        log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, stop.signal)
         try:
             write_log(log_path, log)
         except (OSError, AuditLogError) as exc:
             text = exc.strerror if isinstance(exc, OSError) else str(exc)
             result.err.append(f"error: cannot write audit log {log_path}: {text}")
             result.return_code = EXIT_FAILED
-    finally:
-        lock_cm.__exit__(None, None, None)
     for outcome in outcomes:
         if outcome.status == STATUS_OK:
             layers = len({r["layer"] for r in outcome.zeroed})
@@ -129,6 +120,70 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
     if result.return_code == EXIT_OK and any(o.status != STATUS_OK for o in outcomes):
         result.return_code = EXIT_FAILED
     return result
+
+
+def _skip_reason(stop: _Stop, fail_fast: bool, done: list[ModelOutcome]) -> str | None:
+    if stop.signal:
+        return f"not run: kprune was stopped by {stop.signal}"
+    if fail_fast and any(o.status == STATUS_FAILED for o in done):
+        return "not run: an earlier model failed and --fail-fast is set"
+    return None
+
+
+def _run_all(plan: Plan, stop: _Stop, opener: Opener, probe: bool, fail_fast: bool,
+             jobs: int, progress: bool) -> list[ModelOutcome]:
+    """Run the jobs in spec order (or `jobs` worker processes); outcomes in spec order."""
+    total = len(plan.jobs)
+    done: dict[int, ModelOutcome] = {}
+
+    def report(outcome: ModelOutcome) -> None:
+        if progress:
+            sys.stderr.write(f"\r[{len(done)}/{total}] {outcome.job.name}: {outcome.status}\033[K")
+            sys.stderr.flush()
+
+    if jobs <= 1 or total <= 1:
+        for i, job in enumerate(plan.jobs):
+            reason = _skip_reason(stop, fail_fast, list(done.values()))
+            done[i] = (ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason) if reason
+                       else run_job(job, opener=opener, probe=probe))
+            report(done[i])
+    else:
+        # Workers are spawned, never forked: a forked TensorFlow runtime can deadlock.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                    initializer=_worker_init) as pool:
+            pending: dict[concurrent.futures.Future[ModelOutcome], int] = {}
+            queue = list(enumerate(plan.jobs))
+            while queue or pending:
+                while queue and len(pending) < jobs and not _skip_reason(
+                        stop, fail_fast, list(done.values())):
+                    i, job = queue.pop(0)
+                    pending[pool.submit(run_job, job, opener, True, probe)] = i
+                if not pending:
+                    break
+                finished, _ = concurrent.futures.wait(
+                    pending, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    i = pending.pop(future)
+                    try:
+                        done[i] = future.result()
+                    except Exception as exc:  # the worker process died (killed, out of memory)
+                        done[i] = ModelOutcome(job=plan.jobs[i], status=STATUS_FAILED,
+                                               error=f"model '{plan.jobs[i].name}': the worker "
+                                                     f"process failed ({type(exc).__name__})")
+                    report(done[i])
+            for i, job in queue:
+                reason = _skip_reason(stop, fail_fast, list(done.values())) or "not run"
+                done[i] = ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason)
+    if progress:
+        sys.stderr.write("\n")
+    return [done[i] for i in range(total)]
+
+
+def _worker_init() -> None:
+    """Workers leave SIGINT/SIGTERM to the parent, which stops handing out models."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
