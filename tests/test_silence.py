@@ -152,3 +152,22 @@ def test_a_wrong_silence_claim_fails_the_model(keras: Any, tmp_path: Path, monke
                              "this model; please report this as a bug, with the audit log")
     assert not (tmp_path / "pruned" / "liar.keras").exists()
     assert [p.name for p in (tmp_path / "pruned").iterdir()] == []
+
+
+def test_channels_first_bn_follower(keras: Any, tmp_path: Path) -> None:
+    L = keras.layers
+    inputs = keras.Input((3, 6, 6), name="x")
+    x = L.Conv2D(4, 3, data_format="channels_first", name="conv")(inputs)
+    x = L.BatchNormalization(axis=1, name="bn")(x)
+    model = keras.Model(inputs, L.GlobalAveragePooling2D(data_format="channels_first")(x))
+    _seeded_weights(model, 9)
+    model.save(tmp_path / "cf.keras")
+    (record,) = apply_one(tmp_path, tmp_path / "cf.keras")["zeroed"]
+    assert record["silent"] is True and record["probe"] == {"max_abs": 0.0}
+    out = keras.saving.load_model(str(tmp_path / "pruned" / "cf.keras"), compile=False)
+    bn = out.get_layer("bn")
+    assert bn.gamma.numpy()[FILTER] == 0 and bn.beta.numpy()[FILTER] == 0
+    probe = keras.Model(out.inputs, bn.output)
+    x = np.random.default_rng(1).normal(size=(2, 3, 6, 6)).astype("float32")
+    for training in (False, True):
+        assert np.all(np.asarray(probe(x, training=training))[:, FILTER] == 0)
