@@ -99,6 +99,15 @@ def canonical_class(class_name: str) -> str:
 BATCHNORM_CLASSES = ("BatchNormalization",)
 # Stateless, elementwise activation layers a channel passes through on its way to a BN follower.
 ACTIVATION_LAYER_CLASSES = ("Activation", "ReLU", "LeakyReLU", "ELU")
+# Layers that keep each channel on its axis and map a channel that is 0 everywhere to 0 (pooling
+# of zeros, dropout of zeros, zero padding of zeros): a BN after them is still a follower of a
+# silenced channel. A nested model's InputLayer is the tensor itself.
+ZERO_PRESERVING_CLASSES = (
+    "InputLayer", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
+    "AveragePooling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D",
+    "Cropping2D", "Cropping3D", "UpSampling1D", "UpSampling2D", "UpSampling3D",
+)
 
 
 def _erf(x: float) -> float:

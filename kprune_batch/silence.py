@@ -10,10 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from kprune_batch.families import ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES, activation_value
+from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
+                                   ZERO_PRESERVING_CLASSES, activation_value)
 from kprune_batch.graph import OUTPUT, GraphLayer, LayerGraph
 
-PASS_THROUGH_CLASSES = ("InputLayer",)  # a nested model's input: the tensor itself
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ def _follow(graph: LayerGraph, src: str, conv_config: dict, channel: int, value:
             continue
         node = graph.layers[consumer]
         once = node.calls == 1
-        if once and node.class_name in PASS_THROUGH_CLASSES:
+        if once and node.class_name in ZERO_PRESERVING_CLASSES and (
+                value == 0.0 or node.class_name == "InputLayer"):
             _follow(graph, consumer, conv_config, channel, value, neutralize, variables, fate,
                     seen | {consumer})
         elif once and node.class_name in ACTIVATION_LAYER_CLASSES and value is not None:

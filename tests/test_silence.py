@@ -171,3 +171,19 @@ def test_channels_first_bn_follower(keras: Any, tmp_path: Path) -> None:
     x = np.random.default_rng(1).normal(size=(2, 3, 6, 6)).astype("float32")
     for training in (False, True):
         assert np.all(np.asarray(probe(x, training=training))[:, FILTER] == 0)
+
+
+def test_bn_after_pooling_and_dropout_is_still_a_follower(keras: Any, tmp_path: Path) -> None:
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3), name="x")
+    x = L.Conv2D(4, 3, padding="same", activation="relu", name="conv")(inputs)
+    x = L.MaxPooling2D(name="pool")(x)
+    x = L.Dropout(0.3, name="drop")(x)
+    x = L.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, L.GlobalAveragePooling2D()(x))
+    _seeded_weights(model, 4)
+    model.save(tmp_path / "pool.keras")
+    (record,) = apply_one(tmp_path, tmp_path / "pool.keras")["zeroed"]
+    assert record["silent"] is True
+    assert [e["layer"] for e in record["batchnorm"]] == ["bn", "bn"]
+    assert record["probe"] == {"max_abs": 0.0}
