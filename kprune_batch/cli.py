@@ -90,6 +90,40 @@ def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str 
                              progress=sys.stderr.isatty()))
 
 
+@cli.command()
+@click.argument("audit_log", type=click.Path(dir_okay=False))
+@click.option("--probe", is_flag=True, help="Also run the probe on each output.")
+@click.pass_context
+def verify(ctx: click.Context, audit_log: str, probe: bool) -> None:
+    """Re-check a run's outputs against its audit log and inputs. Exit 0 ok, 1 mismatch."""
+    from kprune_batch.commands.verify import verify as run
+
+    _finish(ctx, lambda: run(audit_log, probe=probe))
+
+
+@cli.command()
+@click.argument("audit_log", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text",
+              show_default=True)
+@click.pass_context
+def report(ctx: click.Context, audit_log: str, fmt: str) -> None:
+    """A human-readable review of a run. Exit 1 if the log is unreadable."""
+    from kprune_batch.commands.report import report as run
+
+    _finish(ctx, lambda: run(audit_log, fmt))
+
+
+@cli.command()
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.pass_context
+def diff(ctx: click.Context, old: str, new: str) -> None:
+    """Filters zeroed differently by two runs, per model and layer."""
+    from kprune_batch.commands.diff import diff as run
+
+    _finish(ctx, lambda: run(old, new))
+
+
 def main() -> None:
     cli(prog_name="kprune")
 

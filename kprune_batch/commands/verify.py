@@ -1,0 +1,137 @@
+"""`kprune verify AUDIT_LOG`: re-check written models against their log and their inputs, bit for bit."""
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from kprune_batch.audit import read_log
+from kprune_batch.commands import EXIT_FAILED, Result
+from kprune_batch.errors import AuditLogError, KpruneError
+from kprune_batch.families import family_of
+from kprune_batch.files import sha256_file
+from kprune_batch.graph import MODEL_CLASSES
+
+Loader = Callable[[str, str], Any]  # (path, model name) -> ModelWeights
+
+
+def _keras_loader(path: str, name: str) -> Any:
+    from kprune_batch.backends.keras_backend import KerasModelWeights
+
+    return KerasModelWeights(path, name)
+
+
+def verify(log_path: str, probe: bool = False, loader: Loader = _keras_loader) -> Result:
+    result = Result()
+    try:
+        log = read_log(log_path)
+    except AuditLogError as exc:
+        result.err.append(f"error: {exc}")
+        result.return_code = EXIT_FAILED
+        return result
+    for model in log["models"]:
+        if model["status"] != "ok":
+            result.out.append(f"skipped {model['name']}: status {model['status']} in the log "
+                              f"(nothing was written)")
+            continue
+        records = [r for r in log["zeroed"] if r["model"] == model["name"]]
+        problems = check_model(model, records, loader, probe)
+        if problems:
+            result.return_code = EXIT_FAILED
+            for problem in problems:
+                result.out.append(f"MISMATCH {model['name']}: {problem}")
+        else:
+            result.out.append(f"ok      {model['name']}: {len(records)} zeroed filter(s) verified, "
+                              f"every other weight equals the input's")
+    return result
+
+
+def check_model(model: dict[str, Any], records: list[dict[str, Any]], loader: Loader,
+                probe: bool) -> list[str]:
+    """Every way the output differs from what the log says it is (empty: it verifies)."""
+    problems: list[str] = []
+    src, dest = model["input"]["path"], model["output"]["path"]
+    for role, entry in (("input", model["input"]), ("output", model["output"])):
+        if not os.path.exists(entry["path"]):
+            problems.append(f"{role} file {entry['path']} is missing")
+        elif sha256_file(entry["path"]) != entry["sha256"]:
+            problems.append(f"{role} file {entry['path']} does not match the sha256 in the log "
+                            f"(replaced or modified since the run)")
+    if not os.path.exists(dest) or not os.path.exists(src):
+        return problems
+    try:
+        before = loader(src, model["name"])
+        after = loader(dest, model["name"])
+    except KpruneError as exc:
+        return problems + [f"cannot open: {exc.render()}"]
+    try:
+        problems += _compare(before, after, records)
+        if probe and not problems:
+            from kprune_batch.probe import measure
+
+            try:
+                measure(dest, copy.deepcopy(records), model["name"])
+            except KpruneError as exc:
+                problems.append(exc.render())
+    finally:
+        before.close()
+        after.close()
+    return problems
+
+
+def expected_weights(before: Any, records: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+    """The input's weights with exactly the edits the records describe applied."""
+    expected: dict[str, dict[str, np.ndarray]] = {}
+    for path, node in before.graph.layers.items():
+        if node.class_name not in MODEL_CLASSES:
+            expected[path] = before.variables(path)
+    for r in records:
+        family = family_of(r["layer_class"])
+        variables = expected[r["layer"]]
+        kernel_name = next(n for n in (family.kernel_var,) + family.legacy_kernel_vars
+                           if n in variables)
+        family.filter_view(variables[kernel_name])[r["filter"]] = 0
+        if r.get("bias") == "zeroed":
+            variables["bias"][r["filter"]] = 0
+        for edit in r.get("batchnorm", []):
+            # a BN follower normalises the conv's channel axis, so its channel is the filter
+            expected[edit["layer"]][edit["variable"]][int(r["filter"])] = edit["value"]
+    return expected
+
+
+def _compare(before: Any, after: Any, records: list[dict[str, Any]]) -> list[str]:
+    expected = expected_weights(before, records)
+    problems = []
+    if set(after.graph.layers) != set(before.graph.layers):
+        return ["the output's layers differ from the input's"]
+    zeroed = {(r["layer"], r["filter"]) for r in records}
+    for path, variables in expected.items():
+        actual = after.variables(path)
+        for name, want in variables.items():
+            got = actual.get(name)
+            if got is None or got.shape != want.shape:
+                problems.append(f"layer '{path}' variable '{name}' is missing or has another shape")
+                continue
+            if np.array_equal(want.view(np.uint8), got.view(np.uint8)):
+                continue
+            diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+            problems.append(_describe(path, name, diff, before.graph.layers[path].class_name,
+                                      zeroed))
+    return problems
+
+
+def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
+              zeroed: set[tuple[str, int]]) -> str:
+    family = family_of(class_name)
+    where = ""
+    if family is not None and name in (family.kernel_var,) + family.legacy_kernel_vars:
+        per_filter = family.filter_view(diff).reshape(family.n_filters(diff.shape), -1).max(axis=1)
+        bad = [int(f) for f in np.flatnonzero(per_filter)]
+        kinds = ["zeroed filter" if (path, f) in zeroed else "untouched filter" for f in bad]
+        where = f" {kinds[0]} {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+    elif diff.ndim == 1:
+        bad = [int(i) for i in np.flatnonzero(diff)]
+        where = f" element {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+    return f"layer '{path}' {name}{where}: max |difference| {float(np.nanmax(diff)):.6g}"

@@ -1,0 +1,121 @@
+"""`kprune verify`: passes on a clean run, fails with a clear line after each kind of tampering."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import kprune, write_spec
+
+SPEC = """\
+version: 1
+models:
+  - path: small.keras
+    layers:
+      - name: conv2d_1
+        rules: [{index: [2, 5]}]
+  - path: other.keras
+    layers:
+      - name: nope
+        rules: [{index: [0]}]
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory, small_cnn: Path) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("verify")
+    shutil.copy(small_cnn, folder / "small.keras")
+    shutil.copy(small_cnn, folder / "other.keras")
+    spec = write_spec(folder, SPEC)
+    kprune("apply", spec, "--audit-log", folder / "log.json").expect(1)
+    return {"folder": folder, "log": folder / "log.json",
+            "output": folder / "pruned" / "small.keras"}
+
+
+@pytest.fixture
+def tampered(run: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    """A copy of the run (outputs, inputs and a log pointing at them) that a test may damage."""
+    folder = tmp_path / "copy"
+    shutil.copytree(run["folder"], folder)
+    text = (folder / "log.json").read_text().replace(str(run["folder"]), str(folder))
+    (folder / "log.json").write_text(text)
+    return {"folder": folder, "log": folder / "log.json",
+            "output": folder / "pruned" / "small.keras"}
+
+
+def test_clean_run_verifies(run: dict[str, Any]) -> None:
+    result = kprune("verify", run["log"], "--probe").expect(0)
+    assert result.stdout.splitlines() == [
+        "ok      small: 2 zeroed filter(s) verified, every other weight equals the input's",
+        "skipped other: status failed in the log (nothing was written)",
+    ]
+
+
+def _edit(keras: Any, path: Path, layer: str, change: Any) -> None:
+    model = keras.saving.load_model(str(path))
+    target = model.get_layer(layer)
+    change(target)
+    model.save(path)
+
+
+def test_unzeroed_filter_is_found(keras: Any, tampered: dict[str, Any]) -> None:
+    def restore(layer: Any) -> None:
+        kernel = layer.kernel.numpy()
+        kernel[..., 5] = 0.25
+        layer.kernel.assign(kernel)
+
+    _edit(keras, tampered["output"], "conv2d_1", restore)
+    result = kprune("verify", tampered["log"]).expect(1)
+    lines = result.stdout.splitlines()
+    assert f"MISMATCH small: output file {tampered['output']} does not match the sha256 in the " \
+           f"log (replaced or modified since the run)" in lines
+    assert "MISMATCH small: layer 'conv2d_1' kernel zeroed filter 5: max |difference| 0.25" in lines
+
+
+def test_changed_untouched_weight_is_found(keras: Any, tampered: dict[str, Any]) -> None:
+    def nudge(layer: Any) -> None:
+        kernel = layer.kernel.numpy()
+        kernel[0, 0, 0, 3] += 0.5
+        layer.kernel.assign(kernel)
+
+    _edit(keras, tampered["output"], "conv2d", nudge)
+    lines = kprune("verify", tampered["log"]).expect(1).stdout.splitlines()
+    (mismatch,) = [line for line in lines if "layer 'conv2d'" in line]
+    assert mismatch.startswith("MISMATCH small: layer 'conv2d' kernel untouched filter 3: max "
+                               "|difference| 0.5")
+
+
+def test_replaced_file_is_found(tampered: dict[str, Any], small_cnn: Path) -> None:
+    shutil.copy(small_cnn, tampered["output"])
+    lines = kprune("verify", tampered["log"]).expect(1).stdout.splitlines()
+    assert lines[0] == (f"MISMATCH small: output file {tampered['output']} does not match the "
+                        f"sha256 in the log (replaced or modified since the run)")
+    assert "MISMATCH small: layer 'conv2d_1' kernel zeroed filter 2 (+1 more): max |difference| " \
+           in "\n".join(lines)
+
+
+@pytest.mark.parametrize("which", ["output", "input"])
+def test_missing_file_is_reported(tampered: dict[str, Any], which: str) -> None:
+    path = tampered["output"] if which == "output" else tampered["folder"] / "small.keras"
+    path.unlink()
+    result = kprune("verify", tampered["log"]).expect(1)
+    assert result.stdout.splitlines()[0] == f"MISMATCH small: {which} file {path} is missing"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such audit log"),
+    ("{not json", "not a JSON audit log"),
+    ('{"version": 1}', "not a valid kprune audit log: (root): 'command' is a required property"),
+])
+def test_unreadable_log(tmp_path: Path, content: str | None, message: str) -> None:
+    log = tmp_path / "log.json"
+    if content is not None:
+        log.write_text(content)
+    result = kprune("verify", log).expect(1)
+    assert result.stderr.startswith(f"error: {log}: {message}")
+    assert len(result.stderr.splitlines()) == 1
