@@ -60,8 +60,9 @@ def _values(model: Any, inputs: list[np.ndarray], paths: list[str], training: bo
 def measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[str, Any]:
     """Run the probe on the model file at `path` and set `probe` on each record.
 
-    Measured: max |value| of the zeroed channel at its BatchNorm followers' outputs when it has
-    any (inference and training mode), else at the layer's own output. Raises ModelError when a
+    Measured, as max |value| over inference and training mode: `max_abs` at the zeroed channel's
+    BatchNorm followers' outputs when it has any, else at the layer's own output; and
+    `layer_max_abs` at the layer's own output (after its activation). Raises ModelError when a
     channel recorded as silent measures non-zero: a wrong silence claim must never be written.
     """
     try:
@@ -84,18 +85,20 @@ def _measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[
         for r in records:
             followers = [e["layer"] for e in r["batchnorm"]] or [r["layer"]]
             points[(r["layer"], r["filter"])] = sorted(set(followers))
-        paths = sorted({p for ps in points.values() for p in ps})
+        paths = sorted({p for ps in points.values() for p in ps} | {r["layer"] for r in records})
         if not paths:
             return {"status": "ok", "max_abs": 0.0, "seed": PROBE_SEED}
         by_mode = {mode: _values(model, inputs, paths, mode, keras) for mode in (False, True)}
+
+    def max_abs(path: str, channel: int) -> float:
+        axis = _channel_axis(_find(model, path))
+        return max(float(np.max(np.abs(np.moveaxis(values[path], axis, 0)[channel])))
+                   for values in by_mode.values())
+
     worst = 0.0
     for r in records:
-        value = 0.0
-        for p in points[(r["layer"], r["filter"])]:
-            for mode_values in by_mode.values():
-                arr = np.moveaxis(mode_values[p], _channel_axis(_find(model, p)), 0)
-                value = max(value, float(np.max(np.abs(arr[r["filter"]]))))
-        r["probe"] = {"max_abs": value}
+        value = max(max_abs(p, r["filter"]) for p in points[(r["layer"], r["filter"])])
+        r["probe"] = {"max_abs": value, "layer_max_abs": max_abs(r["layer"], r["filter"])}
         worst = max(worst, value) if r["silent"] else worst
         if r["silent"] and value != 0.0:
             raise ModelError(

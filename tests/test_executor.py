@@ -135,7 +135,7 @@ def test_every_record_is_silent_and_probed(zoo_applied: dict) -> None:
                 for layer, filters in layers.items() for f in filters}
     assert {(r["model"], r["layer"], r["filter"]) for r in zeroed} == expected
     assert all(r["silent"] for r in zeroed)
-    assert all(r["probe"] == {"max_abs": 0.0} for r in zeroed)
+    assert all(r["probe"] == {"max_abs": 0.0, "layer_max_abs": 0.0} for r in zeroed)
     assert {r["layer"]: r["bias"] for r in zeroed}["nobias"] == "none"
     assert {r["layer"]: r["layer_class"] for r in zeroed}["outer/inner/conv"] == "Conv2D"
     for model in zoo_applied["log"]["models"]:

@@ -67,7 +67,8 @@ def test_batchnorm_follower_is_neutralised(keras: Any, tmp_path: Path, bn: dict,
         assert np.all(channel(keras, out, "bn", training) == 0.0), training
     (record,) = log["zeroed"]
     assert record["silent"] is True and record["constant"] is None
-    assert record["probe"] == {"max_abs": 0.0}
+    assert record["probe"]["max_abs"] == 0.0  # after the BN, in both modes
+    assert record["probe"]["layer_max_abs"] == 0.0  # linear conv: its own output is 0 too
     assert {e["layer"] for e in record["batchnorm"]} == {"bn"}
 
 
@@ -77,7 +78,7 @@ def test_sigmoid_conv_is_not_silent_and_records_its_constant(keras: Any, tmp_pat
     (record,) = log["zeroed"]
     assert record["silent"] is False
     assert record["constant"] == 0.5
-    assert record["probe"] == {"max_abs": 0.5}
+    assert record["probe"] == {"max_abs": 0.5, "layer_max_abs": 0.5}
     assert np.all(channel(keras, tmp_path / "pruned" / "sig.keras", "conv", False) == 0.5)
 
 
@@ -85,6 +86,7 @@ def test_sigmoid_conv_with_neutralised_bn_is_silent(keras: Any, tmp_path: Path) 
     model = build(keras, tmp_path, "sigbn", activation="sigmoid", bn={})
     (record,) = apply_one(tmp_path, model)["zeroed"]
     assert record["silent"] is True
+    assert record["probe"] == {"max_abs": 0.0, "layer_max_abs": 0.5}  # 0.5 before the BN
     for training in (False, True):
         assert np.all(channel(keras, tmp_path / "pruned" / "sigbn.keras", "bn", training) == 0)
 
@@ -156,19 +158,19 @@ def test_a_wrong_silence_claim_fails_the_model(keras: Any, tmp_path: Path, monke
 
 def test_channels_first_bn_follower(keras: Any, tmp_path: Path) -> None:
     L = keras.layers
-    inputs = keras.Input((3, 6, 6), name="x")
+    inputs = keras.Input((3, 7, 9), name="x")  # not square: see the test below
     x = L.Conv2D(4, 3, data_format="channels_first", name="conv")(inputs)
     x = L.BatchNormalization(axis=1, name="bn")(x)
     model = keras.Model(inputs, L.GlobalAveragePooling2D(data_format="channels_first")(x))
     _seeded_weights(model, 9)
     model.save(tmp_path / "cf.keras")
     (record,) = apply_one(tmp_path, tmp_path / "cf.keras")["zeroed"]
-    assert record["silent"] is True and record["probe"] == {"max_abs": 0.0}
+    assert record["silent"] is True and record["probe"] == {"max_abs": 0.0, "layer_max_abs": 0.0}
     out = keras.saving.load_model(str(tmp_path / "pruned" / "cf.keras"), compile=False)
     bn = out.get_layer("bn")
     assert bn.gamma.numpy()[FILTER] == 0 and bn.beta.numpy()[FILTER] == 0
     probe = keras.Model(out.inputs, bn.output)
-    x = np.random.default_rng(1).normal(size=(2, 3, 6, 6)).astype("float32")
+    x = np.random.default_rng(1).normal(size=(2, 3, 7, 9)).astype("float32")
     for training in (False, True):
         assert np.all(np.asarray(probe(x, training=training))[:, FILTER] == 0)
 
@@ -186,4 +188,33 @@ def test_bn_after_pooling_and_dropout_is_still_a_follower(keras: Any, tmp_path: 
     (record,) = apply_one(tmp_path, tmp_path / "pool.keras")["zeroed"]
     assert record["silent"] is True
     assert [e["layer"] for e in record["batchnorm"]] == ["bn", "bn"]
-    assert record["probe"] == {"max_abs": 0.0}
+    assert record["probe"] == {"max_abs": 0.0, "layer_max_abs": 0.0}
+
+
+def test_probe_catches_what_static_analysis_cannot(keras: Any, tmp_path: Path) -> None:
+    """TF 2.21 on CPU adds a channels_first Conv2D's bias along the wrong axis when the output's
+    spatial dims equal the filter count (found by this probe). A zeroed filter then is not 0,
+    whatever its kernel and bias hold: --probe must refuse the model instead of claiming silence."""
+    L = keras.layers
+    inputs = keras.Input((3, 6, 6), name="x")
+    conv = L.Conv2D(4, 3, data_format="channels_first", name="conv")
+    model = keras.Model(inputs, conv(inputs))
+    _seeded_weights(model, 9)
+    model.save(tmp_path / "sq.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: sq.keras\n"
+                                "    layers: [{name: conv, rules: [{index: [1]}]}]\n")
+    # does this TensorFlow have the bug? zero filter 1 by hand and look at channel 1
+    kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
+    kernel[..., 1], bias[1] = 0, 0
+    conv.kernel.assign(kernel)
+    conv.bias.assign(bias)
+    x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype("float32")
+    buggy = np.abs(np.asarray(model(x))[:, 1]).max() != 0
+    result = kprune("apply", spec, "--probe")
+    if buggy:
+        result.expect(1)
+        assert result.stderr.startswith("error: model 'sq', layer 'conv': probe measured max "
+                                        "|activation| ")
+        assert not (tmp_path / "pruned" / "sq.keras").exists()
+    else:
+        result.expect(0)
