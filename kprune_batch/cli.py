@@ -35,6 +35,13 @@ def _finish(ctx: click.Context, call: Callable[[], Result]) -> None:
     ctx.exit(result.return_code)
 
 
+BACKEND_OPTION = click.option(
+    "--backend", type=click.Choice(["auto", "direct", "keras"]), default="auto",
+    show_default=True,
+    help="direct: edit the file with h5py (no TensorFlow); keras: load with Keras; auto: direct "
+         "where its mapping is proven, else keras.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kprune")
 @click.option("--debug", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")
@@ -60,12 +67,14 @@ def validate(ctx: click.Context, specs: tuple[str, ...]) -> None:
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
+@BACKEND_OPTION
 @click.pass_context
-def plan(ctx: click.Context, spec: str, fmt: str) -> None:
+def plan(ctx: click.Context, spec: str, fmt: str, backend: str) -> None:
     """Show which filters each rule would zero; reads models, writes nothing."""
     from kprune_batch.commands.plan import plan as run
+    from kprune_batch.executor import OPENERS
 
-    _finish(ctx, lambda: run(spec, fmt))
+    _finish(ctx, lambda: run(spec, fmt, opener=OPENERS[backend]))
 
 
 @cli.command()
@@ -79,15 +88,17 @@ def plan(ctx: click.Context, spec: str, fmt: str) -> None:
               help="Run a seeded probe batch and measure every zeroed channel.")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Process models in this many worker processes.")
+@BACKEND_OPTION
 @click.pass_context
 def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str | None,
-          fail_fast: bool, probe: bool, jobs: int) -> None:
+          fail_fast: bool, probe: bool, jobs: int, backend: str) -> None:
     """Zero the filters the spec selects; write edited models and an audit log."""
     from kprune_batch.commands.apply import apply as run
+    from kprune_batch.executor import OPENERS
 
     _finish(ctx, lambda: run(spec, audit_log=audit_log, output_dir=output_dir,
                              fail_fast=fail_fast, probe=probe, jobs=jobs,
-                             progress=sys.stderr.isatty()))
+                             progress=sys.stderr.isatty(), opener=OPENERS[backend]))
 
 
 @cli.command()

@@ -53,16 +53,45 @@ class ModelOutcome:
     layers: list[LayerSelection] = field(default_factory=list)
     zeroed: list[dict[str, Any]] = field(default_factory=list)
     backend: str = "keras"
+    backend_note: str | None = None  # why the direct backend was not used, when it was not
     probe: Any = "skipped"
+    static_check: str = "skipped"
 
 
 Opener = Callable[[ModelJob], ModelWeights]
 
 
 def open_keras(job: ModelJob) -> ModelWeights:
+    """Load the model with Keras (safe mode): the reference backend, for every model."""
     from kprune_batch.backends.keras_backend import KerasModelWeights
 
     return KerasModelWeights(job.input, job.name)
+
+
+def open_direct(job: ModelJob) -> ModelWeights:
+    """Edit the file with h5py only; a model the direct backend cannot prove fails."""
+    from kprune_batch.backends.direct import DirectBackendUnsupported, DirectModelWeights
+
+    try:
+        return DirectModelWeights(job.input, job.name)
+    except DirectBackendUnsupported as exc:
+        raise ModelError(f"the direct backend cannot edit this file: {exc}", model=job.name,
+                         file=job.input, hint="use --backend auto or --backend keras") from None
+
+
+def open_auto(job: ModelJob) -> ModelWeights:
+    """The direct backend where it can prove its mapping, else Keras (the reason is recorded)."""
+    from kprune_batch.backends.direct import DirectBackendUnsupported, DirectModelWeights
+
+    try:
+        return DirectModelWeights(job.input, job.name)
+    except DirectBackendUnsupported as exc:
+        weights = open_keras(job)
+        weights.fallback_reason = str(exc)  # type: ignore[attr-defined]
+        return weights
+
+
+OPENERS: dict[str, Opener] = {"auto": open_auto, "direct": open_direct, "keras": open_keras}
 
 
 # --- selection ---------------------------------------------------------------------------------
@@ -249,6 +278,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         outcome.input_sha256 = _hash_input(job)
         weights = opener(job)
         outcome.backend = weights.backend
+        outcome.backend_note = getattr(weights, "fallback_reason", None)
         outcome.layers = select_filters(job, weights)
         if not write:
             outcome.status = STATUS_OK
@@ -263,6 +293,9 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         else:
             for record in outcome.zeroed:
                 record["probe"] = "skipped"
+            if weights.backend == "direct":
+                def check(tmp: str) -> None:
+                    outcome.static_check = static_check(tmp, job, outcome.zeroed)
         _write_output(job, weights, check)
         outcome.output_sha256 = sha256_file(job.output)
         if outcome.input_sha256 != sha256_file(job.input):
@@ -276,6 +309,40 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         if weights is not None:
             weights.close()
     return outcome
+
+
+def static_check(path: str, job: ModelJob, records: list[dict[str, Any]]) -> str:
+    """Re-open a directly written file and confirm every recorded edit holds exactly.
+
+    The direct backend runs no model, so without --probe this is its proof: each zeroed kernel
+    slice and bias is 0 and each BatchNorm edit has its recorded value.
+    """
+    from kprune_batch.backends.direct import DirectModelWeights
+
+    written = DirectModelWeights(path, job.name)
+    try:
+        for r in records:
+            family = family_of(r["layer_class"])
+            assert family is not None
+            variables = written.variables(r["layer"])
+            kernel = next(variables[n] for n in (family.kernel_var,) + family.legacy_kernel_vars
+                          if n in variables)
+            problems = []
+            if np.any(family.filter_view(kernel)[r["filter"]] != 0):
+                problems.append("kernel slice")
+            if r["bias"] == "zeroed" and variables["bias"][r["filter"]] != 0:
+                problems.append("bias")
+            for edit in r["batchnorm"]:
+                if written.variables(edit["layer"])[edit["variable"]][r["filter"]] != edit["value"]:
+                    problems.append(f"{edit['layer']}.{edit['variable']}")
+            if problems:
+                raise ModelError(f"the written file does not hold the edit of filter "
+                                 f"{r['filter']} ({', '.join(problems)}); nothing was written",
+                                 model=job.name, layer=r["layer"],
+                                 hint="please report this as a bug, with the audit log")
+    finally:
+        written.close()
+    return "ok"
 
 
 def _hash_input(job: ModelJob) -> str:

@@ -15,7 +15,7 @@ from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Result
 from kprune_batch.errors import AuditLogError, SpecError
 from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ModelOutcome,
-                                   Opener, open_keras, run_job)
+                                   Opener, open_auto, run_job)
 from kprune_batch.files import remove_stale_temps
 from kprune_batch.plan import Plan, compile_plan
 from kprune_batch.spec import read_spec
@@ -67,7 +67,7 @@ def _lock(folder: str) -> Iterator[bool]:
 
 
 def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None = None,
-          fail_fast: bool = False, probe: bool = False, opener: Opener = open_keras,
+          fail_fast: bool = False, probe: bool = False, opener: Opener = open_auto,
           jobs: int = 1, progress: bool = False) -> Result:
     result = Result()
     started = utc_now()
@@ -211,7 +211,9 @@ def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
                        if o.status == STATUS_OK else None),
             "error": o.error,
             "layers": [sel.to_json() for sel in o.layers] if o.status == STATUS_OK else [],
+            "backend_note": o.backend_note,
             "probe": o.probe if o.status == STATUS_OK else "skipped",
+            "static_check": o.static_check if o.status == STATUS_OK else "skipped",
         } for o in outcomes],
         "zeroed": [record for o in outcomes if o.status == STATUS_OK for record in o.zeroed],
     }

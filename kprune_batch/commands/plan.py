@@ -5,13 +5,13 @@ import json
 
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
 from kprune_batch.errors import SpecError
-from kprune_batch.executor import STATUS_OK, LayerSelection, run_job
+from kprune_batch.executor import STATUS_OK, LayerSelection, Opener, open_auto, run_job
 from kprune_batch.plan import compile_plan
 from kprune_batch.ranges import compact_ranges
 from kprune_batch.spec import read_spec
 
 
-def plan(spec_file: str, fmt: str = "text") -> Result:
+def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto) -> Result:
     result = Result()
     try:
         compiled = compile_plan(read_spec(spec_file))
@@ -21,7 +21,7 @@ def plan(spec_file: str, fmt: str = "text") -> Result:
         return result
     models = []
     for job in compiled.jobs:
-        outcome = run_job(job, write=False)
+        outcome = run_job(job, opener=opener, write=False)
         models.append({"name": job.name, "status": outcome.status, "error": outcome.error,
                        "layers": [sel.to_json() for sel in outcome.layers]})
         if outcome.status != STATUS_OK:

@@ -1,0 +1,320 @@
+"""The direct backend: edits weight datasets in a copy of the model file with h5py, never importing Keras.
+
+Only the layers kprune may touch (convolutions and BatchNormalization) are mapped, and every
+mapping is derived the way Keras 3 writes the file and then checked against the file itself
+(names stored by Keras, dataset count and shapes implied by the layer config). Any doubt raises
+DirectBackendUnsupported, and the caller falls back to the Keras backend: never a guess.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import zipfile
+from typing import Any
+
+import h5py
+import numpy as np
+
+from kprune_batch.families import BATCHNORM_CLASSES, canonical_class, family_of
+from kprune_batch.graph import MODEL_CLASSES, build_graph
+
+
+class DirectBackendUnsupported(Exception):
+    """The direct backend cannot prove its mapping for this file; use the Keras backend."""
+
+
+def _snake(name: str) -> str:
+    """keras/src/utils/naming.py to_snake_case."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _unique(name: str, used: dict[str, int]) -> str:
+    """keras/src/saving/saving_lib.py _get_unique_name."""
+    if name in used:
+        used[name] += 1
+        return f"{name}_{used[name]}"
+    used[name] = 0
+    return name
+
+
+def _variable_names(class_name: str, config: dict[str, Any]) -> list[str] | None:
+    """The layer's variables in creation order (= vars/0, vars/1, ... in a .keras file)."""
+    cls = canonical_class(class_name)
+    family = family_of(cls)
+    use_bias = bool(config.get("use_bias", True))
+    if family is not None and family.name == "separable":
+        return ["depthwise_kernel", "pointwise_kernel"] + (["bias"] if use_bias else [])
+    if family is not None:
+        return ["kernel"] + (["bias"] if use_bias else [])
+    if cls in BATCHNORM_CLASSES:
+        return ((["gamma"] if config.get("scale", True) else [])
+                + (["beta"] if config.get("center", True) else [])
+                + ["moving_mean", "moving_variance"])
+    return None
+
+
+def _input_channels(class_name: str, config: dict[str, Any], build: dict[str, Any],
+                    stored: dict[str, tuple[int, ...]]) -> int | None:
+    """The layer's input channels: from its build shape, else (legacy .h5 configs carry no
+    build_config) from the stored first variable, which the other shapes must then agree with."""
+    shape = build.get("input_shape")
+    cls = canonical_class(class_name)
+    if isinstance(shape, list) and shape:
+        if cls in BATCHNORM_CLASSES:
+            axis = config.get("axis", -1)
+            axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+            value = shape[axis] if isinstance(axis, int) and -len(shape) <= axis < len(shape) \
+                else None
+        else:
+            value = shape[1] if config.get("data_format") == "channels_first" else shape[-1]
+        return None if value is None else int(value)
+    first = next(iter(stored.values()), None)
+    family = family_of(cls)
+    if first is None or len(first) < 1:
+        return None
+    if cls in BATCHNORM_CLASSES:
+        return first[0]
+    if family is None or len(first) < 2:
+        return None
+    if family.name == "conv_transpose":
+        return first[-1]
+    return first[-2] * (int(config.get("groups", 1)) if family.name == "conv" else 1)
+
+
+def _expected_shapes(class_name: str, config: dict[str, Any], build: dict[str, Any],
+                     stored: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+    """Shapes each variable must have, from the layer config and its input channels."""
+    c = _input_channels(class_name, config, build, stored)
+    if c is None:
+        return None
+    cls = canonical_class(class_name)
+    if cls in BATCHNORM_CLASSES:
+        return {k: (c,) for k in ("gamma", "beta", "moving_mean", "moving_variance")}
+    family = family_of(cls)
+    if family is None:
+        return None
+    k = tuple(int(v) for v in config["kernel_size"])
+    if family.name == "depthwise":
+        mult = int(config.get("depth_multiplier", 1))
+        return {"kernel": k + (c, mult), "bias": (c * mult,)}
+    filters = int(config["filters"])
+    if family.name == "separable":
+        mult = int(config.get("depth_multiplier", 1))
+        return {"depthwise_kernel": k + (c, mult), "pointwise_kernel": (1,) * len(k) + (
+            c * mult, filters), "bias": (filters,)}
+    if family.name == "conv_transpose":
+        return {"kernel": k + (filters, c), "bias": (filters,)}
+    groups = int(config.get("groups", 1))
+    return {"kernel": k + (c // groups, filters), "bias": (filters,)}
+
+
+def _config_problems(model_config: dict[str, Any]) -> None:
+    """Refuse what Keras's safe mode would refuse or what kprune cannot prove (custom classes)."""
+    def walk(layer: dict[str, Any]) -> None:
+        if layer.get("class_name") == "Lambda":
+            raise DirectBackendUnsupported("the model contains a Lambda layer")
+        module = layer.get("module") or ""
+        if layer.get("registered_name") not in (None, layer.get("class_name")) or (
+                module and not module.startswith("keras")):
+            raise DirectBackendUnsupported(f"layer class {layer.get('class_name')} is not a "
+                                           f"built-in Keras class")
+        cfg = layer.get("config")
+        if isinstance(cfg, dict):
+            policy = cfg.get("dtype")
+            if isinstance(policy, dict) and "Quantized" in str(policy.get("class_name")):
+                raise DirectBackendUnsupported("quantized layers are not supported")
+            for child in cfg.get("layers", []) if layer.get("class_name") in MODEL_CLASSES else []:
+                walk(child)
+
+    walk(model_config)
+
+
+class DirectModelWeights:
+    """A model file opened with h5py; edits are applied to a copy of its weights when saved."""
+
+    backend = "direct"
+
+    def __init__(self, path: str, model_name: str):
+        self.path = path
+        self.model_name = model_name
+        self._edits: dict[str, np.ndarray] = {}  # dataset path -> new value
+        self._blob: bytes | None = None
+        try:
+            if path.endswith(".keras"):
+                self._open_keras_zip()
+            else:
+                self._open_h5()
+        except DirectBackendUnsupported:
+            self.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+            self.close()
+            raise DirectBackendUnsupported(f"cannot read the file directly ({exc})") from exc
+
+    # --- opening ---------------------------------------------------------------------------
+
+    def _open_keras_zip(self) -> None:
+        with zipfile.ZipFile(self.path) as zf:
+            names = zf.namelist()
+            if "model.weights.h5" not in names or any(n.endswith(".json") and "weights" in n
+                                                      for n in names):
+                raise DirectBackendUnsupported("no single model.weights.h5 (sharded weights?)")
+            config = json.loads(zf.read("config.json"))
+            self._blob = zf.read("model.weights.h5")
+        _config_problems(config)
+        self.graph = build_graph(config)
+        self._h5 = h5py.File(io.BytesIO(self._blob), "r")
+        self._datasets = self._map_keras(config)
+
+    def _map_keras(self, config: dict[str, Any]) -> dict[str, dict[str, str]]:
+        """layer path -> {variable: dataset path}, as saving_lib._save_state walks the model."""
+        mapping: dict[str, dict[str, str]] = {}
+
+        def walk(model: dict[str, Any], prefix: str, inner: str) -> None:
+            layers = model["config"]["layers"]
+            if model.get("class_name") == "Sequential" and layers and \
+                    layers[0].get("class_name") == "InputLayer":
+                layers = layers[1:]  # Sequential.layers leaves out its InputLayer
+            used: dict[str, int] = {}
+            for layer in layers:
+                name = layer.get("name") or layer["config"]["name"]
+                where = f"{inner}/layers/{_unique(_snake(layer['class_name']), used)}"
+                group = self._h5.get(where)
+                stored = None
+                if group is not None and "vars" in group:
+                    stored = group["vars"].attrs.get("name")
+                if stored is None or str(stored) != name:
+                    # Keras 3 records each layer's name beside its variables; without that
+                    # (older files) or with a different name, the walk is not proven.
+                    raise DirectBackendUnsupported(
+                        f"cannot confirm where layer '{prefix}{name}' is stored ({where})")
+                if layer.get("class_name") in MODEL_CLASSES:
+                    walk(layer, f"{prefix}{name}/", where)
+                    continue
+                names = _variable_names(layer["class_name"], layer.get("config", {}))
+                if names is None:
+                    continue
+                count = len(group["vars"])
+                if count != len(names):
+                    raise DirectBackendUnsupported(
+                        f"layer '{prefix}{name}' has {count} stored variables, expected "
+                        f"{len(names)}")
+                datasets = {n: f"{where}/vars/{i}" for i, n in enumerate(names)}
+                mapping[prefix + name] = self._checked(layer["class_name"],
+                                                       layer.get("config", {}),
+                                                       layer.get("build_config") or {},
+                                                       names, datasets, prefix + name)
+
+        walk(config, "", "")
+        return mapping
+
+    def _open_h5(self) -> None:
+        self._h5 = h5py.File(self.path, "r")
+        raw = self._h5.attrs.get("model_config")
+        if raw is None:
+            raise DirectBackendUnsupported("no model_config in the .h5 file")
+        config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        _config_problems(config)
+        self.graph = build_graph(config)
+        root = self._h5["model_weights"]
+        mapping: dict[str, dict[str, str]] = {}
+        configs = {p: n for p, n in self.graph.layers.items()}
+        for path, node in configs.items():
+            names = _variable_names(node.class_name, node.config)
+            if names is None:
+                continue
+            top = path.split("/")[0]
+            group = root.get(top)
+            if group is None:
+                raise DirectBackendUnsupported(f"no weights group for layer '{path}'")
+            stored = {}
+            for weight in group.attrs.get("weight_names", []):
+                weight = weight.decode() if isinstance(weight, bytes) else str(weight)
+                owner, _, var = weight.split(":")[0].rpartition("/")
+                if owner == path:
+                    stored[var] = f"model_weights/{top}/{weight}"
+            if list(stored) != names:
+                raise DirectBackendUnsupported(f"cannot map the weights of layer '{path}'")
+            mapping[path] = self._checked(node.class_name, node.config, node.build_config,
+                                          names, stored, path)
+        self._datasets = mapping
+
+    def _checked(self, class_name: str, config: dict[str, Any], build: dict[str, Any],
+                 names: list[str], datasets: dict[str, str], where: str) -> dict[str, str]:
+        """`datasets` after checking each exists, is floating point and has the config's shape."""
+        shapes = {}
+        for name, path in datasets.items():
+            ds = self._h5.get(path)
+            if not isinstance(ds, h5py.Dataset):
+                raise DirectBackendUnsupported(f"{where}: no dataset {path}")
+            if not np.issubdtype(ds.dtype, np.floating):
+                raise DirectBackendUnsupported(f"{where}: {name} is stored as {ds.dtype}")
+            shapes[name] = tuple(int(d) for d in ds.shape)
+        expected = _expected_shapes(class_name, config, build, shapes)
+        if expected is None:
+            raise DirectBackendUnsupported(f"{where}: cannot tell the input channels")
+        for name, shape in shapes.items():
+            if shape != expected.get(name):
+                raise DirectBackendUnsupported(
+                    f"{where}: {name} has shape {shape}, the config implies {expected.get(name)}")
+        if list(datasets) != names:
+            raise DirectBackendUnsupported(f"{where}: unexpected variables")
+        return dict(datasets)
+
+    # --- the ModelWeights interface ---------------------------------------------------------
+
+    def variables(self, layer_path: str) -> dict[str, np.ndarray]:
+        if layer_path not in self._datasets:
+            raise KeyError(f"layer {layer_path} is not mapped by the direct backend")
+        return {name: np.array(self._edits.get(path, self._h5[path][()]), copy=True)
+                for name, path in self._datasets[layer_path].items()}
+
+    def assign(self, layer_path: str, name: str, value: np.ndarray) -> None:
+        path = self._datasets[layer_path][name]
+        dataset = self._h5[path]
+        if tuple(dataset.shape) != tuple(value.shape):
+            raise ValueError(f"shape mismatch for {layer_path}/{name}")
+        self._edits[path] = np.asarray(value, dtype=dataset.dtype)
+
+    def save(self, tmp_path: str) -> None:
+        if self.path.endswith(".keras"):
+            self._save_keras_zip(tmp_path)
+        else:
+            shutil.copyfile(self.path, tmp_path)
+            self._write_edits(tmp_path)
+
+    def _write_edits(self, h5_path: str) -> None:
+        # Writing into existing contiguous datasets rewrites only their data bytes: every other
+        # byte of the file (other weights, optimizer state, attributes) stays as it was.
+        with h5py.File(h5_path, "r+") as f:
+            for path, value in self._edits.items():
+                f[path][...] = value
+
+    def _save_keras_zip(self, tmp_path: str) -> None:
+        weights_tmp = tmp_path + ".weights.h5"
+        try:
+            with open(weights_tmp, "wb") as fh:
+                fh.write(self._blob or b"")
+            self._write_edits(weights_tmp)
+            with open(weights_tmp, "rb") as fh:
+                weights = fh.read()
+        finally:
+            if os.path.exists(weights_tmp):
+                os.unlink(weights_tmp)
+        # Same entries, same order, same ZipInfo (time stamps, compression): only the weights
+        # entry's bytes change.
+        with zipfile.ZipFile(self.path) as zin, zipfile.ZipFile(tmp_path, "w") as zout:
+            for info in zin.infolist():
+                data = weights if info.filename == "model.weights.h5" else zin.read(info)
+                zout.writestr(info, data, compress_type=info.compress_type)
+
+    def close(self) -> None:
+        h5 = getattr(self, "_h5", None)
+        if h5 is not None:
+            h5.close()
+            self._h5 = None
