@@ -1,0 +1,176 @@
+"""The direct backend gives bit-identical weights and equal audit records to the Keras backend."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import _seeded_weights, kprune, layer_weights, write_spec
+from kprune_batch.executor import open_auto, open_direct, open_keras, run_job
+from kprune_batch.plan import compile_plan
+from kprune_batch.spec import read_spec
+
+EVERY_CONV = """\
+version: 1
+output_dir: {out}
+models:
+  - path: {model}
+    layers:
+      - {{match: "*", max_fraction: 1.0, rules: [{{index: [0]}}, {{mean: {{below: -0.2}}}}]}}
+"""
+
+
+def both_backends(model: Path, folder: Path, spec_text: str = EVERY_CONV) -> tuple[Any, Any]:
+    outcomes = []
+    for name, opener in (("keras", open_keras), ("direct", open_direct)):
+        spec = write_spec(folder, spec_text.format(out=f"out-{name}", model=model.name),
+                          f"{name}.yaml")
+        (job,) = compile_plan(read_spec(spec)).jobs
+        outcome = run_job(job, opener=opener)
+        assert outcome.status == "ok", outcome.error
+        assert outcome.backend == name
+        outcomes.append(outcome)
+    return outcomes[0], outcomes[1]
+
+
+def assert_equivalent(keras: Any, folder: Path, model: Path, by_keras: Any, direct: Any) -> None:
+    assert by_keras.zeroed and by_keras.zeroed == [
+        {**r, "probe": "skipped"} for r in direct.zeroed]
+    a = layer_weights(keras, folder / "out-keras" / model.name)
+    b = layer_weights(keras, folder / "out-direct" / model.name)
+    assert a.keys() == b.keys()
+    for layer in a:
+        for var in a[layer]:
+            x, y = np.atleast_1d(a[layer][var]), np.atleast_1d(b[layer][var])
+            assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), \
+                f"{layer}/{var} differs between backends"
+    if model.suffix == ".keras":
+        with zipfile.ZipFile(model) as zin, zipfile.ZipFile(folder / "out-direct" /
+                                                            model.name) as zout:
+            for i, o in zip(zin.infolist(), zout.infolist(), strict=True):
+                assert (i.filename, i.date_time, i.compress_type) == \
+                    (o.filename, o.date_time, o.compress_type)
+                if i.filename != "model.weights.h5":
+                    assert zin.read(i) == zout.read(o)
+
+
+def test_small_functional_with_colliding_names(keras: Any, tmp_path: Path,
+                                                small_cnn: Path) -> None:
+    shutil.copy(small_cnn, tmp_path / small_cnn.name)
+    by_keras, direct = both_backends(tmp_path / small_cnn.name, tmp_path)
+    assert_equivalent(keras, tmp_path, tmp_path / small_cnn.name, by_keras, direct)
+    assert any(r["batchnorm"] for r in direct.zeroed)  # bn follower edited the same way
+
+
+def test_legacy_h5(keras: Any, tmp_path: Path, small_cnn_h5: Path) -> None:
+    shutil.copy(small_cnn_h5, tmp_path / "small.h5")
+    by_keras, direct = both_backends(tmp_path / "small.h5", tmp_path)
+    assert_equivalent(keras, tmp_path, tmp_path / "small.h5", by_keras, direct)
+    # the direct copy keeps every other byte: optimizer state and training config untouched
+    import h5py
+
+    with h5py.File(tmp_path / "small.h5") as fin, h5py.File(tmp_path / "out-direct" /
+                                                           "small.h5") as fout:
+        assert fin.attrs["training_config"] == fout.attrs["training_config"]
+
+
+@pytest.fixture(scope="module")
+def custom_models(keras: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("custom")
+    L = keras.layers
+    seq = keras.Sequential([keras.Input((10, 10, 3)), L.Conv2D(6, 3, name="a"),
+                            L.BatchNormalization(scale=False, name="bn"),
+                            L.DepthwiseConv2D(3, depth_multiplier=2, name="dw"),
+                            L.SeparableConv2D(5, 3, use_bias=False, name="sep"),
+                            L.Conv2DTranspose(4, 2, name="up")], name="seq")
+    inner = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(5, 3, name="conv2d_1"),
+                              L.Conv2D(4, 1, name="conv2d")], name="inner")
+    ii = keras.Input((6, 6, 4))
+    block = keras.Model(ii, L.Conv2D(3, 1, name="conv2d")(ii), name="block")
+    i = keras.Input((8, 8, 3))
+    nested = keras.Model(i, L.Conv2D(4, 1, name="head")(block(inner(i))), name="nested")
+    paths = {}
+    for n, model in enumerate((seq, nested)):
+        _seeded_weights(model, 30 + n)
+        paths[model.name] = folder / f"{model.name}.keras"
+        model.save(paths[model.name])
+    return paths
+
+
+@pytest.mark.parametrize("name", ["seq", "nested"])
+def test_sequential_and_nested(keras: Any, tmp_path: Path, custom_models: dict[str, Path],
+                               name: str) -> None:
+    shutil.copy(custom_models[name], tmp_path / f"{name}.keras")
+    by_keras, direct = both_backends(tmp_path / f"{name}.keras", tmp_path)
+    assert_equivalent(keras, tmp_path, tmp_path / f"{name}.keras", by_keras, direct)
+    layers = {r["layer"] for r in direct.zeroed}
+    if name == "nested":
+        assert {"inner/conv2d_1", "inner/conv2d", "block/conv2d", "head"} <= layers
+
+
+APPLICATIONS = [
+    ("ResNet50", (64, 64, 3)), ("MobileNetV2", (64, 64, 3)), ("VGG16", (32, 32, 3)),
+    ("DenseNet121", (64, 64, 3)), ("EfficientNetB0", (64, 64, 3)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, shape", APPLICATIONS)
+def test_keras_applications(keras: Any, tmp_path: Path, name: str, shape: tuple) -> None:
+    model = getattr(keras.applications, name)(weights=None, input_shape=shape, classes=10)
+    path = tmp_path / f"{name}.keras"
+    model.save(path)
+    del model
+    spec = """\
+version: 1
+output_dir: {out}
+models:
+  - path: {model}
+    layers:
+      - {{match: "*", max_fraction: 0.5, rules: [{{index: [0]}}]}}
+"""
+    by_keras, direct = both_backends(path, tmp_path, spec)
+    assert len(direct.zeroed) > 10
+    assert_equivalent(keras, tmp_path, path, by_keras, direct)
+
+
+def test_auto_falls_back_and_says_why(tmp_path: Path, keras: Any) -> None:
+    inputs = keras.Input((4, 4, 1))
+    x = keras.layers.Conv2D(2, 1, name="conv2d")(inputs)
+    keras.Model(inputs, keras.layers.Lambda(lambda t: t + 1.0, name="f")(x)).save(
+        tmp_path / "lam.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: lam.keras\n"
+                                "    layers: [{name: conv2d, rules: [{index: [0]}]}]\n")
+    (job,) = compile_plan(read_spec(spec)).jobs
+    outcome = run_job(job, opener=open_auto)
+    assert outcome.status == "failed" and "Lambda" in outcome.error  # Keras safe mode decided
+    result = kprune("apply", spec, "--backend", "direct").expect(1)
+    assert result.stderr == (f"error: {tmp_path / 'lam.keras'}: model 'lam': the direct backend "
+                             f"cannot edit this file: the model contains a Lambda layer; use "
+                             f"--backend auto or --backend keras\n")
+
+
+def test_direct_apply_imports_no_tensorflow(tmp_path: Path, small_cnn: Path) -> None:
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n"
+                                "    layers: [{name: conv2d_1, rules: [{index: [0]}]}]\n")
+    code = ("import sys; from kprune_batch.cli import main; "
+            "sys.argv = ['kprune', 'apply', sys.argv[1], '--audit-log', sys.argv[2]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('EXIT', code, sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('tensorflow', 'keras')))")
+    out = subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / "log.json")],
+                         capture_output=True, text=True)
+    assert out.stdout.splitlines()[-1] == "EXIT 0 []", out.stdout + out.stderr
+    log = json.loads((tmp_path / "log.json").read_text())
+    (model,) = log["models"]
+    assert (model["backend"], model["backend_note"], model["static_check"]) == \
+        ("direct", None, "ok")
+    assert {r["probe"] for r in log["zeroed"]} == {"skipped"}
