@@ -1,0 +1,143 @@
+"""Benchmark: the usual load/set_weights/save script vs `kprune apply` (direct backend) vs a copy.
+
+Run: python benchmarks/bench_backends.py [--runs 3] [--cache DIR]
+Builds ResNet50 and VGG16 (weights=None, 224x224) once into the cache folder, then times each
+way in a fresh subprocess (so `import tensorflow` is paid where a real job pays it) and reports
+medians, ratios and the child's peak RSS (ru_maxrss). Also times a batch of 100 small models
+with `--jobs 2`. Prints a Markdown table for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+USUAL = textwrap.dedent("""\
+    import sys
+    import keras
+    src, dest = sys.argv[1], sys.argv[2]
+    model = keras.saving.load_model(src)
+    layer = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)][0]
+    kernel, bias = layer.get_weights()
+    kernel[..., 0] = 0
+    bias[0] = 0
+    layer.set_weights([kernel, bias])
+    model.save(dest)
+""")
+
+COPY = "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])"
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run `cmd` inside a fresh Python so that ru_maxrss of RUSAGE_CHILDREN is its own."""
+    wrapper = ("import resource, subprocess, sys, time, json\n"
+               "s = time.perf_counter()\n"
+               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+               "w = time.perf_counter() - s\n"
+               "assert r.returncode in (0,), r.stderr.decode()[-2000:]\n"
+               "print(json.dumps([w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
+    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
+                         env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{cmd} failed: {out.stderr[-3000:]}")
+    import json
+
+    wall, rss_kb = json.loads(out.stdout.strip().splitlines()[-1])
+    return wall, rss_kb / 1024.0
+
+
+def build(cache: Path, env: dict[str, str]) -> dict[str, Path]:
+    paths = {name: cache / f"{name}.keras" for name in ("ResNet50", "VGG16")}
+    missing = [n for n, p in paths.items() if not p.exists()]
+    if missing:
+        for name in missing:
+            subprocess.run([sys.executable, "-c",
+                            f"import keras; keras.applications.{name}(weights=None)"
+                            f".save({str(paths[name])!r})"], check=True, env=env,
+                           stderr=subprocess.DEVNULL)
+    return paths
+
+
+def small_batch(folder: Path, env: dict[str, str], n: int = 100) -> Path:
+    code = textwrap.dedent(f"""\
+        import keras
+        i = keras.Input((16, 16, 3))
+        x = keras.layers.Conv2D(8, 3, name="c1")(i)
+        x = keras.layers.BatchNormalization(name="bn")(x)
+        m = keras.Model(i, keras.layers.Conv2D(8, 3, name="c2")(x))
+        m.save({str(folder / 'm0.keras')!r})
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, stderr=subprocess.DEVNULL)
+    lines = ["version: 1", "output_dir: out", "models:"]
+    for i in range(n):
+        if i:
+            shutil.copyfile(folder / "m0.keras", folder / f"m{i}.keras")
+        lines += [f"  - path: m{i}.keras", "    layers: [{name: c1, rules: [{index: [1, 2]}]}]"]
+    spec = folder / "batch.yaml"
+    spec.write_text("\n".join(lines) + "\n")
+    return spec
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "kprune-bench"))
+    args = parser.parse_args()
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    models = build(cache, env)
+    kprune = [sys.executable, "-m", "kprune_batch"]
+    rows = []
+    for name, path in models.items():
+        work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        first_conv = {"ResNet50": "conv1_conv", "VGG16": "block1_conv1"}[name]
+        (work / "spec.yaml").write_text(
+            f"version: 1\noutput_dir: out\nmodels:\n  - path: {path}\n"
+            f"    layers: [{{name: {first_conv}, rules: [{{index: [0]}}]}}]\n")
+        usual = work / "usual.py"
+        usual.write_text(USUAL)
+        ways = {
+            "usual script (load, set_weights, save)": [sys.executable, str(usual), str(path),
+                                                       str(work / "usual.keras")],
+            "kprune apply (direct backend)": kprune + ["apply", str(work / "spec.yaml"),
+                                                       "--audit-log", str(work / "log.json")],
+            "kprune apply --backend keras": kprune + ["apply", str(work / "spec.yaml"),
+                                                      "--backend", "keras", "--audit-log",
+                                                      str(work / "log.json")],
+            "plain file copy": [sys.executable, "-c", COPY, str(path), str(work / "copy.keras")],
+        }
+        results = {}
+        for way, cmd in ways.items():
+            samples = [measure(cmd, env) for _ in range(args.runs)]
+            results[way] = (statistics.median(s[0] for s in samples),
+                            max(s[1] for s in samples))
+        base = results["usual script (load, set_weights, save)"][0]
+        copy = results["plain file copy"][0]
+        size = path.stat().st_size / 1e6
+        for way, (wall, rss) in results.items():
+            rows.append(f"| {name} ({size:.0f} MB) | {way} | {wall:.2f} | {wall / base:.3f}x | "
+                        f"{wall / copy:.1f}x | {rss:.0f} |")
+        shutil.rmtree(work, ignore_errors=True)
+    batch_dir = Path(tempfile.mkdtemp(prefix="bench-batch-"))
+    spec = small_batch(batch_dir, env)
+    wall, rss = measure(kprune + ["apply", str(spec), "--jobs", "2", "--audit-log",
+                                  str(batch_dir / "log.json")], env)
+    shutil.rmtree(batch_dir, ignore_errors=True)
+    print(f"runs per cell: {args.runs} (median wall time; peak RSS of the child process)\n")
+    print("| model | way | wall s | vs usual | vs copy | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(f"\nbatch of 100 small .keras models, `kprune apply --jobs 2`: {wall:.2f} s "
+          f"({100 / wall:.0f} models/s), peak RSS {rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
