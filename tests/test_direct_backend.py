@@ -67,6 +67,15 @@ def test_small_functional_with_colliding_names(keras: Any, tmp_path: Path,
     by_keras, direct = both_backends(tmp_path / small_cnn.name, tmp_path)
     assert_equivalent(keras, tmp_path, tmp_path / small_cnn.name, by_keras, direct)
     assert any(r["batchnorm"] for r in direct.zeroed)  # bn follower edited the same way
+    # the direct output is the input with only the edited values' bytes (and the CRC) changed
+    src = (tmp_path / small_cnn.name).read_bytes()
+    out = (tmp_path / "out-direct" / small_cnn.name).read_bytes()
+    assert len(src) == len(out)
+    changed = np.flatnonzero(np.frombuffer(src, np.uint8) != np.frombuffer(out, np.uint8))
+    edited_values = sum(1 + (1 if r["bias"] == "zeroed" else 0) for r in direct.zeroed)
+    assert 0 < len(changed) <= 4 * (3 * 3 * 8 * len(direct.zeroed) + edited_values) + 8
+    with zipfile.ZipFile(tmp_path / "out-direct" / small_cnn.name) as zf:
+        assert zf.testzip() is None  # every member's CRC-32 is right
 
 
 def test_legacy_h5(keras: Any, tmp_path: Path, small_cnn_h5: Path) -> None:

@@ -12,7 +12,9 @@ import json
 import os
 import re
 import shutil
+import struct
 import zipfile
+import zlib
 from typing import Any
 
 import h5py
@@ -143,7 +145,8 @@ class DirectModelWeights:
         self.path = path
         self.model_name = model_name
         self._edits: dict[str, np.ndarray] = {}  # dataset path -> new value
-        self._blob: bytes | None = None
+        self._blob: bytes | None = None  # the weights, only for a compressed .keras member
+        self._zip: zipfile.ZipFile | None = None
         try:
             if path.endswith(".keras"):
                 self._open_keras_zip()
@@ -159,16 +162,22 @@ class DirectModelWeights:
     # --- opening ---------------------------------------------------------------------------
 
     def _open_keras_zip(self) -> None:
-        with zipfile.ZipFile(self.path) as zf:
-            names = zf.namelist()
-            if "model.weights.h5" not in names or any(n.endswith(".json") and "weights" in n
-                                                      for n in names):
-                raise DirectBackendUnsupported("no single model.weights.h5 (sharded weights?)")
-            config = json.loads(zf.read("config.json"))
-            self._blob = zf.read("model.weights.h5")
+        self._zip = zipfile.ZipFile(self.path)
+        names = self._zip.namelist()
+        if "model.weights.h5" not in names or any(n.endswith(".json") and "weights" in n
+                                                  for n in names):
+            raise DirectBackendUnsupported("no single model.weights.h5 (sharded weights?)")
+        config = json.loads(self._zip.read("config.json"))
         _config_problems(config)
         self.graph = build_graph(config)
-        self._h5 = h5py.File(io.BytesIO(self._blob), "r")
+        info = self._zip.getinfo("model.weights.h5")
+        if info.compress_type == zipfile.ZIP_STORED:
+            # Keras stores the weights uncompressed: h5py reads the member in place (seekable),
+            # so a 500 MB model is never loaded into memory.
+            self._h5 = h5py.File(self._zip.open(info), "r")
+        else:
+            self._blob = self._zip.read(info)
+            self._h5 = h5py.File(io.BytesIO(self._blob), "r")
         self._datasets = self._map_keras(config)
 
     def _map_keras(self, config: dict[str, Any]) -> dict[str, dict[str, str]]:
@@ -296,25 +305,110 @@ class DirectModelWeights:
                 f[path][...] = value
 
     def _save_keras_zip(self, tmp_path: str) -> None:
+        patches = self._patches()
+        if patches is not None and self._patch_copy(tmp_path, patches):
+            return
+        self._rewrite_zip(tmp_path)
+
+    def _patches(self) -> list[tuple[int, bytes]] | None:
+        """(offset in the weights file, new bytes) per edit, or None if a dataset is not stored
+        as one plain contiguous block (chunked, filtered, unallocated)."""
+        out = []
+        for path, value in self._edits.items():
+            ds = self._h5[path]
+            dcpl = ds.id.get_create_plist()
+            offset = ds.id.get_offset()
+            data = np.ascontiguousarray(value, dtype=ds.dtype).tobytes()
+            if (ds.chunks is not None or dcpl.get_nfilters() or offset is None
+                    or ds.id.get_storage_size() != len(data)):
+                return None
+            out.append((int(offset), data))
+        return out
+
+    def _patch_copy(self, tmp_path: str, patches: list[tuple[int, bytes]]) -> bool:
+        """Copy the .keras file and overwrite the edited values' bytes where they lie, then fix
+        the member's CRC-32 in its local header and central directory entry (zip layout:
+        APPNOTE.TXT 4.3.7 and 4.3.12). Every other byte of the file stays as it was."""
+        info = self._zip.getinfo("model.weights.h5")
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x08:
+            return False  # a trailing data descriptor would hold the CRC: rewrite instead
+        with open(self.path, "rb") as fh:
+            fh.seek(info.header_offset)
+            header = fh.read(30)
+            if header[:4] != b"PK\x03\x04":
+                return False
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            data_start = info.header_offset + 30 + name_len + extra_len
+            central = _central_entry_offset(fh, info.filename.encode())
+        if central is None:
+            return False
+        shutil.copyfile(self.path, tmp_path)
+        with open(tmp_path, "r+b") as fh:
+            for offset, data in patches:
+                fh.seek(data_start + offset)
+                fh.write(data)
+            fh.seek(data_start)
+            crc, left = 0, info.file_size
+            while left:
+                block = fh.read(min(left, 1 << 22))
+                crc = zlib.crc32(block, crc)
+                left -= len(block)
+            for where in (info.header_offset + 14, central + 16):
+                fh.seek(where)
+                fh.write(struct.pack("<I", crc))
+        return True
+
+    def _rewrite_zip(self, tmp_path: str) -> None:
+        """Fallback: rewrite the zip with an edited copy of the weights entry."""
         weights_tmp = tmp_path + ".weights.h5"
         try:
-            with open(weights_tmp, "wb") as fh:
-                fh.write(self._blob or b"")
+            with open(weights_tmp, "wb") as fh, self._zip.open("model.weights.h5") as src:
+                shutil.copyfileobj(src, fh, 1 << 22)
             self._write_edits(weights_tmp)
-            with open(weights_tmp, "rb") as fh:
-                weights = fh.read()
+            # Same entries, same order, same ZipInfo (time stamps, compression): only the
+            # weights entry's bytes change.
+            with zipfile.ZipFile(tmp_path, "w") as zout:
+                for info in self._zip.infolist():
+                    if info.filename == "model.weights.h5":
+                        with open(weights_tmp, "rb") as src, zout.open(info, "w",
+                                                                         force_zip64=True) as dst:
+                            shutil.copyfileobj(src, dst, 1 << 22)
+                    else:
+                        zout.writestr(info, self._zip.read(info), compress_type=info.compress_type)
         finally:
             if os.path.exists(weights_tmp):
                 os.unlink(weights_tmp)
-        # Same entries, same order, same ZipInfo (time stamps, compression): only the weights
-        # entry's bytes change.
-        with zipfile.ZipFile(self.path) as zin, zipfile.ZipFile(tmp_path, "w") as zout:
-            for info in zin.infolist():
-                data = weights if info.filename == "model.weights.h5" else zin.read(info)
-                zout.writestr(info, data, compress_type=info.compress_type)
 
     def close(self) -> None:
         h5 = getattr(self, "_h5", None)
         if h5 is not None:
             h5.close()
             self._h5 = None
+        archive = getattr(self, "_zip", None)
+        if archive is not None:
+            archive.close()
+            self._zip = None
+
+
+def _central_entry_offset(fh: Any, name: bytes) -> int | None:
+    """File offset of `name`'s central directory header, or None (zip64 or not found)."""
+    fh.seek(0, os.SEEK_END)
+    size = fh.tell()
+    tail_len = min(size, 65536 + 22)
+    fh.seek(size - tail_len)
+    tail = fh.read(tail_len)
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0:
+        return None
+    cd_size, cd_offset = struct.unpack("<II", tail[end + 12:end + 20])
+    if cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
+        return None
+    fh.seek(cd_offset)
+    directory = fh.read(cd_size)
+    pos = 0
+    while pos + 46 <= len(directory) and directory[pos:pos + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack("<HHH", directory[pos + 28:pos + 34])
+        if directory[pos + 46:pos + 46 + name_len] == name:
+            return cd_offset + pos
+        pos += 46 + name_len + extra_len + comment_len
+    return None
