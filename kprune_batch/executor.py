@@ -276,6 +276,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     weights = None
     try:
         outcome.input_sha256 = _hash_input(job)
+        input_stat = _stat_key(job.input)
         weights = opener(job)
         outcome.backend = weights.backend
         outcome.backend_note = getattr(weights, "fallback_reason", None)
@@ -284,23 +285,38 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
             outcome.status = STATUS_OK
             return outcome
         outcome.zeroed = edit_model(job, weights, outcome.layers)
-        check = None
+        checks: list[Callable[[str], None]] = []
         if probe:
             from kprune_batch.probe import measure
 
-            def check(tmp: str) -> None:
+            def probe_check(tmp: str) -> None:
                 outcome.probe = measure(tmp, outcome.zeroed, job.name)
+
+            checks.append(probe_check)
         else:
             for record in outcome.zeroed:
                 record["probe"] = "skipped"
             if weights.backend == "direct":
-                def check(tmp: str) -> None:
+                def static(tmp: str) -> None:
                     outcome.static_check = static_check(tmp, job, outcome.zeroed)
-        _write_output(job, weights, check)
+
+                checks.append(static)
+
+        def input_unchanged(_tmp: str) -> None:
+            # a stat comparison instead of hashing the input again (0.4 s for 550 MB)
+            if _stat_key(job.input) != input_stat:
+                raise ModelError("the input file changed while kprune was reading it; nothing "
+                                 "was written", model=job.name, file=job.input,
+                                 hint="run again when nothing else writes to it")
+
+        checks.append(input_unchanged)
+
+        def run_checks(tmp: str) -> None:
+            for check in checks:
+                check(tmp)
+
+        _write_output(job, weights, run_checks)
         outcome.output_sha256 = sha256_file(job.output)
-        if outcome.input_sha256 != sha256_file(job.input):
-            raise ModelError("the input file changed while kprune was reading it", model=job.name,
-                             file=job.input, hint="run again when nothing else writes to it")
         outcome.status = STATUS_OK
     except KpruneError as exc:
         outcome.error = exc.render()
@@ -343,6 +359,11 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]]) -> str
     finally:
         written.close()
     return "ok"
+
+
+def _stat_key(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _hash_input(job: ModelJob) -> str:

@@ -359,3 +359,25 @@ def test_h5_outputs_are_byte_identical_across_runs(tmp_path: Path, small_cnn_h5:
     time.sleep(1.1)  # a save-time timestamp would now differ
     kprune("apply", spec, "--output-dir", tmp_path / "two").expect(0)
     assert sha256_file(str(tmp_path / "one" / "m.h5")) == sha256_file(str(tmp_path / "two" / "m.h5"))
+
+
+def test_input_changed_during_the_run_writes_nothing(tmp_path: Path, small_cnn: Path) -> None:
+    from kprune_batch.executor import open_direct, run_job
+    from kprune_batch.plan import compile_plan
+    from kprune_batch.spec import read_spec
+
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    (job,) = compile_plan(read_spec(write_spec(tmp_path, ONE_MODEL.format(path="m.keras")))).jobs
+
+    def meddling_opener(job: Any) -> Any:
+        weights = open_direct(job)
+        with open(job.input, "ab") as fh:  # another process appends to the input meanwhile
+            fh.write(b"\0")
+        return weights
+
+    outcome = run_job(job, opener=meddling_opener)
+    assert outcome.status == "failed"
+    assert outcome.error == (f"{tmp_path / 'm.keras'}: model 'm': the input file changed while "
+                             f"kprune was reading it; nothing was written; run again when nothing "
+                             f"else writes to it")
+    assert not (tmp_path / "pruned" / "m.keras").exists()
