@@ -48,8 +48,8 @@ def _values(model: Any, inputs: list[np.ndarray], paths: list[str], training: bo
     extractor = keras.Model(model.inputs, wanted)
     results = extractor(inputs if len(inputs) > 1 else inputs[0], training=training)
     results = list(results) if isinstance(results, (list, tuple)) else [results]
-    out = {p: np.asarray(v) for p, v in zip(direct, results)}
-    for (head, rests), value in zip(nested.items(), results[len(direct):]):
+    out = {p: np.asarray(v) for p, v in zip(direct, results, strict=False)}
+    for (head, rests), value in zip(nested.items(), results[len(direct):], strict=True):
         sub = model.get_layer(head)
         sub_inputs = list(value) if isinstance(value, (list, tuple)) else [np.asarray(value)]
         for rest, v in _values(sub, sub_inputs, rests, training, keras).items():

@@ -77,7 +77,7 @@ def _select_sign(params: Mapping[str, Any], slices: np.ndarray) -> list[int]:
             f"sign.element has {len(element)} number(s) but a filter slice of this layer has "
             f"{len(slice_shape)} axes (shape {list(slice_shape)})",
             hint=f"give one index per axis, e.g. {[0] * len(slice_shape)}")
-    for axis, (e, size) in enumerate(zip(element, slice_shape)):
+    for axis, (e, size) in enumerate(zip(element, slice_shape, strict=True)):
         if not 0 <= e < size:
             raise RuleError(
                 f"sign.element {element} is out of range on axis {axis}: the filter slice has "

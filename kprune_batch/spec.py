@@ -96,14 +96,15 @@ def load_yaml(text: str, file: str) -> tuple[Any, Positions, list[SpecProblem]]:
         what = exc.problem or "syntax error"
         if exc.context:
             what = f"{exc.context}, {what}"
-        raise SpecError(file, [SpecProblem(line, col, "", f"YAML syntax error: {what}", file)])
+        raise SpecError(file, [SpecProblem(line, col, "", f"YAML syntax error: {what}",
+                                           file)]) from None
     except yaml.YAMLError as exc:
         line, col = _reader_position(text, exc)
         message = str(getattr(exc, "reason", "") or exc).splitlines()[0]
         if isinstance(exc, yaml.reader.ReaderError):
             message = f"unacceptable character #x{exc.character:04x} (special characters are " \
                       f"not allowed)"
-        raise SpecError(file, [SpecProblem(line, col, "", f"YAML error: {message}", file)])
+        raise SpecError(file, [SpecProblem(line, col, "", f"YAML error: {message}", file)]) from None
     if root is None:
         raise SpecError(file, [SpecProblem(1, 1, "", "the spec file is empty", file)])
     problems: list[SpecProblem] = []
@@ -252,12 +253,13 @@ def read_spec(file: str | os.PathLike[str]) -> Spec:
     try:
         raw = Path(file).read_bytes()
     except OSError as exc:
-        raise SpecError(file, [SpecProblem(0, 0, "", f"cannot read spec file: {exc.strerror}", file)])
+        raise SpecError(file, [SpecProblem(0, 0, "", f"cannot read spec file: {exc.strerror}",
+                                           file)]) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise SpecError(file, [SpecProblem(1, 1, "", f"the spec file is not UTF-8 text ({exc.reason})",
-                                           file)])
+                                           file)]) from None
     return parse_spec(text, file, sha256=hashlib.sha256(raw).hexdigest())
 
 

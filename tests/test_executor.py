@@ -5,7 +5,6 @@ Expected elements are written out per family here with plain indexing (not via f
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np

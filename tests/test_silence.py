@@ -135,7 +135,7 @@ def test_a_wrong_silence_claim_fails_the_model(keras: Any, tmp_path: Path, monke
     from kprune_batch.plan import compile_plan
     from kprune_batch.spec import read_spec
 
-    model = build(keras, tmp_path, "liar", activation="sigmoid")
+    build(keras, tmp_path, "liar", activation="sigmoid")
     spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: liar.keras\n"
                                 "    layers: [{name: conv, rules: [{index: [1]}]}]\n")
     real = silence.channel_fate

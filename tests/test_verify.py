@@ -1,12 +1,10 @@
 """`kprune verify`: passes on a clean run, fails with a clear line after each kind of tampering."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from conftest import kprune, write_spec

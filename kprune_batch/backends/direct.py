@@ -147,6 +147,7 @@ class DirectModelWeights:
         self._edits: dict[str, np.ndarray] = {}  # dataset path -> new value
         self._blob: bytes | None = None  # the weights, only for a compressed .keras member
         self._zip: zipfile.ZipFile | None = None
+        self._window: _Window | None = None
         try:
             if path.endswith(".keras"):
                 self._open_keras_zip()
@@ -171,10 +172,12 @@ class DirectModelWeights:
         _config_problems(config)
         self.graph = build_graph(config)
         info = self._zip.getinfo("model.weights.h5")
-        if info.compress_type == zipfile.ZIP_STORED:
-            # Keras stores the weights uncompressed: h5py reads the member in place (seekable),
-            # so a 500 MB model is never loaded into memory.
-            self._h5 = h5py.File(self._zip.open(info), "r")
+        start = _member_data_start(self.path, info)
+        if info.compress_type == zipfile.ZIP_STORED and start is not None:
+            # Keras stores the weights uncompressed: h5py reads them where they lie in the zip
+            # through a window on the file (O(1) seeks), so no model is loaded into memory.
+            self._window = _Window(self.path, start, info.file_size)
+            self._h5 = h5py.File(self._window, "r")
         else:
             self._blob = self._zip.read(info)
             self._h5 = h5py.File(io.BytesIO(self._blob), "r")
@@ -330,15 +333,10 @@ class DirectModelWeights:
         the member's CRC-32 in its local header and central directory entry (zip layout:
         APPNOTE.TXT 4.3.7 and 4.3.12). Every other byte of the file stays as it was."""
         info = self._zip.getinfo("model.weights.h5")
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x08:
+        data_start = _member_data_start(self.path, info)
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x08 or data_start is None:
             return False  # a trailing data descriptor would hold the CRC: rewrite instead
         with open(self.path, "rb") as fh:
-            fh.seek(info.header_offset)
-            header = fh.read(30)
-            if header[:4] != b"PK\x03\x04":
-                return False
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            data_start = info.header_offset + 30 + name_len + extra_len
             central = _central_entry_offset(fh, info.filename.encode())
         if central is None:
             return False
@@ -384,10 +382,55 @@ class DirectModelWeights:
         if h5 is not None:
             h5.close()
             self._h5 = None
-        archive = getattr(self, "_zip", None)
-        if archive is not None:
-            archive.close()
-            self._zip = None
+        for name in ("_zip", "_window"):
+            handle = getattr(self, name, None)
+            if handle is not None:
+                handle.close()
+                setattr(self, name, None)
+
+
+class _Window:
+    """A read-only file object over bytes [start, start + size) of a file, for h5py."""
+
+    def __init__(self, path: str, start: int, size: int):
+        self._fh = open(path, "rb")
+        self._start, self._size, self._pos = start, size, 0
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
+        if n <= 0:
+            return b""
+        self._fh.seek(self._start + self._pos)
+        data = self._fh.read(n)
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _member_data_start(path: str, info: zipfile.ZipInfo) -> int | None:
+    """Offset of a member's data in the zip file (after its local header), or None."""
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        header = fh.read(30)
+    if header[:4] != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 def _central_entry_offset(fh: Any, name: bytes) -> int | None:
