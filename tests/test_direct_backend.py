@@ -183,3 +183,20 @@ def test_direct_apply_imports_no_tensorflow(tmp_path: Path, small_cnn: Path) -> 
     assert (model["backend"], model["backend_note"], model["static_check"]) == \
         ("direct", None, "ok")
     assert {r["probe"] for r in log["zeroed"]} == {"skipped"}
+
+
+def test_compressed_weights_member_is_rewritten_not_patched(keras: Any, tmp_path: Path,
+                                                            small_cnn: Path) -> None:
+    """A .keras whose weights entry is deflated (re-zipped by some tool) takes the rewrite path:
+    same entries, order, time stamps and compression, same weights as the Keras backend."""
+    with zipfile.ZipFile(small_cnn) as zin, zipfile.ZipFile(tmp_path / "small.keras", "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            copy = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+            copy.compress_type = zipfile.ZIP_DEFLATED
+            zout.writestr(copy, data)
+    by_keras, direct = both_backends(tmp_path / "small.keras", tmp_path)
+    assert_equivalent(keras, tmp_path, tmp_path / "small.keras", by_keras, direct)
+    with zipfile.ZipFile(tmp_path / "out-direct" / "small.keras") as zf:
+        assert zf.testzip() is None
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}

@@ -368,8 +368,15 @@ class DirectModelWeights:
             with zipfile.ZipFile(tmp_path, "w") as zout:
                 for info in self._zip.infolist():
                     if info.filename == "model.weights.h5":
-                        with open(weights_tmp, "rb") as src, zout.open(info, "w",
-                                                                         force_zip64=True) as dst:
+                        # a fresh ZipInfo: zout.open() rewrites offsets and sizes in the one it
+                        # gets, and the source archive still reads through its own
+                        entry = zipfile.ZipInfo(info.filename, date_time=info.date_time)
+                        entry.compress_type = info.compress_type
+                        entry.external_attr = info.external_attr
+                        entry.create_system = info.create_system
+                        size = os.path.getsize(weights_tmp)
+                        with open(weights_tmp, "rb") as src, zout.open(
+                                entry, "w", force_zip64=size >= 1 << 31) as dst:
                             shutil.copyfileobj(src, dst, 1 << 22)
                     else:
                         zout.writestr(info, self._zip.read(info), compress_type=info.compress_type)
