@@ -1,0 +1,145 @@
+"""Structural removal (groundwork for #7, not yet reachable from the CLI): delete filters and rewire.
+
+First cut: a top-level Functional or Sequential model; the pruned layer is a Conv*/SeparableConv*
+(not depthwise, not grouped); its channels may pass through BatchNormalization (sliced),
+elementwise activations, dropout, pooling and padding layers, GlobalPooling and Flatten, and end in
+Conv*/SeparableConv*/Conv*Transpose/DepthwiseConv* (input channels sliced; a depthwise consumer
+propagates) or Dense (rows sliced; after Flatten row h*W*C + w*C + c, Keras being channels_last).
+Anything else on the path (Add-type merges, Concatenate, Reshape, nested or shared layers, the
+model output) is refused with a ModelError naming the layer. Removed channels must be silent
+(a non-zero constant would need folding into the consumer's bias: not done yet).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kprune_batch.errors import ModelError
+from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
+                                   ZERO_PRESERVING_CLASSES, family_of)
+from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
+
+GLOBAL_POOLING = ("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+                  "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D")
+PASS_THROUGH = tuple(c for c in ZERO_PRESERVING_CLASSES if c != "InputLayer") + \
+    ACTIVATION_LAYER_CLASSES
+
+
+@dataclass
+class RemovalResult:
+    model: Any
+    mappings: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # layer -> old->new
+    params_before: int = 0
+    params_after: int = 0
+
+
+def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]]) -> RemovalResult:
+    """A new model without the selected filters, equal to the zeroed model (BN neutralised)."""
+    serialized = keras.saving.serialize_keras_object(model)
+    graph = build_graph(serialized)
+    if any(n.class_name in MODEL_CLASSES for n in graph.layers.values()):
+        raise ModelError("removal of filters in models with nested models is not supported yet")
+    config = serialized["config"]
+    by_name = {layer["config"]["name"]: layer for layer in config["layers"]}
+    weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers}
+    result = RemovalResult(model=None, params_before=int(model.count_params()))
+    for path, removed in selection.items():
+        node = graph.layers[path]
+        family = family_of(node.class_name)
+        if family is None or family.name not in ("conv", "separable") or \
+                int(node.config.get("groups", 1)) != 1:
+            raise ModelError(f"removal from a {node.class_name} layer is not supported yet",
+                             layer=path)
+        if node.calls != 1:
+            raise ModelError("the layer is shared (called more than once)", layer=path)
+        n = int(node.config["filters"])
+        keep = [f for f in range(n) if f not in set(removed)]
+        if not keep:
+            raise ModelError("removal would leave the layer without filters", layer=path)
+        w = weights[path]
+        kernel_index = 1 if family.name == "separable" else 0
+        w[kernel_index] = w[kernel_index][..., keep]
+        if node.config.get("use_bias", True):
+            w[-1] = w[-1][keep]
+        by_name[path]["config"]["filters"] = len(keep)
+        by_name[path].pop("build_config", None)
+        result.mappings[path] = {"old_to_new": [keep.index(f) if f in keep else -1
+                                                for f in range(n)]}
+        _propagate(graph, path, keep, n, weights, by_name, result)
+    cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
+    new_model = cls.from_config(config)
+    for layer in new_model.layers:
+        if layer.name in weights and weights[layer.name]:
+            layer.set_weights(weights[layer.name])
+    result.model = new_model
+    result.params_after = int(new_model.count_params())
+    return result
+
+
+def _propagate(graph: Any, src: str, keep: list[int], n: int, weights: dict[str, list[np.ndarray]],
+               by_name: dict[str, dict], result: RemovalResult) -> None:
+    for consumer in graph.consumers(src):
+        if consumer == OUTPUT:
+            raise ModelError("the layer's channels are a model output; removing them would change "
+                             "the model's output shape", layer=src)
+        node = graph.layers[consumer]
+        if node.calls != 1:
+            raise ModelError("a layer on the path is shared (called more than once)",
+                             layer=consumer)
+        cls = node.class_name
+        w = weights[consumer]
+        by_name[consumer].pop("build_config", None)
+        if cls in BATCHNORM_CLASSES:
+            weights[consumer] = [v[keep] for v in w]
+            _propagate(graph, consumer, keep, n, weights, by_name, result)
+        elif cls in PASS_THROUGH or cls in GLOBAL_POOLING:
+            _propagate(graph, consumer, keep, n, weights, by_name, result)
+        elif cls == "Flatten":
+            _flatten_then_dense(graph, consumer, keep, n, weights, by_name)
+        elif cls == "Dense":
+            w[0] = w[0][keep]
+        elif family_of(cls) is not None:
+            fam = family_of(cls)
+            assert fam is not None
+            if fam.name == "conv":
+                if int(node.config.get("groups", 1)) != 1:
+                    raise ModelError("a grouped convolution consumes the channels", layer=consumer)
+                w[0] = w[0][..., keep, :]
+            elif fam.name == "conv_transpose":
+                w[0] = w[0][..., keep]
+            elif fam.name == "separable":
+                mult = int(node.config.get("depth_multiplier", 1))
+                w[0] = w[0][..., keep, :]
+                rows = [c * mult + m for c in keep for m in range(mult)]
+                w[1] = w[1][..., rows, :]
+            else:  # depthwise: its own channels c*mult..c*mult+mult-1 go too
+                mult = int(node.config.get("depth_multiplier", 1))
+                out_keep = [c * mult + m for c in keep for m in range(mult)]
+                dropped = [k for k in range(n * mult) if k not in set(out_keep)]
+                if node.config.get("use_bias", True) and np.any(w[1][dropped] != 0):
+                    # in the zeroed reference these channels carry the depthwise bias on to the
+                    # next layer: that constant must be folded there (not implemented yet)
+                    raise ModelError("the depthwise layer's bias of the removed channels is not 0; "
+                                     "folding that constant is not supported yet", layer=consumer)
+                w[0] = w[0][..., keep, :]
+                if node.config.get("use_bias", True):
+                    w[1] = w[1][out_keep]
+                _propagate(graph, consumer, out_keep, n * mult, weights, by_name, result)
+        else:
+            raise ModelError(f"a {cls} layer consumes the channels; removal through it is not "
+                             f"supported yet", layer=consumer)
+
+
+def _flatten_then_dense(graph: Any, flatten: str, keep: list[int], n: int,
+                        weights: dict[str, list[np.ndarray]], by_name: dict[str, dict]) -> None:
+    """Keras flattens channels_last: element (h, w, c) is row (h*W + w)*C + c."""
+    (dense,) = graph.consumers(flatten) if len(graph.consumers(flatten)) == 1 else (None,)
+    if dense is None or dense == OUTPUT or graph.layers[dense].class_name != "Dense":
+        raise ModelError("Flatten must feed exactly one Dense layer", layer=flatten)
+    kernel = weights[dense][0]
+    positions = kernel.shape[0] // n
+    rows = [p * n + c for p in range(positions) for c in keep]
+    weights[dense][0] = kernel[rows]
+    by_name[dense].pop("build_config", None)

@@ -1,0 +1,118 @@
+"""Structural removal groundwork: removed model == zeroed model (BN neutralised) on a probe batch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import _seeded_weights
+from kprune_batch.errors import ModelError
+from kprune_batch.removal import remove_filters
+
+
+def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]]) -> Any:
+    """The contract's reference: zero kernel slice and bias, neutralise a direct BN follower."""
+    ref = keras.models.clone_model(model)
+    ref.set_weights(model.get_weights())
+    for name, filters in selection.items():
+        layer = ref.get_layer(name)
+        w = layer.get_weights()
+        w[-2 if len(w) == 3 else 0][..., filters] = 0  # pointwise for separable, else kernel
+        w[-1][filters] = 0
+        layer.set_weights(w)
+        for bn in [l for l in ref.layers if l.__class__.__name__ == "BatchNormalization"]:
+            if bn.input is layer.output:
+                g, b, mm, mv = bn.get_weights()
+                g[filters], b[filters] = 0, 0
+                bn.set_weights([g, b, mm, mv])
+    return ref
+
+
+def check(keras: Any, model: Any, selection: dict[str, list[int]], removed_params: int) -> Any:
+    _seeded_weights(model, 21)
+    result = remove_filters(keras, model, selection)
+    x = np.random.default_rng(0).normal(size=(4,) + tuple(model.inputs[0].shape[1:])).astype(
+        "float32")
+    expected = np.asarray(zeroed_reference(keras, model, selection)(x, training=False))
+    got = np.asarray(result.model(x, training=False))
+    assert np.max(np.abs(expected - got)) <= 1e-5
+    assert result.params_before - result.params_after == removed_params
+    return result
+
+
+def test_conv_bn_relu_conv(keras: Any, tmp_path: Path) -> None:
+    L = keras.layers
+    i = keras.Input((10, 10, 3))
+    x = L.Conv2D(16, 3, name="c1")(i)
+    x = L.ReLU()(L.BatchNormalization(name="bn")(x))
+    x = L.Conv2D(8, 3, name="c2")(x)
+    model = keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    # 2 filters of c1: 2*(3*3*3 + 1) kernel+bias, 2*4 BN, 2*3*3*8 input slices of c2
+    result = check(keras, model, {"c1": [3, 11]}, 2 * 28 + 2 * 4 + 2 * 72)
+    assert result.mappings["c1"]["old_to_new"][:5] == [0, 1, 2, -1, 3]
+    path = tmp_path / "removed.keras"
+    result.model.save(path)
+    reloaded = keras.saving.load_model(path)
+    reloaded.compile(optimizer="adam", loss="mse")
+    rng = np.random.default_rng(1)
+    history = reloaded.fit(rng.normal(size=(4, 10, 10, 3)), rng.normal(size=(4, 2)), epochs=1,
+                           verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_flatten_dense(keras: Any) -> None:
+    L = keras.layers
+    i = keras.Input((6, 6, 2))
+    x = L.Conv2D(4, 3, activation="relu", name="c1")(i)  # -> (4, 4, 4)
+    model = keras.Model(i, L.Dense(3, name="d")(L.Flatten()(x)))
+    # 1 filter: 3*3*2 + 1 params, and 4*4 rows of a 3-unit Dense
+    check(keras, model, {"c1": [2]}, 19 + 16 * 3)
+
+
+def test_depthwise_chain_and_global_pooling(keras: Any) -> None:
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 1, name="c1")(i)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False, name="dw")(x)
+    x = L.Conv2D(4, 1, name="c2")(x)
+    model = keras.Model(i, L.Dense(2)(L.GlobalMaxPooling2D()(x)))
+    # c1 filter 1: 3+1; dw loses channel 1 (2 outputs): 2*9 kernel; c2 loses 2 rows of 4
+    check(keras, model, {"c1": [1]}, 4 + 18 + 8)
+
+
+def test_depthwise_bias_constant_is_refused(keras: Any) -> None:
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    x = L.DepthwiseConv2D(3, name="dw")(L.Conv2D(6, 1, name="c1")(i))
+    model = keras.Model(i, L.Conv2D(2, 1)(x))
+    _seeded_weights(model, 3)
+    with pytest.raises(ModelError, match="folding that constant is not supported yet"):
+        remove_filters(keras, model, {"c1": [1]})
+
+
+def test_sequential_separable(keras: Any) -> None:
+    L = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 3)), L.SeparableConv2D(6, 3, name="s1"),
+                              L.Conv2D(2, 1, name="c2"), L.Flatten(), L.Dense(2)])
+    # s1 filter 0 and 5: 2*(3 pointwise rows... ) pointwise (1,1,3,6) -> 2*3 + 2 bias; c2 2*2 rows
+    check(keras, model, {"s1": [0, 5]}, 2 * 3 + 2 + 2 * 2)
+
+
+@pytest.mark.parametrize("merge", ["Add", "Concatenate"])
+def test_merges_are_refused_for_now(keras: Any, merge: str) -> None:
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    a = L.Conv2D(4, 1, name="a")(i)
+    b = L.Conv2D(4, 1, name="b")(i)
+    model = keras.Model(i, L.Conv2D(2, 1)(getattr(L, merge)(name="m")([a, b])))
+    with pytest.raises(ModelError, match=f"a {merge} layer consumes the channels"):
+        remove_filters(keras, model, {"a": [0]})
+
+
+def test_model_output_is_refused(keras: Any) -> None:
+    i = keras.Input((6, 6, 3))
+    model = keras.Model(i, keras.layers.Conv2D(4, 1, name="a")(i))
+    with pytest.raises(ModelError, match="model output"):
+        remove_filters(keras, model, {"a": [0]})
