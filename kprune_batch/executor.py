@@ -56,6 +56,8 @@ class ModelOutcome:
     backend_note: str | None = None  # why the direct backend was not used, when it was not
     probe: Any = "skipped"
     static_check: str = "skipped"
+    removed: list[dict[str, Any]] = field(default_factory=list)
+    removal: dict[str, Any] | None = None
 
 
 Opener = Callable[[ModelJob], ModelWeights]
@@ -284,7 +286,19 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         if not write:
             outcome.status = STATUS_OK
             return outcome
-        outcome.zeroed = edit_model(job, weights, outcome.layers)
+        removing = [sel for sel in outcome.layers if sel.options.action == "remove" and sel.filters]
+        if removing and weights.backend != "keras":
+            # removal rebuilds the model from its config: only the Keras backend can
+            weights.close()
+            weights = open_keras(job)
+            outcome.backend = weights.backend
+            outcome.backend_note = "action: remove needs the Keras backend"
+        records = edit_model(job, weights, outcome.layers)
+        removed_layers = {sel.path for sel in removing}
+        outcome.zeroed = [r for r in records if r["layer"] not in removed_layers]
+        outcome.removed = [r for r in records if r["layer"] in removed_layers]
+        if removing:
+            outcome.removal = _remove(job, weights, removing, outcome.removed)
         checks: list[Callable[[str], None]] = []
         if probe:
             from kprune_batch.probe import measure
@@ -294,7 +308,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
 
             checks.append(probe_check)
         else:
-            for record in outcome.zeroed:
+            for record in outcome.zeroed + outcome.removed:
                 record["probe"] = "skipped"
             if weights.backend == "direct":
                 def static(tmp: str) -> None:
@@ -321,10 +335,63 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     except KpruneError as exc:
         outcome.error = exc.render()
         outcome.zeroed = []
+        outcome.removed = []
+        outcome.removal = None
     finally:
         if weights is not None:
             weights.close()
     return outcome
+
+
+REMOVAL_TOLERANCE = 1e-5  # the contract's bound on |removed - zeroed| outputs
+
+
+def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
+            records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Physically remove the (already zeroed, BN-neutralised) filters; prove the result equal.
+
+    The reference is the zeroed model itself: a seeded probe batch must give the same outputs
+    from the rebuilt model within REMOVAL_TOLERANCE, or nothing is written.
+    """
+    from kprune_batch.probe import probe_inputs
+    from kprune_batch.quiet import import_keras, native_stderr_silenced
+    from kprune_batch.removal import remove_filters
+
+    loud = [r for r in records if not r["silent"]]
+    if loud:
+        r = loud[0]
+        raise ModelError(f"filter {r['filter']} is not silent (constant {r['constant']}); "
+                         f"removing it exactly would need its constant folded into the next "
+                         f"layer's bias, which is not supported yet", model=job.name,
+                         layer=r["layer"], hint="zero it instead (action: zero)")
+    keras = import_keras()
+    model = weights.model
+    try:
+        with native_stderr_silenced():
+            result = remove_filters(keras, model, {s.path: list(s.filters) for s in removing})
+            x = probe_inputs(model)
+            feed = x if len(x) > 1 else x[0]
+            reference = model(feed, training=False)
+            removed = result.model(feed, training=False)
+    except ModelError as exc:
+        raise ModelError(exc.message, model=job.name, layer=exc.layer, hint=exc.hint) from None
+    pairs = zip(keras.tree.flatten(reference), keras.tree.flatten(removed), strict=True)
+    deviation = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
+    if not deviation <= REMOVAL_TOLERANCE:
+        raise ModelError(f"the model with filters removed differs from the zeroed model by "
+                         f"{deviation:.3g} on the probe batch (allowed {REMOVAL_TOLERANCE:g}); "
+                         f"nothing was written", model=job.name,
+                         hint="please report this as a bug, with the spec")
+    optimizer = "none"
+    if getattr(model, "compiled", False) and model.optimizer is not None:
+        # the optimizer's slot variables have the old shapes: the state is dropped, the
+        # compile configuration kept
+        result.model.compile_from_config(model.get_compile_config())
+        optimizer = "dropped"
+    weights.model = result.model
+    return {"mappings": result.mappings, "params_before": result.params_before,
+            "params_after": result.params_after, "probe_deviation": deviation,
+            "optimizer_state": optimizer}
 
 
 def static_check(path: str, job: ModelJob, records: list[dict[str, Any]]) -> str:

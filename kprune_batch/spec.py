@@ -331,10 +331,11 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
                                        for i, m in enumerate(data["models"])
                                        for j in range(len(m["layers"]))]:
         opts = _get(data, opt_path) or {}
-        if opts.get("action") == "remove":
-            add(opt_path + ("action",),
-                "action 'remove' (physical filter removal) is not implemented in this kprune "
-                "version; use action: zero")
+        for key, default in (("approximate", False), ("round_to", 1)):
+            if opts.get(key, default) != default:
+                add(opt_path + (key,),
+                    f"'{key}' is not supported yet by this kprune version (removal is exact "
+                    f"only and keeps no filters back); remove the key")
     for i, model in enumerate(data["models"]):
         for j, entry in enumerate(model["layers"]):
             cls = entry.get("type")

@@ -116,3 +116,76 @@ def test_model_output_is_refused(keras: Any) -> None:
     model = keras.Model(i, keras.layers.Conv2D(4, 1, name="a")(i))
     with pytest.raises(ModelError, match="model output"):
         remove_filters(keras, model, {"a": [0]})
+
+
+SPEC = """\
+version: 1
+models:
+  - path: m.keras
+    layers:
+      - {name: c1, action: remove, rules: [{index: [3, 11]}]}
+      - {name: c2, rules: [{index: [0]}]}
+"""
+
+
+@pytest.fixture
+def chain_model(keras: Any, tmp_path: Path) -> Path:
+    L = keras.layers
+    i = keras.Input((10, 10, 3))
+    x = L.Conv2D(16, 3, name="c1")(i)
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(x))
+    x = L.Conv2D(8, 3, name="c2")(x)
+    model = keras.Model(i, L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(x)))
+    _seeded_weights(model, 5)
+    model.compile(optimizer="adam", loss="mse")
+    model.save(tmp_path / "m.keras")
+    return tmp_path / "m.keras"
+
+
+def test_apply_remove_end_to_end(keras: Any, tmp_path: Path, chain_model: Path) -> None:
+    import json
+
+    from conftest import kprune, write_spec
+
+    spec = write_spec(tmp_path, SPEC)
+    plan = kprune("plan", spec).expect(0)
+    assert "  c1 (Conv2D, 16 filters): would remove 3, 11 (2 of 16, 12.5%)" in plan.stdout
+    result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    assert result.stdout.startswith("ok      m: zeroed 1, removed 2 filter(s) in 2 layer(s)")
+    log = json.loads((tmp_path / "log.json").read_text())
+    (model,) = log["models"]
+    removal = model["removal"]
+    assert model["backend"] == "keras" and model["backend_note"] == \
+        "action: remove needs the Keras backend"
+    assert removal["params_before"] - removal["params_after"] == 2 * 28 + 2 * 4 + 2 * 72
+    assert removal["probe_deviation"] <= 1e-5
+    assert removal["optimizer_state"] == "dropped"
+    assert removal["mappings"]["c1"]["old_to_new"][3] == -1
+    assert [(r["layer"], r["filter"]) for r in log["removed"]] == [("c1", 3), ("c1", 11)]
+    assert [(r["layer"], r["filter"]) for r in log["zeroed"]] == [("c2", 0)]
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    before = keras.saving.load_model(chain_model)
+    keep = [f for f in range(16) if f not in (3, 11)]
+    assert out.get_layer("c1").kernel.shape == (3, 3, 3, 14)
+    np.testing.assert_array_equal(out.get_layer("c1").kernel.numpy(),
+                                  before.get_layer("c1").kernel.numpy()[..., keep])
+    assert np.all(out.get_layer("c2").kernel.numpy()[..., 0] == 0)  # the zeroed filter of c2
+    assert out.get_compile_config() == before.get_compile_config()
+    verify = kprune("verify", tmp_path / "log.json").expect(0)
+    assert "hashes only" in verify.stdout
+
+
+def test_apply_remove_refuses_merges_clearly(keras: Any, tmp_path: Path) -> None:
+    from conftest import kprune, write_spec
+
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    a = L.Conv2D(4, 1, name="a")(i)
+    model = keras.Model(i, L.Conv2D(2, 1)(L.Add(name="sum")([a, L.Conv2D(4, 1, name="b")(i)])))
+    model.save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n"
+                                "    layers: [{name: a, action: remove, rules: [{index: [0]}]}]\n")
+    result = kprune("apply", spec).expect(1)
+    assert result.stderr == ("error: model 'm', layer 'sum': a Add layer consumes the channels; "
+                             "removal through it is not supported yet\n")
+    assert not (tmp_path / "pruned" / "m.keras").exists()

@@ -108,9 +108,10 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             result.return_code = EXIT_FAILED
     for outcome in outcomes:
         if outcome.status == STATUS_OK:
-            layers = len({r["layer"] for r in outcome.zeroed})
-            result.out.append(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)} filter(s) "
-                              f"in {layers} layer(s) -> {outcome.job.output}")
+            layers = len({r["layer"] for r in outcome.zeroed + outcome.removed})
+            removed = f", removed {len(outcome.removed)}" if outcome.removed else ""
+            result.out.append(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)}{removed} "
+                              f"filter(s) in {layers} layer(s) -> {outcome.job.output}")
         elif outcome.status == STATUS_FAILED:
             result.err.append(f"error: {outcome.error}")
         else:
@@ -214,8 +215,10 @@ def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
             "backend_note": o.backend_note,
             "probe": o.probe if o.status == STATUS_OK else "skipped",
             "static_check": o.static_check if o.status == STATUS_OK else "skipped",
+            "removal": o.removal if o.status == STATUS_OK else None,
         } for o in outcomes],
         "zeroed": [record for o in outcomes if o.status == STATUS_OK for record in o.zeroed],
+        "removed": [record for o in outcomes if o.status == STATUS_OK for record in o.removed],
     }
     if interrupted:
         log["interrupted"] = interrupted

@@ -40,7 +40,8 @@ def _text(name: str, src: str, dest: str, status: str, layers: list[LayerSelecti
     lines = [f"model {name}: {src} -> {dest}" + ("" if status == STATUS_OK else "  [FAILED]")]
     for sel in layers:
         n = len(sel.filters)
-        lines.append(f"  {sel.path} ({sel.class_name}, {sel.n_filters} filters): would zero "
+        verb = "remove" if sel.options.action == "remove" else "zero"
+        lines.append(f"  {sel.path} ({sel.class_name}, {sel.n_filters} filters): would {verb} "
                      f"{compact_ranges(list(sel.filters)) or 'nothing'} "
                      f"({n} of {sel.n_filters}, {100.0 * n / sel.n_filters:.1f}%)")
         for loc, chosen in sel.by_rule.items():
