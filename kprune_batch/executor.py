@@ -36,6 +36,7 @@ class LayerSelection:
     by_rule: dict[str, list[int]]  # rule location -> filters it selects
     filters: dict[int, list[str]]  # filter -> every rule location that selects it (sorted)
     stats: dict[int, dict[str, float]] = field(default_factory=dict)
+    group: list[str] = field(default_factory=list)  # coupled members (action: remove)
 
     def to_json(self) -> dict[str, Any]:
         return {"layer": self.path, "layer_class": self.class_name, "filters_total": self.n_filters,
@@ -265,6 +266,7 @@ def edit_model(job: ModelJob, weights: ModelWeights,
                 "silent": fate.silent,
                 "constant": None if fate.silent else fate.constant,
                 "notes": fate.notes,
+                **({"group": sel.group} if len(sel.group) > 1 else {}),
             })
     for (layer, variable), value in pending_bn.items():
         weights.assign(layer, variable, value)
@@ -293,6 +295,8 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
             weights = open_keras(job)
             outcome.backend = weights.backend
             outcome.backend_note = "action: remove needs the Keras backend"
+        if removing:
+            removing = _couple_selections(job, weights, outcome.layers, removing)
         records = edit_model(job, weights, outcome.layers)
         removed_layers = {sel.path for sel in removing}
         outcome.zeroed = [r for r in records if r["layer"] not in removed_layers]
@@ -343,6 +347,51 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     return outcome
 
 
+def _couple_selections(job: ModelJob, weights: ModelWeights, layers: list[LayerSelection],
+                       removing: list[LayerSelection]) -> list[LayerSelection]:
+    """Extend the removal selections to whole coupled groups (layers meeting in an Add-type
+    merge lose the same filters), adding group members the spec did not list."""
+    from kprune_batch.removal import _couple, coupled_group
+
+    modes = {sel.options.coupled for sel in removing}
+    if len(modes) > 1:
+        raise ModelError(f"entries removing filters set different 'coupled' values "
+                         f"({', '.join(sorted(modes))})", model=job.name,
+                         hint="give them the same value")
+    try:
+        coupled = _couple(weights.graph, {s.path: list(s.filters) for s in removing}, modes.pop())
+        groups = {path: coupled_group(weights.graph, path)[0] for path in coupled}
+    except ModelError as exc:
+        raise ModelError(exc.message, model=job.name, layer=exc.layer, hint=exc.hint) from None
+    by_path = {sel.path: sel for sel in layers}
+    template = removing[0]
+    for path, filters in coupled.items():
+        sel = by_path.get(path)
+        if sel is None:
+            node = weights.graph.layers[path]
+            family = family_of(node.class_name)
+            assert family is not None
+            kernel = _kernel(weights, path, family, job.name)
+            sel = LayerSelection(path=path, class_name=node.class_name, family=family,
+                                 n_filters=family.n_filters(kernel.shape), options=template.options,
+                                 max_fraction=template.max_fraction, allow_empty_layer=False,
+                                 entries=[], by_rule={}, filters={},
+                                 stats=_slices_and_stats(kernel, family))
+            layers.append(sel)
+            by_path[path] = sel
+        elif sel.options.action != "remove":
+            raise ModelError(f"the layer must lose the same filters as its coupled group, but "
+                             f"its entry says action: {sel.options.action}", model=job.name,
+                             layer=path, hint="give the group's entries the same action")
+        members = groups[path]
+        why = {f: sorted({loc for m in members if m in by_path
+                          for loc in by_path[m].filters.get(f, [])}, key=_loc_key)
+               for f in filters}
+        sel.filters = {f: why[f] for f in filters}
+        sel.group = members
+    return [by_path[p] for p in coupled]
+
+
 REMOVAL_TOLERANCE = 1e-5  # the contract's bound on |removed - zeroed| outputs
 
 
@@ -368,7 +417,8 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
     model = weights.model
     try:
         with native_stderr_silenced():
-            result = remove_filters(keras, model, {s.path: list(s.filters) for s in removing})
+            result = remove_filters(keras, model, {s.path: list(s.filters) for s in removing},
+                                    coupled="union")  # already coupled: members are equal
             x = probe_inputs(model)
             feed = x if len(x) > 1 else x[0]
             reference = model(feed, training=False)

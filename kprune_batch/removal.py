@@ -21,6 +21,7 @@ from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
                                    ZERO_PRESERVING_CLASSES, family_of)
 from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
 
+MERGES = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 GLOBAL_POOLING = ("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
                   "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D")
 PASS_THROUGH = tuple(c for c in ZERO_PRESERVING_CLASSES if c != "InputLayer") + \
@@ -33,18 +34,115 @@ class RemovalResult:
     mappings: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # layer -> old->new
     params_before: int = 0
     params_after: int = 0
+    selection: dict[str, list[int]] = field(default_factory=dict)  # after coupling
 
 
-def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]]) -> RemovalResult:
+def _producers(graph: Any) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {p: [] for p in graph.layers}
+    for path, node in graph.layers.items():
+        for consumer in node.consumers:
+            if consumer != OUTPUT:
+                out[consumer].append(path)
+    return out
+
+
+def _prunable(node: Any) -> bool:
+    family = family_of(node.class_name)
+    return (family is not None and family.name in ("conv", "separable") and node.calls == 1
+            and int(node.config.get("groups", 1)) == 1)
+
+
+def coupled_group(graph: Any, start: str) -> tuple[list[str], list[str]]:
+    """(member convs, merge layers) whose channels must go together with `start`'s.
+
+    Layers whose outputs meet in an Add-type merge (directly or through BN, activations and
+    other channel-preserving layers) share channel indices, as in DepGraph's grouping.
+    """
+    producers = _producers(graph)
+    members, merges, todo = [start], [], [start]
+    seen = {start}
+    while todo:
+        path = todo.pop()
+        for nxt in graph.consumers(path):
+            if nxt == OUTPUT or nxt in seen:
+                continue
+            cls = graph.layers[nxt].class_name
+            if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH or cls in GLOBAL_POOLING:
+                seen.add(nxt)
+                todo.append(nxt)
+            elif cls in MERGES:
+                seen.add(nxt)
+                merges.append(nxt)
+                todo.append(nxt)
+                back = list(producers[nxt])
+                while back:
+                    src = back.pop()
+                    if src in seen:
+                        continue
+                    seen.add(src)
+                    node = graph.layers[src]
+                    if node.class_name in BATCHNORM_CLASSES or node.class_name in PASS_THROUGH:
+                        back.extend(producers[src])
+                        todo.append(src)
+                    elif node.class_name in MERGES:
+                        merges.append(src)
+                        back.extend(producers[src])
+                        todo.append(src)
+                    elif _prunable(node):
+                        members.append(src)
+                        todo.append(src)
+                    else:
+                        raise ModelError(
+                            f"its channels meet those of '{start}' in {graph.layers[nxt].class_name}"
+                            f" '{nxt}', and filters of a {node.class_name} layer cannot be "
+                            f"removed", layer=src)
+    return members, merges
+
+
+def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[str, list[int]]:
+    """The selection with every coupled group losing the same filters (union/intersection)."""
+    out: dict[str, list[int]] = {}
+    done: set[str] = set()
+    for path in selection:
+        if path in done:
+            continue
+        members, merges = coupled_group(graph, path)
+        done.update(members)
+        listed = {m: sorted(set(selection[m])) for m in members if m in selection}
+        if len(members) == 1:
+            out[path] = listed[path]
+            continue
+        values = list(listed.values())
+        if coupled == "error" and any(v != values[0] for v in values):
+            raise ModelError(
+                f"the layers {', '.join(members)} meet in {', '.join(merges)} and must lose the "
+                f"same filters, but their rules select different ones",
+                layer=path, hint="set coupled: union or coupled: intersection on the entries")
+        chosen = set(values[0])
+        for v in values[1:]:
+            chosen = chosen | set(v) if coupled == "union" else chosen & set(v)
+        if coupled == "intersection" and not chosen:
+            raise ModelError(f"the coupled layers {', '.join(members)} have no filter in common "
+                             f"to remove (coupled: intersection)", layer=path)
+        for m in members:
+            out[m] = sorted(chosen)
+    return out
+
+
+def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
+                   coupled: str = "error") -> RemovalResult:
     """A new model without the selected filters, equal to the zeroed model (BN neutralised)."""
     serialized = keras.saving.serialize_keras_object(model)
     graph = build_graph(serialized)
     if any(n.class_name in MODEL_CLASSES for n in graph.layers.values()):
         raise ModelError("removal of filters in models with nested models is not supported yet")
+    selection = _couple(graph, selection, coupled)
     config = serialized["config"]
     by_name = {layer["config"]["name"]: layer for layer in config["layers"]}
     weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers}
     result = RemovalResult(model=None, params_before=int(model.count_params()))
+    result.selection = selection
+    visited: set[str] = set()  # layers already sliced (a merge is reached once per member)
     for path, removed in selection.items():
         node = graph.layers[path]
         family = family_of(node.class_name)
@@ -67,7 +165,7 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]]) -> R
         by_name[path].pop("build_config", None)
         result.mappings[path] = {"old_to_new": [keep.index(f) if f in keep else -1
                                                 for f in range(n)]}
-        _propagate(graph, path, keep, n, weights, by_name, result)
+        _propagate(graph, path, keep, n, weights, by_name, result, visited)
     cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
     new_model = cls.from_config(config)
     for layer in new_model.layers:
@@ -79,11 +177,14 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]]) -> R
 
 
 def _propagate(graph: Any, src: str, keep: list[int], n: int, weights: dict[str, list[np.ndarray]],
-               by_name: dict[str, dict], result: RemovalResult) -> None:
+               by_name: dict[str, dict], result: RemovalResult, visited: set[str]) -> None:
     for consumer in graph.consumers(src):
         if consumer == OUTPUT:
             raise ModelError("the layer's channels are a model output; removing them would change "
                              "the model's output shape", layer=src)
+        if consumer in visited:
+            continue
+        visited.add(consumer)
         node = graph.layers[consumer]
         if node.calls != 1:
             raise ModelError("a layer on the path is shared (called more than once)",
@@ -93,9 +194,9 @@ def _propagate(graph: Any, src: str, keep: list[int], n: int, weights: dict[str,
         by_name[consumer].pop("build_config", None)
         if cls in BATCHNORM_CLASSES:
             weights[consumer] = [v[keep] for v in w]
-            _propagate(graph, consumer, keep, n, weights, by_name, result)
-        elif cls in PASS_THROUGH or cls in GLOBAL_POOLING:
-            _propagate(graph, consumer, keep, n, weights, by_name, result)
+            _propagate(graph, consumer, keep, n, weights, by_name, result, visited)
+        elif cls in PASS_THROUGH or cls in GLOBAL_POOLING or cls in MERGES:
+            _propagate(graph, consumer, keep, n, weights, by_name, result, visited)
         elif cls == "Flatten":
             _flatten_then_dense(graph, consumer, keep, n, weights, by_name)
         elif cls == "Dense":
@@ -126,7 +227,7 @@ def _propagate(graph: Any, src: str, keep: list[int], n: int, weights: dict[str,
                 w[0] = w[0][..., keep, :]
                 if node.config.get("use_bias", True):
                     w[1] = w[1][out_keep]
-                _propagate(graph, consumer, out_keep, n * mult, weights, by_name, result)
+                _propagate(graph, consumer, out_keep, n * mult, weights, by_name, result, visited)
         else:
             raise ModelError(f"a {cls} layer consumes the channels; removal through it is not "
                              f"supported yet", layer=consumer)
