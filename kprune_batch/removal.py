@@ -1,13 +1,15 @@
-"""Structural removal (groundwork for #7, not yet reachable from the CLI): delete filters and rewire.
+"""Structural removal: delete filters, rewire every consumer, keep coupled groups consistent.
 
-First cut: a top-level Functional or Sequential model; the pruned layer is a Conv*/SeparableConv*
-(not depthwise, not grouped); its channels may pass through BatchNormalization (sliced),
-elementwise activations, dropout, pooling and padding layers, GlobalPooling and Flatten, and end in
-Conv*/SeparableConv*/Conv*Transpose/DepthwiseConv* (input channels sliced; a depthwise consumer
-propagates) or Dense (rows sliced; after Flatten row h*W*C + w*C + c, Keras being channels_last).
-Anything else on the path (Add-type merges, Concatenate, Reshape, nested or shared layers, the
-model output) is refused with a ModelError naming the layer. Removed channels must be silent
-(a non-zero constant would need folding into the consumer's bias: not done yet).
+Scope of this version: a top-level Functional or Sequential model; removed filters belong to
+Conv*/SeparableConv* layers (not depthwise, not grouped, not shared); channels may pass through
+BatchNormalization (sliced), elementwise activations, dropout, pooling, padding, GlobalPooling
+and Add-type merges (whose inputs form one coupled group that loses the same channels), and end
+in Conv*/SeparableConv*/Conv*Transpose/DepthwiseConv* (input channels sliced; a depthwise
+consumer loses channels c*mult..c*mult+mult-1 and propagates) or Dense (rows sliced; after
+Flatten row h*W*C + w*C + c, Keras being channels_last). Anything else on the path
+(Concatenate, Reshape, nested or shared layers, the model output) is refused with a ModelError
+naming the layer. Removed channels must be silent: folding a constant into the consumer's bias is
+not implemented yet.
 """
 from __future__ import annotations
 
