@@ -425,6 +425,10 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
             removed = result.model(feed, training=False)
     except ModelError as exc:
         raise ModelError(exc.message, model=job.name, layer=exc.layer, hint=exc.hint) from None
+    except Exception as exc:  # Keras refusing the rebuilt config: a case removal does not know
+        raise ModelError(f"rebuilding the model without the filters failed ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written",
+                         model=job.name, hint="zero these filters instead (action: zero)") from exc
     pairs = zip(keras.tree.flatten(reference), keras.tree.flatten(removed), strict=True)
     deviation = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
     if not deviation <= REMOVAL_TOLERANCE:

@@ -2,12 +2,13 @@
 
 Scope of this version: a top-level Functional or Sequential model; removed filters belong to
 Conv*/SeparableConv* layers (not depthwise, not grouped, not shared); channels may pass through
-BatchNormalization (sliced), elementwise activations, dropout, pooling, padding, GlobalPooling
-and Add-type merges (whose inputs form one coupled group that loses the same channels), and end
+BatchNormalization (sliced), elementwise activations, dropout, pooling, padding, GlobalPooling,
+Concatenate on the channel axis (input i's channel c is channel offset_i + c of the result) and
+Add-type merges (whose inputs form one coupled group that loses the same channels), and end
 in Conv*/SeparableConv*/Conv*Transpose/DepthwiseConv* (input channels sliced; a depthwise
 consumer loses channels c*mult..c*mult+mult-1 and propagates) or Dense (rows sliced; after
 Flatten row h*W*C + w*C + c, Keras being channels_last). Anything else on the path
-(Concatenate, Reshape, nested or shared layers, the model output) is refused with a ModelError
+(Reshape, Permute, nested or shared layers, the model output) is refused with a ModelError
 naming the layer. Removed channels must be silent: folding a constant into the consumer's bias is
 not implemented yet.
 """
@@ -145,6 +146,11 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     result = RemovalResult(model=None, params_before=int(model.count_params()))
     result.selection = selection
     visited: set[str] = set()  # layers already sliced (a merge is reached once per member)
+    # Concatenate layers collect what reaches each of their inputs before passing anything on
+    pending: dict[str, dict[int, list[int]]] = {}
+    channels = {layer.name: int(layer.output.shape[-1]) for layer in model.layers
+                if not isinstance(layer.output, (list, tuple))}
+    ctx = _Context(graph, weights, by_name, result, visited, pending, channels)
     for path, removed in selection.items():
         node = graph.layers[path]
         family = family_of(node.class_name)
@@ -167,7 +173,11 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
         by_name[path].pop("build_config", None)
         result.mappings[path] = {"old_to_new": [keep.index(f) if f in keep else -1
                                                 for f in range(n)]}
-        _propagate(graph, path, keep, n, weights, by_name, result, visited)
+        _propagate(ctx, path, keep, n)
+    order = [layer["config"]["name"] for layer in config["layers"]]
+    while pending:
+        concat = min(pending, key=order.index)  # config order is topological
+        _release_concat(ctx, concat, pending.pop(concat))
     cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
     new_model = cls.from_config(config)
     for layer in new_model.layers:
@@ -178,16 +188,46 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     return result
 
 
-def _propagate(graph: Any, src: str, keep: list[int], n: int, weights: dict[str, list[np.ndarray]],
-               by_name: dict[str, dict], result: RemovalResult, visited: set[str]) -> None:
+@dataclass
+class _Context:
+    graph: Any
+    weights: dict[str, list[np.ndarray]]
+    by_name: dict[str, dict]
+    result: RemovalResult
+    visited: set[str]
+    pending: dict[str, dict[int, list[int]]]
+    channels: dict[str, int]  # output channels of each layer in the original model
+
+
+def _release_concat(ctx: _Context, concat: str, arrivals: dict[int, list[int]]) -> None:
+    """Map what each input of a Concatenate keeps to the concatenated axis (input i's channel c
+    is channel offset_i + c) and pass that on."""
+    from kprune_batch.graph import _histories
+
+    sources = [name for name, _ in _histories(ctx.by_name[concat].get("inbound_nodes") or [])]
+    keep, offset = [], 0
+    for slot, name in enumerate(sources):
+        width = ctx.channels[name]
+        keep += [offset + c for c in arrivals.get(slot, range(width))]
+        offset += width
+    ctx.visited.add(concat)
+    ctx.by_name[concat].pop("build_config", None)
+    _propagate(ctx, concat, keep, offset)
+
+
+def _propagate(ctx: _Context, src: str, keep: list[int], n: int) -> None:
+    graph, weights, by_name = ctx.graph, ctx.weights, ctx.by_name
     for consumer in graph.consumers(src):
         if consumer == OUTPUT:
             raise ModelError("the layer's channels are a model output; removing them would change "
                              "the model's output shape", layer=src)
-        if consumer in visited:
+        if consumer in ctx.visited:
             continue
-        visited.add(consumer)
         node = graph.layers[consumer]
+        if node.class_name == "Concatenate":
+            _arrive_at_concat(ctx, src, consumer, node, keep)
+            continue
+        ctx.visited.add(consumer)
         if node.calls != 1:
             raise ModelError("a layer on the path is shared (called more than once)",
                              layer=consumer)
@@ -196,9 +236,9 @@ def _propagate(graph: Any, src: str, keep: list[int], n: int, weights: dict[str,
         by_name[consumer].pop("build_config", None)
         if cls in BATCHNORM_CLASSES:
             weights[consumer] = [v[keep] for v in w]
-            _propagate(graph, consumer, keep, n, weights, by_name, result, visited)
+            _propagate(ctx, consumer, keep, n)
         elif cls in PASS_THROUGH or cls in GLOBAL_POOLING or cls in MERGES:
-            _propagate(graph, consumer, keep, n, weights, by_name, result, visited)
+            _propagate(ctx, consumer, keep, n)
         elif cls == "Flatten":
             _flatten_then_dense(graph, consumer, keep, n, weights, by_name)
         elif cls == "Dense":
@@ -229,10 +269,22 @@ def _propagate(graph: Any, src: str, keep: list[int], n: int, weights: dict[str,
                 w[0] = w[0][..., keep, :]
                 if node.config.get("use_bias", True):
                     w[1] = w[1][out_keep]
-                _propagate(graph, consumer, out_keep, n * mult, weights, by_name, result, visited)
+                _propagate(ctx, consumer, out_keep, n * mult)
         else:
             raise ModelError(f"a {cls} layer consumes the channels; removal through it is not "
                              f"supported yet", layer=consumer)
+
+
+def _arrive_at_concat(ctx: _Context, src: str, concat: str, node: Any, keep: list[int]) -> None:
+    from kprune_batch.graph import _histories
+
+    axis = node.config.get("axis", -1)
+    sources = [name for name, _ in _histories(ctx.by_name[concat].get("inbound_nodes") or [])]
+    if axis not in (-1, len(ctx.by_name[concat].get("build_config", {}).get(
+            "input_shape", [[0]])[0]) - 1) or sources.count(src) != 1 or node.calls != 1:
+        raise ModelError("a Concatenate that is shared, joins the same tensor twice or does not "
+                         "join on the channel axis consumes the channels", layer=concat)
+    ctx.pending.setdefault(concat, {})[sources.index(src)] = keep
 
 
 def _flatten_then_dense(graph: Any, flatten: str, keep: list[int], n: int,
