@@ -37,6 +37,7 @@ class LayerSelection:
     filters: dict[int, list[str]]  # filter -> every rule location that selects it (sorted)
     stats: dict[int, dict[str, float]] = field(default_factory=dict)
     group: list[str] = field(default_factory=list)  # coupled members (action: remove)
+    kept_back: list[int] = field(default_factory=list)  # selected but kept for round_to
 
     def to_json(self) -> dict[str, Any]:
         return {"layer": self.path, "layer_class": self.class_name, "filters_total": self.n_filters,
@@ -389,7 +390,38 @@ def _couple_selections(job: ModelJob, weights: ModelWeights, layers: list[LayerS
                for f in filters}
         sel.filters = {f: why[f] for f in filters}
         sel.group = members
-    return [by_path[p] for p in coupled]
+    _round_to(job, [by_path[p] for p in coupled], by_path)
+    return [by_path[p] for p in coupled if by_path[p].filters]
+
+
+def _round_to(job: ModelJob, removing: list[LayerSelection],
+              by_path: dict[str, LayerSelection]) -> None:
+    """Keep selected filters back, largest l1 norm first (summed over a coupled group's members),
+    until each layer's remaining filter count is a multiple of round_to."""
+    values = {sel.options.round_to for sel in removing}
+    if len(values) > 1:
+        raise ModelError(f"entries removing filters set different 'round_to' values "
+                         f"({', '.join(map(str, sorted(values)))})", model=job.name,
+                         hint="give them the same value")
+    step = values.pop() if values else 1
+    if step <= 1:
+        return
+    done: set[tuple[str, ...]] = set()
+    for sel in removing:
+        members = tuple(sorted(sel.group or [sel.path]))
+        if members in done:
+            continue
+        done.add(members)
+        chosen = sorted(sel.filters)
+        l1 = {f: sum(by_path[m].stats[f]["l1"] for m in members) for f in chosen}
+        kept_back = []
+        while chosen and (sel.n_filters - len(chosen)) % step:
+            f = max(chosen, key=lambda g: (l1[g], -g))
+            chosen.remove(f)
+            kept_back.append(f)
+        for m in members:
+            by_path[m].filters = {f: by_path[m].filters[f] for f in chosen}
+            by_path[m].kept_back = sorted(kept_back)
 
 
 REMOVAL_TOLERANCE = 1e-5  # the contract's bound on |removed - zeroed| outputs
@@ -444,6 +476,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
         optimizer = "dropped"
     weights.model = result.model
     return {"mappings": result.mappings, "params_before": result.params_before,
+            "kept_back": {s.path: s.kept_back for s in removing if s.kept_back},
             "params_after": result.params_after, "probe_deviation": deviation,
             "optimizer_state": optimizer}
 

@@ -331,11 +331,10 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
                                        for i, m in enumerate(data["models"])
                                        for j in range(len(m["layers"]))]:
         opts = _get(data, opt_path) or {}
-        for key, default in (("approximate", False), ("round_to", 1)):
-            if opts.get(key, default) != default:
-                add(opt_path + (key,),
-                    f"'{key}' is not supported yet by this kprune version (removal is exact "
-                    f"only and keeps no filters back); remove the key")
+        if opts.get("approximate", False):
+            add(opt_path + ("approximate",),
+                "'approximate: true' is not supported yet by this kprune version (removal is "
+                "exact only); remove the key")
     for i, model in enumerate(data["models"]):
         for j, entry in enumerate(model["layers"]):
             cls = entry.get("type")

@@ -287,3 +287,28 @@ def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
     out.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)
     out.fit(rng.normal(size=(2, 64, 64, 3)), rng.normal(size=(2, 5)), epochs=1, verbose=0)
+
+
+def test_round_to_keeps_back_the_largest_l1(keras: Any, tmp_path: Path, chain_model: Path) -> None:
+    import json
+
+    from conftest import kprune, write_spec
+
+    kernel = keras.saving.load_model(chain_model).get_layer("c1").kernel.numpy()
+    l1 = np.abs(kernel.astype(np.float64)).sum(axis=(0, 1, 2))
+    selected = [0, 2, 4, 6, 8]  # 16 - 5 = 11 left: round_to 4 keeps one back -> 12
+    expected_back = max(selected, key=lambda f: l1[f])
+    spec = write_spec(tmp_path, f"""\
+        version: 1
+        models:
+          - path: m.keras
+            layers:
+              - {{name: c1, action: remove, round_to: 4, rules: [{{index: {selected}}}]}}
+        """)
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["models"][0]["removal"]["kept_back"] == {"c1": [expected_back]}
+    assert sorted(r["filter"] for r in log["removed"]) == sorted(
+        set(selected) - {expected_back})
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    assert out.get_layer("c1").kernel.shape[-1] == 12

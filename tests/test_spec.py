@@ -136,7 +136,7 @@ def test_semantic_errors(tmp_path: Path) -> None:
       - name: d
         path: d.h5
         output: sub/../d.h5
-        layers: [{name: c, type: Dense, round_to: 8, rules: [{index: [0]}]}]
+        layers: [{name: c, type: Dense, approximate: true, rules: [{index: [0]}]}]
     """
     (tmp_path / "sub").mkdir()
     assert problems(tmp_path, text) == [
@@ -159,8 +159,8 @@ def test_semantic_errors(tmp_path: Path) -> None:
         "15:30: models[3].layers[0].type: type 'Dense' is not a convolution layer class; filters "
         "exist only in: Conv1D, Conv2D, Conv3D, Conv1DTranspose, Conv2DTranspose, "
         "Conv3DTranspose, DepthwiseConv1D, DepthwiseConv2D, SeparableConv1D, SeparableConv2D",
-        "15:47: models[3].layers[0].round_to: 'round_to' is not supported yet by this kprune "
-        "version (removal is exact only and keeps no filters back); remove the key",
+        "15:50: models[3].layers[0].approximate: 'approximate: true' is not supported yet by "
+        "this kprune version (removal is exact only); remove the key",
     ]
 
 
