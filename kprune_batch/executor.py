@@ -477,6 +477,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
     weights.model = result.model
     return {"mappings": result.mappings, "params_before": result.params_before,
             "kept_back": {s.path: s.kept_back for s in removing if s.kept_back},
+            "macs_before": result.macs_before, "macs_after": result.macs_after,
             "params_after": result.params_after, "probe_deviation": deviation,
             "optimizer_state": optimizer}
 

@@ -38,6 +38,36 @@ class RemovalResult:
     params_before: int = 0
     params_after: int = 0
     selection: dict[str, list[int]] = field(default_factory=dict)  # after coupling
+    macs_before: int = 0
+    macs_after: int = 0
+
+
+UNKNOWN_DIM = 32  # the probe's size for dimensions a model leaves open
+
+
+def count_macs(model: Any) -> int:
+    """Multiply-accumulates of one sample through the model's convolution and Dense layers.
+
+    Each kernel-shaped weight (ndim >= 2) costs its size once per output position (per input
+    position for transposed convolutions); a Dense on a rank-3+ input once per leading position.
+    """
+    total = 0
+    for layer in model.layers:
+        kernels = [w for w in layer.weights if len(w.shape) >= 2]
+        if not kernels:
+            continue
+        family = family_of(type(layer).__name__)
+        shape = layer.input.shape if family is not None and family.name == "conv_transpose" \
+            else layer.output.shape
+        if family is None:
+            positions_dims = list(shape[1:-1])
+        elif getattr(layer, "data_format", None) == "channels_first":
+            positions_dims = list(shape[2:])
+        else:
+            positions_dims = list(shape[1:-1])
+        positions = int(np.prod([UNKNOWN_DIM if d is None else int(d) for d in positions_dims]))
+        total += positions * sum(int(np.prod(w.shape)) for w in kernels)
+    return total
 
 
 def _producers(graph: Any) -> dict[str, list[str]]:
@@ -185,6 +215,8 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
             layer.set_weights(weights[layer.name])
     result.model = new_model
     result.params_after = int(new_model.count_params())
+    result.macs_before = count_macs(model)
+    result.macs_after = count_macs(new_model)
     return result
 
 

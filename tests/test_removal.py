@@ -51,6 +51,9 @@ def test_conv_bn_relu_conv(keras: Any, tmp_path: Path) -> None:
     model = keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
     # 2 filters of c1: 2*(3*3*3 + 1) kernel+bias, 2*4 BN, 2*3*3*8 input slices of c2
     result = check(keras, model, {"c1": [3, 11]}, 2 * 28 + 2 * 4 + 2 * 72)
+    # c1: 8x8 outputs x 3*3*3 taps x 2 filters; c2: 6x6 outputs x 3*3 taps x 2 inputs x 8 filters
+    assert result.macs_before - result.macs_after == 64 * 27 * 2 + 36 * 9 * 2 * 8
+    assert result.macs_before == 64 * 3 * 3 * 3 * 16 + 36 * 3 * 3 * 16 * 8 + 8 * 2
     assert result.mappings["c1"]["old_to_new"][:5] == [0, 1, 2, -1, 3]
     path = tmp_path / "removed.keras"
     result.model.save(path)
