@@ -1,0 +1,102 @@
+"""Benchmark: CPU latency before/after `action: remove` vs the MAC reduction; time to remove.
+
+Run: python benchmarks/bench_removal.py [--runs 3] [--cache DIR]
+For VGG16 and ResNet50 (weights=None, 224x224) it writes specs that remove 25 % and 50 % of the
+filters of every removable conv by l1 ranking (index lists; ResNet50: the convs outside residual
+groups, i.e. each block's _1_conv and _2_conv), with round_to 1 and 8, runs `kprune apply`
+(timed), and measures median inference latency at batch 1 and 32 of the input and the output.
+Prints a Markdown table for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def removable(keras, model, name: str) -> list[str]:
+    convs = [l.name for l in model.layers if type(l).__name__ == "Conv2D"]
+    if name == "ResNet50":
+        return [c for c in convs if c.endswith(("_1_conv", "_2_conv"))]
+    return convs
+
+
+def latency(model, batch: int, runs: int) -> float:
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype("float32")
+    model.predict(x, batch_size=batch, verbose=0)  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model.predict(x, batch_size=batch, verbose=0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "kprune-bench"))
+    args = parser.parse_args()
+    import keras
+    import numpy as np
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in ("VGG16", "ResNet50"):
+        path = cache / f"{name}.keras"
+        if not path.exists():
+            getattr(keras.applications, name)(weights=None).save(path)
+        model = keras.saving.load_model(path)
+        base = {b: latency(model, b, args.runs) for b in (1, 32)}
+        layers = removable(keras, model, name)
+        for fraction in (0.25, 0.5):
+            for round_to in (1, 8):
+                entries = []
+                for layer in layers:
+                    kernel = model.get_layer(layer).kernel.numpy().astype(np.float64)
+                    l1 = np.abs(kernel).sum(axis=(0, 1, 2))
+                    k = int(len(l1) * fraction)
+                    chosen = sorted(int(i) for i in np.argsort(l1, kind="stable")[:k])
+                    entries.append(f"      - {{name: {layer}, action: remove, round_to: "
+                                   f"{round_to}, rules: [{{index: {chosen}}}]}}")
+                work = Path(tempfile.mkdtemp(prefix=f"bench-rm-{name}-"))
+                spec = work / "spec.yaml"
+                spec.write_text("version: 1\noutput_dir: out\ndefaults: {max_fraction: 0.75}\n"
+                                f"models:\n  - path: {path}\n    layers:\n"
+                                + "\n".join(entries) + "\n")
+                start = time.perf_counter()
+                proc = subprocess.run([sys.executable, "-m", "kprune_batch", "apply", str(spec),
+                                       "--audit-log", str(work / "log.json")],
+                                      capture_output=True, text=True)
+                took = time.perf_counter() - start
+                if proc.returncode != 0:
+                    raise SystemExit(proc.stderr)
+                removal = json.loads((work / "log.json").read_text())["models"][0]["removal"]
+                pruned = keras.saving.load_model(work / "out" / f"{name}.keras")
+                after = {b: latency(pruned, b, args.runs) for b in (1, 32)}
+                mac_ratio = removal["macs_after"] / removal["macs_before"]
+                rows.append(
+                    f"| {name} | {int(fraction * 100)} % | {round_to} | {mac_ratio:.3f} | "
+                    f"{after[1] / base[1]:.3f} | {after[32] / base[32]:.3f} | "
+                    f"{(1 - after[32] / base[32]) / (1 - mac_ratio):.2f} | {took:.1f} | "
+                    f"{removal['probe_deviation']:.1e} |")
+    print(f"median of {args.runs} runs; latency ratios are after/before (Keras predict, CPU)\n")
+    print("| model | removed per layer | round_to | MACs after/before | latency b1 | latency b32 "
+          "| latency cut / MAC cut (b32) | kprune apply s | probe deviation |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
