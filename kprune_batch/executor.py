@@ -184,9 +184,9 @@ def _loc_key(loc: str) -> list[int]:
 
 def _kernel(weights: ModelWeights, path: str, family: Family, model: str) -> np.ndarray:
     variables = weights.variables(path)
-    for name in (family.kernel_var,) + family.legacy_kernel_vars:
-        if name in variables:
-            return variables[name]
+    name = family.kernel_name(variables)
+    if name is not None:
+        return variables[name]
     raise ModelError(f"has no '{family.kernel_var}' variable (is it built?)", model=model,
                      layer=path)
 
@@ -235,8 +235,8 @@ def edit_model(job: ModelJob, weights: ModelWeights,
         if not sel.filters:
             continue
         variables = input_variables(sel.path)
-        kernel_name = next(n for n in (sel.family.kernel_var,) + sel.family.legacy_kernel_vars
-                           if n in variables)
+        kernel_name = sel.family.kernel_name(variables)
+        assert kernel_name is not None  # select_filters read the kernel already
         filters = list(sel.filters)
         weights.assign(sel.path, kernel_name, sel.family.zeroed(variables[kernel_name], filters))
         bias = variables.get("bias")
@@ -496,8 +496,7 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]]) -> str
             family = family_of(r["layer_class"])
             assert family is not None
             variables = written.variables(r["layer"])
-            kernel = next(variables[n] for n in (family.kernel_var,) + family.legacy_kernel_vars
-                          if n in variables)
+            kernel = variables[family.kernel_name(variables) or family.kernel_var]
             problems = []
             if np.any(family.filter_view(kernel)[r["filter"]] != 0):
                 problems.append("kernel slice")

@@ -22,6 +22,14 @@ class Family:
     legacy_kernel_vars: tuple[str, ...]  # names a Keras 2 / legacy .h5 file may use
     description: str
 
+    @property
+    def kernel_names(self) -> tuple[str, ...]:
+        return (self.kernel_var,) + self.legacy_kernel_vars
+
+    def kernel_name(self, variables: dict[str, Any]) -> str | None:
+        """Which of a layer's variables holds the filters (Keras 3 name first), or None."""
+        return next((n for n in self.kernel_names if n in variables), None)
+
     def n_filters(self, kernel_shape: tuple[int, ...]) -> int:
         if self.name == "depthwise":
             return int(kernel_shape[-2]) * int(kernel_shape[-1])

@@ -97,9 +97,8 @@ def expected_weights(before: Any, records: list[dict[str, Any]]) -> dict[str, di
     for r in records:
         family = family_of(r["layer_class"])
         variables = expected[r["layer"]]
-        kernel_name = next(n for n in (family.kernel_var,) + family.legacy_kernel_vars
-                           if n in variables)
-        family.filter_view(variables[kernel_name])[r["filter"]] = 0
+        family.filter_view(variables[family.kernel_name(variables) or family.kernel_var])[
+            r["filter"]] = 0
         if r.get("bias") == "zeroed":
             variables["bias"][r["filter"]] = 0
         for edit in r.get("batchnorm", []):
@@ -133,7 +132,7 @@ def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
               zeroed: set[tuple[str, int]]) -> str:
     family = family_of(class_name)
     where = ""
-    if family is not None and name in (family.kernel_var,) + family.legacy_kernel_vars:
+    if family is not None and name in family.kernel_names:
         per_filter = family.filter_view(diff).reshape(family.n_filters(diff.shape), -1).max(axis=1)
         bad = [int(f) for f in np.flatnonzero(per_filter)]
         kinds = ["zeroed filter" if (path, f) in zeroed else "untouched filter" for f in bad]
