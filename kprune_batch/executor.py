@@ -303,7 +303,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         outcome.zeroed = [r for r in records if r["layer"] not in removed_layers]
         outcome.removed = [r for r in records if r["layer"] in removed_layers]
         if removing:
-            outcome.removal = _remove(job, weights, removing, outcome.removed)
+            outcome.removal = _remove(job, weights, removing)
         checks: list[Callable[[str], None]] = []
         if probe:
             from kprune_batch.probe import measure
@@ -427,32 +427,28 @@ def _round_to(job: ModelJob, removing: list[LayerSelection],
 REMOVAL_TOLERANCE = 1e-5  # the contract's bound on |removed - zeroed| outputs
 
 
-def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
-            records: list[dict[str, Any]]) -> dict[str, Any]:
+def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict[str, Any]:
     """Physically remove the (already zeroed, BN-neutralised) filters; prove the result equal.
 
     The reference is the zeroed model itself: a seeded probe batch must give the same outputs
-    from the rebuilt model within REMOVAL_TOLERANCE, or nothing is written.
+    from the rebuilt model within REMOVAL_TOLERANCE, or nothing is written (unless a fold was
+    inexact under approximate: true; the deviation is then only recorded).
     """
     from kprune_batch.probe import probe_inputs
     from kprune_batch.quiet import import_keras, native_stderr_silenced
     from kprune_batch.removal import remove_filters
 
-    loud = [r for r in records if not r["silent"]]
-    if loud:
-        r = loud[0]
-        raise ModelError(f"filter {r['filter']} is not silent (constant {r['constant']}); "
-                         f"removing it exactly would need its constant folded into the next "
-                         f"layer's bias, which is not supported yet", model=job.name,
-                         layer=r["layer"], hint="zero it instead (action: zero)")
     keras = import_keras()
     model = weights.model
     try:
         with native_stderr_silenced():
-            result = remove_filters(keras, model, {s.path: list(s.filters) for s in removing},
-                                    coupled="union")  # already coupled: members are equal
             x = probe_inputs(model)
             feed = x if len(x) > 1 else x[0]
+            result = remove_filters(
+                keras, model, {s.path: list(s.filters) for s in removing},
+                coupled="union",  # already coupled: members are equal
+                approximate=frozenset(s.path for s in removing if s.options.approximate),
+                feed=feed)
             reference = model(feed, training=False)
             removed = result.model(feed, training=False)
     except ModelError as exc:
@@ -463,7 +459,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
                          model=job.name, hint="zero these filters instead (action: zero)") from exc
     pairs = zip(keras.tree.flatten(reference), keras.tree.flatten(removed), strict=True)
     deviation = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
-    if not deviation <= REMOVAL_TOLERANCE:
+    if not result.approximate and not deviation <= REMOVAL_TOLERANCE:
         raise ModelError(f"the model with filters removed differs from the zeroed model by "
                          f"{deviation:.3g} on the probe batch (allowed {REMOVAL_TOLERANCE:g}); "
                          f"nothing was written", model=job.name,
@@ -479,6 +475,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection],
             "kept_back": {s.path: s.kept_back for s in removing if s.kept_back},
             "macs_before": result.macs_before, "macs_after": result.macs_after,
             "params_after": result.params_after, "probe_deviation": deviation,
+            "folded": result.folded, "approximate": result.approximate,
             "optimizer_state": optimizer}
 
 

@@ -1,16 +1,15 @@
-"""Structural removal: delete filters, rewire every consumer, keep coupled groups consistent.
+"""Structural removal: delete filters, rewire every consumer, fold what they left behind.
 
-Scope of this version: a top-level Functional or Sequential model; removed filters belong to
-Conv*/SeparableConv* layers (not depthwise, not grouped, not shared); channels may pass through
-BatchNormalization (sliced), elementwise activations, dropout, pooling, padding, GlobalPooling,
-Concatenate on the channel axis (input i's channel c is channel offset_i + c of the result) and
-Add-type merges (whose inputs form one coupled group that loses the same channels), and end
-in Conv*/SeparableConv*/Conv*Transpose/DepthwiseConv* (input channels sliced; a depthwise
-consumer loses channels c*mult..c*mult+mult-1 and propagates) or Dense (rows sliced; after
-Flatten row h*W*C + w*C + c, Keras being channels_last). Anything else on the path
-(Reshape, Permute, nested or shared layers, the model output) is refused with a ModelError
-naming the layer. Removed channels must be silent: folding a constant into the consumer's bias is
-not implemented yet.
+Scope: a top-level Functional or Sequential model; removed filters belong to Conv*/SeparableConv*
+layers (not depthwise, not grouped, not shared); channels may pass through BatchNormalization
+(sliced), elementwise activations, dropout, pooling, padding, GlobalPooling, Concatenate on the
+channel axis (input i's channel c is channel offset_i + c of the result) and Add-type merges
+(whose inputs form one coupled group that loses the same channels), and end in
+Conv*/SeparableConv*/Conv*Transpose (input channels sliced), DepthwiseConv* (its channels
+c*mult..c*mult+mult-1 go too and the walk goes on) or Dense (rows sliced; after Flatten in
+Flatten's channels_last order). Anything else on the path (Reshape, Permute, nested or shared
+layers, the model output) is refused with a ModelError naming the layer. A constant that a removed
+channel still carries where it ends is folded into that layer's bias (see `_fold`).
 """
 from __future__ import annotations
 
@@ -40,6 +39,8 @@ class RemovalResult:
     selection: dict[str, list[int]] = field(default_factory=dict)  # after coupling
     macs_before: int = 0
     macs_after: int = 0
+    folded: list[dict[str, Any]] = field(default_factory=list)  # per consumer: constants folded
+    approximate: bool = False  # a fold was not exact (allowed by approximate: true)
 
 
 UNKNOWN_DIM = 32  # the probe's size for dimensions a model leaves open
@@ -163,8 +164,15 @@ def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[s
 
 
 def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
-                   coupled: str = "error") -> RemovalResult:
-    """A new model without the selected filters, equal to the zeroed model (BN neutralised)."""
+                   coupled: str = "error", approximate: frozenset[str] = frozenset(),
+                   feed: Any = None) -> RemovalResult:
+    """A new model without the selected filters, equal to `model` on every input.
+
+    `model` must already be the zeroed model (kernel slices, and the biases and BatchNorm
+    followers as the entries ask): whatever constant a removed channel still carries to a
+    consumer is measured on `feed` in that model and folded into the consumer's bias.
+    `approximate` names the layers whose entries accept an inexact fold.
+    """
     serialized = keras.saving.serialize_keras_object(model)
     graph = build_graph(serialized)
     if any(n.class_name in MODEL_CLASSES for n in graph.layers.values()):
@@ -175,12 +183,10 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers}
     result = RemovalResult(model=None, params_before=int(model.count_params()))
     result.selection = selection
-    visited: set[str] = set()  # layers already sliced (a merge is reached once per member)
-    # Concatenate layers collect what reaches each of their inputs before passing anything on
-    pending: dict[str, dict[int, list[int]]] = {}
-    channels = {layer.name: int(layer.output.shape[-1]) for layer in model.layers
-                if not isinstance(layer.output, (list, tuple))}
-    ctx = _Context(graph, weights, by_name, result, visited, pending, channels)
+    shapes = {layer.name: tuple(layer.output.shape) for layer in model.layers
+              if not isinstance(layer.output, (list, tuple))}
+    ctx = _Context(graph, weights, {k: list(v) for k, v in weights.items()}, by_name, result,
+                   set(), {}, shapes, {})
     for path, removed in selection.items():
         node = graph.layers[path]
         family = family_of(node.class_name)
@@ -203,15 +209,19 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
         by_name[path].pop("build_config", None)
         result.mappings[path] = {"old_to_new": [keep.index(f) if f in keep else -1
                                                 for f in range(n)]}
-        _propagate(ctx, path, keep, n)
+        flow = _Flow(keep, n, frozenset(coupled_group(graph, path)[0]),
+                     _format(node.config))
+        _propagate(ctx, path, flow)
     order = [layer["config"]["name"] for layer in config["layers"]]
-    while pending:
-        concat = min(pending, key=order.index)  # config order is topological
-        _release_concat(ctx, concat, pending.pop(concat))
+    while ctx.pending:
+        concat = min(ctx.pending, key=order.index)  # config order is topological
+        _release_concat(ctx, concat, ctx.pending.pop(concat))
+    if ctx.sinks:
+        _fold(keras, model, ctx, feed, approximate)
     cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
     new_model = cls.from_config(config)
     for layer in new_model.layers:
-        if layer.name in weights and weights[layer.name]:
+        if weights.get(layer.name):
             layer.set_weights(weights[layer.name])
     result.model = new_model
     result.params_after = int(new_model.count_params())
@@ -220,35 +230,72 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     return result
 
 
+@dataclass(frozen=True)
+class _Flow:
+    """Removed channels on their way: which of `n` survive, whose they are, their axis."""
+
+    keep: list[int]
+    n: int
+    origins: frozenset[str]  # the pruned layers (coupled groups whole) these channels come from
+    data_format: str  # channels_last | channels_first, as the pruned layer wrote them
+
+
+@dataclass
+class _Sink:
+    """A layer where removed channels end: it loses input channels (or Dense rows)."""
+
+    kind: str  # conv | separable | transpose | dense
+    removed: list[int]  # indices on the sink's input channel axis (Dense: rows)
+    axis: int  # that axis in the sink's input tensor (-1 or 1)
+    origins: frozenset[str]
+
+
 @dataclass
 class _Context:
     graph: Any
     weights: dict[str, list[np.ndarray]]
+    original: dict[str, list[np.ndarray]]  # the input model's arrays (never edited in place)
     by_name: dict[str, dict]
     result: RemovalResult
-    visited: set[str]
-    pending: dict[str, dict[int, list[int]]]
-    channels: dict[str, int]  # output channels of each layer in the original model
+    visited: set[str]  # layers already handled (a merge is reached once per member)
+    # Concatenate layers collect what reaches each of their inputs before passing anything on
+    pending: dict[str, dict[int, _Flow]]
+    shapes: dict[str, tuple]  # output shape of each layer in the input model
+    sinks: dict[str, _Sink]
 
 
-def _release_concat(ctx: _Context, concat: str, arrivals: dict[int, list[int]]) -> None:
+def _format(config: dict) -> str:
+    return "channels_first" if config.get("data_format") == "channels_first" else "channels_last"
+
+
+def _release_concat(ctx: _Context, concat: str, arrivals: dict[int, _Flow]) -> None:
     """Map what each input of a Concatenate keeps to the concatenated axis (input i's channel c
     is channel offset_i + c) and pass that on."""
     from kprune_batch.graph import _histories
 
     sources = [name for name, _ in _histories(ctx.by_name[concat].get("inbound_nodes") or [])]
+    fmt = next(iter(arrivals.values())).data_format
+    axis = 1 if fmt == "channels_first" else -1
     keep, offset = [], 0
     for slot, name in enumerate(sources):
-        width = ctx.channels[name]
-        keep += [offset + c for c in arrivals.get(slot, range(width))]
+        width = int(ctx.shapes[name][axis])
+        keep += [offset + c for c in (arrivals[slot].keep if slot in arrivals else range(width))]
         offset += width
     ctx.visited.add(concat)
     ctx.by_name[concat].pop("build_config", None)
-    _propagate(ctx, concat, keep, offset)
+    origins = frozenset().union(*(f.origins for f in arrivals.values()))
+    _propagate(ctx, concat, _Flow(keep, offset, origins, fmt))
 
 
-def _propagate(ctx: _Context, src: str, keep: list[int], n: int) -> None:
+def _dropped(flow: _Flow) -> list[int]:
+    kept = set(flow.keep)
+    return [c for c in range(flow.n) if c not in kept]
+
+
+def _propagate(ctx: _Context, src: str, flow: _Flow) -> None:
     graph, weights, by_name = ctx.graph, ctx.weights, ctx.by_name
+    keep, n = flow.keep, flow.n
+    axis = 1 if flow.data_format == "channels_first" else -1
     for consumer in graph.consumers(src):
         if consumer == OUTPUT:
             raise ModelError("the layer's channels are a model output; removing them would change "
@@ -257,24 +304,35 @@ def _propagate(ctx: _Context, src: str, keep: list[int], n: int) -> None:
             continue
         node = graph.layers[consumer]
         if node.class_name == "Concatenate":
-            _arrive_at_concat(ctx, src, consumer, node, keep)
+            _arrive_at_concat(ctx, src, consumer, node, flow)
             continue
         ctx.visited.add(consumer)
         if node.calls != 1:
             raise ModelError("a layer on the path is shared (called more than once)",
                              layer=consumer)
         cls = node.class_name
+        if "data_format" in node.config and cls != "Flatten" and \
+                _format(node.config) != flow.data_format:
+            raise ModelError(f"the layer reads its input as {_format(node.config)} but the "
+                             f"removed channels are {flow.data_format}", layer=consumer)
         w = weights[consumer]
         by_name[consumer].pop("build_config", None)
         if cls in BATCHNORM_CLASSES:
+            if not _bn_on_channels(node.config, ctx.shapes[consumer], flow.data_format):
+                raise ModelError("the BatchNormalization does not normalise the channel axis",
+                                 layer=consumer)
             weights[consumer] = [v[keep] for v in w]
-            _propagate(ctx, consumer, keep, n)
+            _propagate(ctx, consumer, flow)
         elif cls in PASS_THROUGH or cls in GLOBAL_POOLING or cls in MERGES:
-            _propagate(ctx, consumer, keep, n)
+            _propagate(ctx, consumer, flow)
         elif cls == "Flatten":
-            _flatten_then_dense(graph, consumer, keep, n, weights, by_name)
+            _flatten_then_dense(ctx, consumer, flow)
         elif cls == "Dense":
+            if flow.data_format == "channels_first" and len(ctx.shapes[src]) > 2:
+                raise ModelError("a Dense layer reads the last axis, not the channels of this "
+                                 "channels_first tensor", layer=consumer)
             w[0] = w[0][keep]
+            ctx.sinks[consumer] = _Sink("dense", _dropped(flow), -1, flow.origins)
         elif family_of(cls) is not None:
             fam = family_of(cls)
             assert fam is not None
@@ -282,51 +340,169 @@ def _propagate(ctx: _Context, src: str, keep: list[int], n: int) -> None:
                 if int(node.config.get("groups", 1)) != 1:
                     raise ModelError("a grouped convolution consumes the channels", layer=consumer)
                 w[0] = w[0][..., keep, :]
+                ctx.sinks[consumer] = _Sink("conv", _dropped(flow), axis, flow.origins)
             elif fam.name == "conv_transpose":
                 w[0] = w[0][..., keep]
+                ctx.sinks[consumer] = _Sink("transpose", _dropped(flow), axis, flow.origins)
             elif fam.name == "separable":
                 mult = int(node.config.get("depth_multiplier", 1))
                 w[0] = w[0][..., keep, :]
                 rows = [c * mult + m for c in keep for m in range(mult)]
                 w[1] = w[1][..., rows, :]
-            else:  # depthwise: its own channels c*mult..c*mult+mult-1 go too
+                ctx.sinks[consumer] = _Sink("separable", _dropped(flow), axis, flow.origins)
+            else:  # depthwise: its own channels c*mult..c*mult+mult-1 go too; whatever constant
+                # they carry (its bias, say) is measured and folded where they end
                 mult = int(node.config.get("depth_multiplier", 1))
                 out_keep = [c * mult + m for c in keep for m in range(mult)]
-                dropped = [k for k in range(n * mult) if k not in set(out_keep)]
-                if node.config.get("use_bias", True) and np.any(w[1][dropped] != 0):
-                    # in the zeroed reference these channels carry the depthwise bias on to the
-                    # next layer: that constant must be folded there (not implemented yet)
-                    raise ModelError("the depthwise layer's bias of the removed channels is not 0; "
-                                     "folding that constant is not supported yet", layer=consumer)
                 w[0] = w[0][..., keep, :]
                 if node.config.get("use_bias", True):
                     w[1] = w[1][out_keep]
-                _propagate(ctx, consumer, out_keep, n * mult)
+                _propagate(ctx, consumer, _Flow(out_keep, n * mult, flow.origins,
+                                                flow.data_format))
         else:
             raise ModelError(f"a {cls} layer consumes the channels; removal through it is not "
                              f"supported yet", layer=consumer)
 
 
-def _arrive_at_concat(ctx: _Context, src: str, concat: str, node: Any, keep: list[int]) -> None:
+def _bn_on_channels(config: dict, shape: tuple, data_format: str) -> bool:
+    axis = config.get("axis", -1)
+    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+    if not isinstance(axis, int):
+        return False
+    axis = axis % len(shape)
+    return axis == (1 if data_format == "channels_first" else len(shape) - 1)
+
+
+def _arrive_at_concat(ctx: _Context, src: str, concat: str, node: Any, flow: _Flow) -> None:
     from kprune_batch.graph import _histories
 
     axis = node.config.get("axis", -1)
+    rank = len(ctx.shapes[concat])
+    channel_axis = 1 if flow.data_format == "channels_first" else rank - 1
     sources = [name for name, _ in _histories(ctx.by_name[concat].get("inbound_nodes") or [])]
-    if axis not in (-1, len(ctx.by_name[concat].get("build_config", {}).get(
-            "input_shape", [[0]])[0]) - 1) or sources.count(src) != 1 or node.calls != 1:
+    if not isinstance(axis, int) or axis % rank != channel_axis or sources.count(src) != 1 \
+            or node.calls != 1:
         raise ModelError("a Concatenate that is shared, joins the same tensor twice or does not "
                          "join on the channel axis consumes the channels", layer=concat)
-    ctx.pending.setdefault(concat, {})[sources.index(src)] = keep
+    ctx.pending.setdefault(concat, {})[sources.index(src)] = flow
 
 
-def _flatten_then_dense(graph: Any, flatten: str, keep: list[int], n: int,
-                        weights: dict[str, list[np.ndarray]], by_name: dict[str, dict]) -> None:
-    """Keras flattens channels_last: element (h, w, c) is row (h*W + w)*C + c."""
-    (dense,) = graph.consumers(flatten) if len(graph.consumers(flatten)) == 1 else (None,)
+def _flatten_then_dense(ctx: _Context, flatten: str, flow: _Flow) -> None:
+    """Flatten writes (positions, channels) in channels_last order: element (h, w, c) is row
+    (h*W + w)*C + c. A channels_first tensor is transposed to that order first only when the
+    Flatten itself says channels_first (keras/src/layers/reshaping/flatten.py); otherwise its
+    element (c, h, w) is row c*H*W + h*W + w."""
+    graph = ctx.graph
+    consumers = graph.consumers(flatten)
+    dense = consumers[0] if len(consumers) == 1 else None
     if dense is None or dense == OUTPUT or graph.layers[dense].class_name != "Dense":
         raise ModelError("Flatten must feed exactly one Dense layer", layer=flatten)
-    kernel = weights[dense][0]
+    kernel = ctx.weights[dense][0]
+    n = flow.n
     positions = kernel.shape[0] // n
-    rows = [p * n + c for p in range(positions) for c in keep]
-    weights[dense][0] = kernel[rows]
-    by_name[dense].pop("build_config", None)
+    channels_major = flow.data_format == "channels_first" and \
+        _format(graph.layers[flatten].config) == "channels_last"
+    if channels_major:
+        rows = [c * positions + p for c in flow.keep for p in range(positions)]
+    else:
+        rows = [p * n + c for p in range(positions) for c in flow.keep]
+    kept = set(rows)
+    ctx.weights[dense][0] = kernel[sorted(rows)]
+    ctx.by_name[dense].pop("build_config", None)
+    ctx.visited.add(dense)
+    ctx.sinks[dense] = _Sink("dense", [r for r in range(kernel.shape[0]) if r not in kept], -1,
+                             flow.origins)
+
+
+CONSTANT_RTOL = 1e-6  # a removed channel is constant if it varies less than this (relative)
+
+
+def _fold(keras: Any, model: Any, ctx: _Context, feed: Any,
+          approximate: frozenset[str]) -> None:
+    """Fold what removed channels still carry into each sink's bias.
+
+    A removed channel is the zeroed layer's bias (a constant) passed through BN, activations,
+    pooling and merges with other removed channels: a function of nothing but the weights, so
+    one probe batch measures it for every input. It is the same at every position unless
+    zero padding or a padded depthwise layer on the way treats borders differently. Folding
+    sum(kernel taps x constant) into the bias is exact for Dense and for convolutions without
+    padding ('valid', or a 1x1 kernel); otherwise only with `approximate: true`.
+    """
+    if feed is None:
+        from kprune_batch.probe import probe_inputs
+
+        x = probe_inputs(model)
+        feed = x if len(x) > 1 else x[0]
+    names = list(ctx.sinks)
+    inputs = model.inputs if len(model.inputs) > 1 else model.inputs[0]  # as `feed` is given
+    extractor = keras.Model(inputs, [model.get_layer(s).input for s in names])
+    values = keras.tree.flatten(extractor(feed, training=False))
+    for name, value in zip(names, values, strict=True):
+        sink = ctx.sinks[name]
+        x = np.moveaxis(np.asarray(value, dtype="float64"), sink.axis, -1)
+        flat = x.reshape(-1, x.shape[-1])[:, sink.removed]
+        center = x[(0,) + tuple(d // 2 for d in x.shape[1:-1])][sink.removed]
+        varies = np.max(np.abs(flat - center), axis=0) > CONSTANT_RTOL * np.maximum(
+            1.0, np.abs(center))
+        if not np.any(varies) and not np.any(center):
+            continue  # silent: nothing to fold
+        node = ctx.graph.layers[name]
+        who = ", ".join(f"'{o}'" for o in sorted(sink.origins))
+        hint = (f"set approximate: true on the entries of {who} to accept the deviation "
+                f"(measured and logged), or zero these filters instead (action: zero)")
+        if sink.kind == "transpose":
+            raise ModelError(f"removed filters of {who} reach it as constants, and folding a "
+                             f"constant into a {node.class_name} is not supported",
+                             layer=name, hint="zero these filters instead (action: zero)")
+        padded = sink.kind != "dense" and node.config.get("padding", "valid") != "valid" and \
+            any(int(k) != 1 for k in _kernel_size(node.config))
+        allowed = sink.origins <= approximate
+        if np.any(varies) and not allowed:
+            raise ModelError(f"removed filters of {who} reach it with values that differ across "
+                             f"positions (zero padding or a padded depthwise layer on the way), "
+                             f"so no constant can be folded into its bias exactly",
+                             layer=name, hint=hint)
+        if padded and not allowed:
+            k = float(center[np.argmax(np.abs(center))])
+            raise ModelError(f"removed filters of {who} reach it as the constant {k:.6g}, and "
+                             f"its '{node.config.get('padding')}' padding means border positions "
+                             f"see fewer of them, so folding into its bias is not exact",
+                             layer=name, hint=hint)
+        original = ctx.original[name]
+        if sink.kind == "dense":
+            delta = center @ original[0][sink.removed].astype("float64")
+        elif sink.kind == "conv":
+            taps = original[0][..., sink.removed, :].astype("float64")  # (*kernel, in, out)
+            delta = np.tensordot(taps, center, axes=([taps.ndim - 2], [0])).reshape(
+                -1, taps.shape[-1]).sum(axis=0)
+        else:  # separable: depthwise taps (no bias of their own), then pointwise rows
+            mult = int(node.config.get("depth_multiplier", 1))
+            depthwise, pointwise = original[0], original[1]
+            taps = depthwise[..., sink.removed, :].astype("float64")
+            through = (taps.reshape(-1, len(sink.removed), mult).sum(axis=0)
+                       * center[:, None]).reshape(-1)
+            rows = [c * mult + m for c in sink.removed for m in range(mult)]
+            delta = through @ pointwise.reshape(-1, pointwise.shape[-1])[rows].astype("float64")
+        if name in ctx.result.mappings:  # the sink loses filters of its own as well
+            delta = delta[[c for c, to in enumerate(ctx.result.mappings[name]["old_to_new"])
+                           if to >= 0]]
+        w = ctx.weights[name]
+        dtype = w[0].dtype
+        bias_added = not node.config.get("use_bias", True)
+        if bias_added:
+            ctx.by_name[name]["config"]["use_bias"] = True
+            w.append(delta.astype(dtype))
+        else:
+            w[-1] = (w[-1].astype("float64") + delta).astype(dtype)
+        exact = not (np.any(varies) or padded)
+        ctx.result.approximate = ctx.result.approximate or not exact
+        ctx.result.folded.append({
+            "layer": name, "exact": exact, "bias_added": bias_added,
+            "constants": [{"channel": int(c), "constant": float(k)}
+                          for c, k in zip(sink.removed, center, strict=True) if k != 0.0],
+        })
+
+
+def _kernel_size(config: dict) -> list[int]:
+    size = config.get("kernel_size", 1)
+    return list(size) if isinstance(size, (list, tuple)) else [size]

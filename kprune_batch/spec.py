@@ -327,14 +327,6 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
         line, col = positions.of(path, key=key)
         problems.append(SpecProblem(line, col, json_path(path), message, file))
 
-    for opt_path in [("defaults",)] + [("models", i, "layers", j)
-                                       for i, m in enumerate(data["models"])
-                                       for j in range(len(m["layers"]))]:
-        opts = _get(data, opt_path) or {}
-        if opts.get("approximate", False):
-            add(opt_path + ("approximate",),
-                "'approximate: true' is not supported yet by this kprune version (removal is "
-                "exact only); remove the key")
     for i, model in enumerate(data["models"]):
         for j, entry in enumerate(model["layers"]):
             cls = entry.get("type")
@@ -368,14 +360,6 @@ def _slice_axes(cls: str) -> int | None:
         return None
     rank = int(digits[0])
     return rank if fam.name == "depthwise" else rank + 1
-
-
-def _get(data: Any, path: tuple) -> Any:
-    for part in path:
-        if isinstance(data, dict) and part not in data:
-            return None
-        data = data[part]
-    return data
 
 
 def _spec_folder(file: str) -> str:

@@ -12,33 +12,43 @@ from kprune_batch.errors import ModelError
 from kprune_batch.removal import remove_filters
 
 
-def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]]) -> Any:
-    """The contract's reference: zero kernel slice and bias, neutralise a direct BN follower."""
+def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
+                     bias: str = "zero", neutralize: bool = True) -> Any:
+    """The contract's reference: zero the kernel slice (and the bias unless bias: keep);
+    neutralise a direct BN follower (gamma = beta = 0) unless batchnorm: keep."""
     ref = keras.models.clone_model(model)
     ref.set_weights(model.get_weights())
     for name, filters in selection.items():
         layer = ref.get_layer(name)
         w = layer.get_weights()
-        w[-2 if len(w) == 3 else 0][..., filters] = 0  # pointwise for separable, else kernel
-        w[-1][filters] = 0
+        separable = "Separable" in type(layer).__name__
+        w[1 if separable else 0][..., filters] = 0  # pointwise for separable, else kernel
+        if bias == "zero" and layer.use_bias:
+            w[-1][filters] = 0
         layer.set_weights(w)
         for bn in [l for l in ref.layers if l.__class__.__name__ == "BatchNormalization"]:
-            if bn.input is layer.output:
+            if neutralize and bn.input is layer.output:
                 g, b, mm, mv = bn.get_weights()
                 g[filters], b[filters] = 0, 0
                 bn.set_weights([g, b, mm, mv])
     return ref
 
 
-def check(keras: Any, model: Any, selection: dict[str, list[int]], removed_params: int) -> Any:
+def check(keras: Any, model: Any, selection: dict[str, list[int]], removed_params: int,
+          **options: Any) -> Any:
+    """Remove from the zeroed model; outputs equal within 1e-5 on a batch the removal never
+    saw; exactly `removed_params` parameters fewer."""
     _seeded_weights(model, 21)
-    result = remove_filters(keras, model, selection)
-    x = np.random.default_rng(0).normal(size=(4,) + tuple(model.inputs[0].shape[1:])).astype(
+    approximate = options.pop("approximate", frozenset())
+    ref = zeroed_reference(keras, model, selection, **options)
+    result = remove_filters(keras, ref, selection, approximate=approximate)
+    x = np.random.default_rng(7).normal(size=(3,) + tuple(model.inputs[0].shape[1:])).astype(
         "float32")
-    expected = np.asarray(zeroed_reference(keras, model, selection)(x, training=False))
+    expected = np.asarray(ref(x, training=False))
     got = np.asarray(result.model(x, training=False))
     assert np.max(np.abs(expected - got)) <= 1e-5
     assert result.params_before - result.params_after == removed_params
+    assert not result.approximate
     return result
 
 
@@ -85,14 +95,185 @@ def test_depthwise_chain_and_global_pooling(keras: Any) -> None:
     check(keras, model, {"c1": [1]}, 4 + 18 + 8)
 
 
-def test_depthwise_bias_constant_is_refused(keras: Any) -> None:
+def test_depthwise_bias_is_folded_downstream(keras: Any) -> None:
     L = keras.layers
     i = keras.Input((8, 8, 3))
     x = L.DepthwiseConv2D(3, name="dw")(L.Conv2D(6, 1, name="c1")(i))
-    model = keras.Model(i, L.Conv2D(2, 1)(x))
-    _seeded_weights(model, 3)
-    with pytest.raises(ModelError, match="folding that constant is not supported yet"):
-        remove_filters(keras, model, {"c1": [1]})
+    model = keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="c2")(x))))
+    # the dw channel of c1's filter 1 keeps its bias: a constant that ends in c2's bias.
+    # c1: 3 + 1; dw: 9 + 1; c2: 4 rows
+    result = check(keras, model, {"c1": [1]}, 4 + 10 + 4)
+    (fold,) = result.folded
+    assert fold["layer"] == "c2" and fold["exact"] and not fold["bias_added"]
+    dw_bias = model.get_layer("dw").get_weights()[1]  # c1's channel is 0 there
+    assert fold["constants"] == [{"channel": 1, "constant": pytest.approx(dw_bias[1], abs=1e-7)}]
+
+
+def bn_relu_model(keras: Any, padding: str = "valid", kernel: int = 3,
+                  use_bias: bool = True) -> Any:
+    """c1 -> BN -> ReLU -> c2 -> GAP -> Dense: with batchnorm: keep a removed c1 filter leaves
+    relu(BN(bias)) behind in c2's input."""
+    L = keras.layers
+    i = keras.Input((9, 9, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(8, 3, name="c1")(i)))
+    x = L.Conv2D(5, kernel, padding=padding, use_bias=use_bias, name="c2")(x)
+    return keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+
+
+def relu_bn_of_bias(model: Any, filters: list[int]) -> np.ndarray:
+    """relu(gamma * (b - mean) / sqrt(var + eps) + beta), computed here from the weights."""
+    b = model.get_layer("c1").get_weights()[1].astype(np.float64)
+    g, beta, mean, var = (v.astype(np.float64) for v in model.get_layer("bn").get_weights())
+    eps = model.get_layer("bn").epsilon
+    return np.maximum(g * (b - mean) / np.sqrt(var + eps) + beta, 0)[filters]
+
+
+def loud(model: Any) -> list[int]:
+    """Two filters of c1 that leave a positive constant behind (seeded as check() seeds)."""
+    _seeded_weights(model, 21)
+    k = relu_bn_of_bias(model, list(range(8)))
+    assert np.count_nonzero(k) >= 2
+    return [int(f) for f in np.flatnonzero(k)[:2]]
+
+
+@pytest.mark.parametrize("padding, kernel", [("valid", 3), ("same", 1)])
+def test_constant_is_folded_exactly(keras: Any, padding: str, kernel: int) -> None:
+    model = bn_relu_model(keras, padding, kernel)
+    filters = loud(model)
+    # c1: 2 * (27 + 1), BN 2 * 4, c2: 2 * k*k*5 rows
+    result = check(keras, model, {"c1": filters}, 2 * 28 + 2 * 4 + 2 * kernel * kernel * 5,
+                   bias="keep", neutralize=False)
+    (fold,) = result.folded
+    assert fold["layer"] == "c2" and fold["exact"] and not fold["bias_added"]
+    got = {c["channel"]: c["constant"] for c in fold["constants"]}
+    expected = relu_bn_of_bias(model, filters)
+    assert sorted(got) == filters
+    for f, value in zip(filters, expected, strict=True):
+        assert got[f] == pytest.approx(value, rel=1e-6)
+
+
+def test_consumer_that_loses_filters_too(keras: Any) -> None:
+    model = bn_relu_model(keras)
+    filters = loud(model)
+    # c1: 2 * 28, BN 2 * 4; c2 loses filter 4 (9 * 8 + 1) and 2 * 9 rows of its 4 others;
+    # the Dense loses one row of 2
+    result = check(keras, model, {"c1": filters, "c2": [4]},
+                   2 * 28 + 2 * 4 + 73 + 2 * 9 * 4 + 2, bias="keep", neutralize=False)
+    dense = model.layers[-1].name
+    assert [f["layer"] for f in result.folded] == ["c2", dense]
+    # c2's own filter 4 keeps its bias (bias: keep): GAP passes it to the Dense unchanged
+    assert result.folded[1]["constants"] == [
+        {"channel": 4, "constant": pytest.approx(model.get_layer("c2").get_weights()[1][4])}]
+
+
+def test_use_bias_false_consumer_gets_a_bias(keras: Any) -> None:
+    model = bn_relu_model(keras, use_bias=False)
+    filters = loud(model)
+    # c1: 2 * 28, BN 2 * 4, c2: 2 * 9 * 5 rows, and c2 gains 5 biases
+    result = check(keras, model, {"c1": filters}, 2 * 28 + 2 * 4 + 2 * 9 * 5 - 5,
+                   bias="keep", neutralize=False)
+    assert result.folded[0]["bias_added"]
+    assert result.model.get_layer("c2").use_bias
+
+
+def test_same_padding_needs_approximate(keras: Any) -> None:
+    model = bn_relu_model(keras, "same", 3)
+    filters = loud(model)
+    ref = zeroed_reference(keras, model, {"c1": filters}, bias="keep", neutralize=False)
+    k = relu_bn_of_bias(model, filters)
+    with pytest.raises(ModelError) as err:
+        remove_filters(keras, ref, {"c1": filters})
+    assert err.value.layer == "c2"
+    assert err.value.message == (
+        f"removed filters of 'c1' reach it as the constant {float(k[np.argmax(k)]):.6g}, and its "
+        f"'same' padding means border positions see fewer of them, so folding into its bias is "
+        f"not exact")
+    assert err.value.hint.startswith("set approximate: true on the entries of 'c1'")
+    result = remove_filters(keras, ref, {"c1": filters}, approximate=frozenset({"c1"}))
+    assert result.approximate and not result.folded[0]["exact"]
+    # the fold is right wherever c2's 3x3 window sees no padding, wrong only on the border
+    x = np.random.default_rng(3).normal(size=(2, 9, 9, 3)).astype("float32")
+    inner = [keras.Model(m.inputs, m.get_layer("c2").output)(x) for m in (ref, result.model)]
+    a, b = (np.asarray(v) for v in inner)
+    assert np.max(np.abs(a - b)[:, 1:-1, 1:-1]) <= 1e-5
+    assert np.max(np.abs(a - b)[:, 0]) > 1e-4
+
+
+def test_zero_padding_on_the_path_is_refused(keras: Any) -> None:
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    x = L.ZeroPadding2D(1, name="pad")(L.Conv2D(4, 1, activation="sigmoid", name="c1")(i))
+    model = keras.Model(i, L.Flatten()(L.Conv2D(2, 3, name="c2")(x)))
+    _seeded_weights(model, 2)
+    ref = zeroed_reference(keras, model, {"c1": [1]})
+    with pytest.raises(ModelError, match="reach it with values that differ across positions") \
+            as err:
+        remove_filters(keras, ref, {"c1": [1]})
+    assert err.value.layer == "c2"
+
+
+def test_sigmoid_into_flatten_dense_is_folded_per_row(keras: Any) -> None:
+    L = keras.layers
+    i = keras.Input((6, 6, 2))
+    x = L.ZeroPadding2D(1)(L.Conv2D(4, 3, activation="sigmoid", name="c1")(i))  # -> (6, 6, 4)
+    model = keras.Model(i, L.Dense(3, name="d")(L.Flatten()(x)))
+    # sigmoid(0) = 0.5 inside, 0 on the padded border: each Dense row sees its own constant,
+    # so the fold is exact even though the values differ across positions
+    result = check(keras, model, {"c1": [1]}, 19 + 36 * 3)
+    (fold,) = result.folded
+    assert fold["layer"] == "d" and fold["exact"]
+    constants = {c["channel"]: c["constant"] for c in fold["constants"]}
+    assert sorted(constants.values()) == [0.5] * 16  # the 4x4 interior; 0 on the border
+    assert sorted(constants) == sorted((h * 6 + w) * 4 + 1 for h in range(1, 5)
+                                       for w in range(1, 5))
+
+
+def test_separable_consumer_and_concatenate_then_bn(keras: Any) -> None:
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 1, name="a")(i)
+    x = L.Concatenate(name="cat")([a, L.Conv2D(3, 1, name="b")(i)])
+    x = L.BatchNormalization(name="bn_cat")(x)  # not a direct follower: keeps its statistics
+    x = L.SeparableConv2D(5, 3, depth_multiplier=2, name="sep")(x)
+    model = keras.Model(i, L.Dense(2)(L.GlobalMaxPooling2D()(x)))
+    # a loses 1: 3 + 1; bn_cat 4; sep: depthwise 9 * 2, pointwise 2 * 5 rows
+    result = check(keras, model, {"a": [1]}, 4 + 4 + 18 + 10)
+    (fold,) = result.folded
+    assert fold["layer"] == "sep" and fold["exact"]
+
+
+def test_transposed_consumer_with_a_constant_is_refused(keras: Any) -> None:
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.Conv2DTranspose(2, 3, name="up")(L.Conv2D(4, 1, activation="sigmoid", name="c1")(i))
+    model = keras.Model(i, L.Flatten()(x))
+    ref = zeroed_reference(keras, model, {"c1": [0]})
+    with pytest.raises(ModelError, match="folding a constant into a Conv2DTranspose is not "
+                                         "supported"):
+        remove_filters(keras, ref, {"c1": [0]}, approximate=frozenset({"c1"}))
+
+
+@pytest.mark.parametrize("flatten_format", [None, "channels_last", "channels_first"])
+def test_channels_first(keras: Any, flatten_format: str | None) -> None:
+    L = keras.layers
+    cf = "channels_first"
+    i = keras.Input((3, 7, 9))
+    x = L.Conv2D(6, 3, data_format=cf, name="c1")(i)  # -> (6, 5, 7)
+    x = L.ReLU()(L.BatchNormalization(axis=1, name="bn")(x))
+    x = L.MaxPooling2D(1, data_format=cf)(x)
+    x = L.Conv2D(4, 3, data_format=cf, name="c2")(x)  # -> (4, 3, 5)
+    if flatten_format is None:
+        head = L.GlobalAveragePooling2D(data_format=cf)(x)
+        rows = 0
+    else:
+        head = L.Flatten(data_format=flatten_format)(x)
+        rows = 15 * 2 * 3  # 2 of c2's channels at 3 x 5 positions, 3 units
+    model = keras.Model(i, L.Dense(3, name="d")(head))
+    removed = {"c1": [1, 4], "c2": [0, 3]}
+    # c1: 2 * (27 + 1); bn: 2 * 4; c2 loses 2 whole filters of 6 inputs, 2 * (54 + 1), and the
+    # 2 removed inputs of the 2 it keeps, 2 * 9 * 2; d: its rows (GAP: 2 channels x 3 units)
+    expected = 2 * 28 + 2 * 4 + 2 * 55 + 2 * 9 * 2 + (rows if rows else 2 * 3)
+    check(keras, model, removed, expected)
 
 
 def test_sequential_separable(keras: Any) -> None:
@@ -292,6 +473,46 @@ def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
     out.fit(rng.normal(size=(2, 64, 64, 3)), rng.normal(size=(2, 5)), epochs=1, verbose=0)
 
 
+@pytest.mark.slow
+def test_mobilenetv2_removal_folds_into_projections(keras: Any, tmp_path: Path) -> None:
+    """Expand convs feed depthwise chains whose BN (trained-looking statistics) turns the
+    removed channels into constants: they are folded into the 1x1 projections (which have no
+    bias, so they gain one); block_5_project couples a residual stage."""
+    import json
+
+    from conftest import kprune, write_spec
+
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=5)
+    rng = np.random.default_rng(4)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.3, n),
+                               rng.normal(0, 0.3, n), rng.uniform(0.5, 2.0, n)])
+    model.save(tmp_path / "m.keras")
+    layers = {"Conv1": [0, 3], "block_2_expand": [1, 2, 3], "block_3_expand": [5],
+              "block_5_project": [0]}
+    entries = "\n".join(f"      - {{name: {k}, action: remove, rules: [{{index: {v}}}]}}"
+                        for k, v in layers.items())
+    spec = write_spec(tmp_path, f"version: 1\nmodels:\n  - path: m.keras\n    layers:\n{entries}\n")
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    removal = log["models"][0]["removal"]
+    assert removal["probe_deviation"] <= 1e-5 and removal["approximate"] is False
+    folded = {f["layer"] for f in removal["folded"]}
+    assert {"expanded_conv_project", "block_2_project", "block_3_project"} <= folded
+    assert {r["layer"] for r in log["removed"]} >= {"block_3_project", "block_4_project"}
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    assert out.count_params() == removal["params_after"] < removal["params_before"]
+    assert out.get_layer("block_2_project").use_bias
+    x = np.random.default_rng(9).normal(size=(2, 64, 64, 3)).astype("float32")
+    selection = {**layers, "block_3_project": [0], "block_4_project": [0]}
+    reference = zeroed_reference(keras, model, selection)
+    assert np.max(np.abs(np.asarray(reference(x)) - np.asarray(out(x)))) <= 1e-5
+    out.compile(optimizer="sgd", loss="mse")
+    out.fit(x, rng.normal(size=(2, 5)), epochs=1, verbose=0)
+
+
 def test_round_to_keeps_back_the_largest_l1(keras: Any, tmp_path: Path, chain_model: Path) -> None:
     import json
 
@@ -315,3 +536,41 @@ def test_round_to_keeps_back_the_largest_l1(keras: Any, tmp_path: Path, chain_mo
         set(selected) - {expected_back})
     out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
     assert out.get_layer("c1").kernel.shape[-1] == 12
+
+
+def test_apply_approximate_records_the_deviation(keras: Any, tmp_path: Path) -> None:
+    import json
+
+    from conftest import kprune, write_spec
+
+    model = bn_relu_model(keras, "same", 3)
+    filters = loud(model)
+    model.save(tmp_path / "m.keras")
+    k = relu_bn_of_bias(model, filters)
+    text = """\
+        version: 1
+        defaults: {{bias: keep, batchnorm: keep, action: remove{extra}}}
+        models:
+          - path: m.keras
+            layers: [{{name: c1, rules: [{{index: {filters}}}]}}]
+        """
+    spec = write_spec(tmp_path, text.format(extra="", filters=filters))
+    refused = kprune("apply", spec).expect(1)
+    assert refused.stderr == (
+        f"error: model 'm', layer 'c2': removed filters of 'c1' reach it as the constant "
+        f"{float(k.max()):.6g}, and its 'same' padding means border positions see fewer of them, "
+        f"so folding into its bias is not exact; set approximate: true on the entries of 'c1' to "
+        f"accept the deviation (measured and logged), or zero these filters instead "
+        f"(action: zero)\n")
+    assert not (tmp_path / "pruned" / "m.keras").exists()
+
+    spec = write_spec(tmp_path, text.format(extra=", approximate: true", filters=filters))
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    removal = json.loads((tmp_path / "log.json").read_text())["models"][0]["removal"]
+    assert removal["approximate"] is True
+    assert removal["probe_deviation"] > 1e-5  # measured, recorded, allowed
+    (fold,) = removal["folded"]
+    assert (fold["layer"], fold["exact"], fold["bias_added"]) == ("c2", False, False)
+    assert [c["channel"] for c in fold["constants"]] == filters
+    assert [c["constant"] for c in fold["constants"]] == pytest.approx(list(k), rel=1e-6)
+    kprune("verify", tmp_path / "log.json").expect(0)

@@ -159,8 +159,6 @@ def test_semantic_errors(tmp_path: Path) -> None:
         "15:30: models[3].layers[0].type: type 'Dense' is not a convolution layer class; filters "
         "exist only in: Conv1D, Conv2D, Conv3D, Conv1DTranspose, Conv2DTranspose, "
         "Conv3DTranspose, DepthwiseConv1D, DepthwiseConv2D, SeparableConv1D, SeparableConv2D",
-        "15:50: models[3].layers[0].approximate: 'approximate: true' is not supported yet by "
-        "this kprune version (removal is exact only); remove the key",
     ]
 
 
