@@ -60,6 +60,7 @@ class ModelOutcome:
     static_check: str = "skipped"
     removed: list[dict[str, Any]] = field(default_factory=list)
     removal: dict[str, Any] | None = None
+    touched: list[dict[str, Any]] = field(default_factory=list)  # plan only: Touch.to_json()
 
 
 Opener = Callable[[ModelJob], ModelWeights]
@@ -286,10 +287,13 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         outcome.backend = weights.backend
         outcome.backend_note = getattr(weights, "fallback_reason", None)
         outcome.layers = select_filters(job, weights)
+        removing = [sel for sel in outcome.layers if sel.options.action == "remove" and sel.filters]
         if not write:
+            if removing:  # what the removal will touch, from the config (no TensorFlow)
+                removing = _couple_selections(job, weights, outcome.layers, removing)
+                outcome.touched = _plan_removal(job, weights, removing)
             outcome.status = STATUS_OK
             return outcome
-        removing = [sel for sel in outcome.layers if sel.options.action == "remove" and sel.filters]
         if removing and weights.backend != "keras":
             # removal rebuilds the model from its config: only the Keras backend can
             weights.close()
@@ -424,6 +428,18 @@ def _round_to(job: ModelJob, removing: list[LayerSelection],
             by_path[m].kept_back = sorted(kept_back)
 
 
+def _plan_removal(job: ModelJob, weights: ModelWeights,
+                  removing: list[LayerSelection]) -> list[dict[str, Any]]:
+    from kprune_batch.removal import plan_removal
+
+    try:
+        plan = plan_removal(weights.graph, {s.path: list(s.filters) for s in removing},
+                            coupled="union")  # already coupled: members are equal
+    except ModelError as exc:
+        raise ModelError(exc.message, model=job.name, layer=exc.layer, hint=exc.hint) from None
+    return [t.to_json() for t in plan.touches]
+
+
 REMOVAL_TOLERANCE = 1e-5  # the contract's bound on |removed - zeroed| outputs
 
 
@@ -471,7 +487,8 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
         result.model.compile_from_config(model.get_compile_config())
         optimizer = "dropped"
     weights.model = result.model
-    return {"mappings": result.mappings, "params_before": result.params_before,
+    return {"mappings": result.mappings, "touched": result.touches,
+            "params_before": result.params_before,
             "kept_back": {s.path: s.kept_back for s in removing if s.kept_back},
             "macs_before": result.macs_before, "macs_after": result.macs_after,
             "params_after": result.params_after, "probe_deviation": deviation,

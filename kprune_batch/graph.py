@@ -20,6 +20,7 @@ class GraphLayer:
     calls: int = 1  # how many times the layer is called (a shared layer: > 1)
     consumers: list[str] = field(default_factory=list)
     build_config: dict[str, Any] = field(default_factory=dict)
+    sources: list[str] = field(default_factory=list)  # producers, in the order of the inputs
 
 
 @dataclass
@@ -94,6 +95,7 @@ class _Builder:
             for src in previous:
                 for dst in ins:
                     self.edge(src, dst)
+                    self.layers[dst].sources.append(src)
             if not entries:
                 entries = ins
             previous = outs
@@ -112,6 +114,7 @@ class _Builder:
                 for src in sources:
                     for dst in ports[name][0]:
                         self.edge(src, dst)
+                        self.layers[dst].sources.append(src)
         entries = [p for item in _names(cfg.get("input_layers")) for p in ports[item][0]]
         exits = [p for item in _names(cfg.get("output_layers")) for p in ports[item][1]]
         return entries, exits

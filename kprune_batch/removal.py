@@ -22,6 +22,7 @@ from kprune_batch.errors import ModelError
 from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
                                    ZERO_PRESERVING_CLASSES, family_of)
 from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
+from kprune_batch.ranges import compact_ranges
 
 MERGES = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 GLOBAL_POOLING = ("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
@@ -40,6 +41,7 @@ class RemovalResult:
     macs_before: int = 0
     macs_after: int = 0
     folded: list[dict[str, Any]] = field(default_factory=list)  # per consumer: constants folded
+    touches: list[dict[str, Any]] = field(default_factory=list)  # Touch.to_json(), walk order
     approximate: bool = False  # a fold was not exact (allowed by approximate: true)
 
 
@@ -163,31 +165,60 @@ def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[s
     return out
 
 
-def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
-                   coupled: str = "error", approximate: frozenset[str] = frozenset(),
-                   feed: Any = None) -> RemovalResult:
-    """A new model without the selected filters, equal to `model` on every input.
+@dataclass(frozen=True)
+class Touch:
+    """One layer a removal changes and how: `keep` of `of` indices survive on the axis `how`
+    names (filters: its output filters; batchnorm: channels; inputs, transpose_inputs,
+    separable_inputs, depthwise: its input channels; rows: a Dense kernel's rows; passes and
+    concat: the channels that flow through)."""
 
-    `model` must already be the zeroed model (kernel slices, and the biases and BatchNorm
-    followers as the entries ask): whatever constant a removed channel still carries to a
-    consumer is measured on `feed` in that model and folded into the consumer's bias.
-    `approximate` names the layers whose entries accept an inexact fold.
+    layer: str
+    class_name: str
+    how: str
+    keep: tuple[int, ...]
+    of: int
+
+    def to_json(self) -> dict[str, Any]:
+        kept = set(self.keep)
+        return {"layer": self.layer, "layer_class": self.class_name, "how": self.how,
+                "removed": compact_ranges([i for i in range(self.of) if i not in kept]),
+                "kept": len(self.keep), "of": self.of}
+
+
+HOW = {"filters": "filters removed", "batchnorm": "channels sliced", "passes": "passes through",
+       "concat": "concatenated channels removed", "inputs": "input channels removed",
+       "transpose_inputs": "input channels removed", "separable_inputs": "input channels removed",
+       "depthwise": "channels removed (and its outputs for them)", "rows": "kernel rows removed"}
+
+
+def describe(touch: dict[str, Any]) -> str:
+    """'bn (BatchNormalization): channels sliced 3, 11 (2 of 16)' from Touch.to_json()."""
+    n = touch["of"] - touch["kept"]
+    what = touch["removed"] if len(touch["removed"]) <= 60 else touch["removed"][:57] + "..."
+    return (f"{touch['layer']} ({touch['layer_class']}): {HOW[touch['how']]} {what} "
+            f"({n} of {touch['of']})")
+
+
+@dataclass
+class RemovalPlan:
+    """What a removal will do, from the model config alone (no TensorFlow, no weights)."""
+
+    selection: dict[str, list[int]]  # after coupling
+    touches: list[Touch] = field(default_factory=list)
+    sinks: dict[str, _Sink] = field(default_factory=dict)
+
+
+def plan_removal(graph: Any, selection: dict[str, list[int]],
+                 coupled: str = "error") -> RemovalPlan:
+    """Couple the selection and walk every channel it removes to where it ends.
+
+    Raises ModelError naming the layer for anything the walk cannot follow exactly.
     """
-    serialized = keras.saving.serialize_keras_object(model)
-    graph = build_graph(serialized)
     if any(n.class_name in MODEL_CLASSES for n in graph.layers.values()):
         raise ModelError("removal of filters in models with nested models is not supported yet")
-    selection = _couple(graph, selection, coupled)
-    config = serialized["config"]
-    by_name = {layer["config"]["name"]: layer for layer in config["layers"]}
-    weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers}
-    result = RemovalResult(model=None, params_before=int(model.count_params()))
-    result.selection = selection
-    shapes = {layer.name: tuple(layer.output.shape) for layer in model.layers
-              if not isinstance(layer.output, (list, tuple))}
-    ctx = _Context(graph, weights, {k: list(v) for k, v in weights.items()}, by_name, result,
-                   set(), {}, shapes, {})
-    for path, removed in selection.items():
+    plan = RemovalPlan(_couple(graph, selection, coupled))
+    walk = _Walk(graph, plan, set(), {})
+    for path, removed in plan.selection.items():
         node = graph.layers[path]
         family = family_of(node.class_name)
         if family is None or family.name not in ("conv", "separable") or \
@@ -200,24 +231,44 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
         keep = [f for f in range(n) if f not in set(removed)]
         if not keep:
             raise ModelError("removal would leave the layer without filters", layer=path)
-        w = weights[path]
-        kernel_index = 1 if family.name == "separable" else 0
-        w[kernel_index] = w[kernel_index][..., keep]
-        if node.config.get("use_bias", True):
-            w[-1] = w[-1][keep]
-        by_name[path]["config"]["filters"] = len(keep)
-        by_name[path].pop("build_config", None)
-        result.mappings[path] = {"old_to_new": [keep.index(f) if f in keep else -1
-                                                for f in range(n)]}
-        flow = _Flow(keep, n, frozenset(coupled_group(graph, path)[0]),
-                     _format(node.config))
-        _propagate(ctx, path, flow)
-    order = [layer["config"]["name"] for layer in config["layers"]]
-    while ctx.pending:
-        concat = min(ctx.pending, key=order.index)  # config order is topological
-        _release_concat(ctx, concat, ctx.pending.pop(concat))
-    if ctx.sinks:
-        _fold(keras, model, ctx, feed, approximate)
+        walk.touch(path, "filters", keep, n)
+        _propagate(walk, path, _Flow(keep, n, frozenset(coupled_group(graph, path)[0]),
+                                     _format(node.config)))
+    order = list(graph.layers)
+    while walk.pending:
+        concat = min(walk.pending, key=order.index)  # config order is topological
+        _release_concat(walk, concat, walk.pending.pop(concat))
+    return plan
+
+
+def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
+                   coupled: str = "error", approximate: frozenset[str] = frozenset(),
+                   feed: Any = None) -> RemovalResult:
+    """A new model without the selected filters, equal to `model` on every input.
+
+    `model` must already be the zeroed model (kernel slices, and the biases and BatchNorm
+    followers as the entries ask): whatever constant a removed channel still carries to a
+    consumer is measured on `feed` in that model and folded into the consumer's bias.
+    `approximate` names the layers whose entries accept an inexact fold.
+    """
+    serialized = keras.saving.serialize_keras_object(model)
+    graph = build_graph(serialized)
+    plan = plan_removal(graph, selection, coupled)
+    config = serialized["config"]
+    by_name = {layer["config"]["name"]: layer for layer in config["layers"]}
+    weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers}
+    original = {k: list(v) for k, v in weights.items()}  # slicing makes new arrays
+    result = RemovalResult(model=None, params_before=int(model.count_params()))
+    result.selection = plan.selection
+    result.touches = [t.to_json() for t in plan.touches]
+    for touch in plan.touches:
+        _apply(touch, graph.layers[touch.layer].config, weights[touch.layer], by_name[touch.layer])
+        if touch.how == "filters":
+            kept = {f: i for i, f in enumerate(touch.keep)}
+            result.mappings[touch.layer] = {"old_to_new": [kept.get(f, -1)
+                                                           for f in range(touch.of)]}
+    if plan.sinks:
+        _fold(keras, model, graph, plan, original, weights, by_name, result, feed, approximate)
     cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
     new_model = cls.from_config(config)
     for layer in new_model.layers:
@@ -230,6 +281,32 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     return result
 
 
+def _apply(touch: Touch, config: dict, w: list[np.ndarray], layer: dict) -> None:
+    """Slice one layer's weights (in get_weights() order) and config as `touch` says."""
+    keep = list(touch.keep)
+    layer.pop("build_config", None)  # the stale input shape would fail the rebuild
+    mult = int(config.get("depth_multiplier", 1))
+    if touch.how == "filters":
+        kernel_index = 1 if family_of(touch.class_name).name == "separable" else 0  # type: ignore
+        w[kernel_index] = w[kernel_index][..., keep]
+        if config.get("use_bias", True):
+            w[-1] = w[-1][keep]
+        layer["config"]["filters"] = len(keep)
+    elif touch.how == "batchnorm":
+        w[:] = [v[keep] for v in w]
+    elif touch.how in ("inputs", "depthwise"):
+        w[0] = w[0][..., keep, :]
+        if touch.how == "depthwise" and config.get("use_bias", True):
+            w[1] = w[1][[c * mult + m for c in keep for m in range(mult)]]
+    elif touch.how == "transpose_inputs":
+        w[0] = w[0][..., keep]
+    elif touch.how == "separable_inputs":
+        w[0] = w[0][..., keep, :]
+        w[1] = w[1][..., [c * mult + m for c in keep for m in range(mult)], :]
+    elif touch.how == "rows":
+        w[0] = w[0][keep]
+
+
 @dataclass(frozen=True)
 class _Flow:
     """Removed channels on their way: which of `n` survive, whose they are, their axis."""
@@ -238,6 +315,10 @@ class _Flow:
     n: int
     origins: frozenset[str]  # the pruned layers (coupled groups whole) these channels come from
     data_format: str  # channels_last | channels_first, as the pruned layer wrote them
+
+    def dropped(self) -> list[int]:
+        kept = set(self.keep)
+        return [c for c in range(self.n) if c not in kept]
 
 
 @dataclass
@@ -251,62 +332,60 @@ class _Sink:
 
 
 @dataclass
-class _Context:
+class _Walk:
     graph: Any
-    weights: dict[str, list[np.ndarray]]
-    original: dict[str, list[np.ndarray]]  # the input model's arrays (never edited in place)
-    by_name: dict[str, dict]
-    result: RemovalResult
+    plan: RemovalPlan
     visited: set[str]  # layers already handled (a merge is reached once per member)
     # Concatenate layers collect what reaches each of their inputs before passing anything on
     pending: dict[str, dict[int, _Flow]]
-    shapes: dict[str, tuple]  # output shape of each layer in the input model
-    sinks: dict[str, _Sink]
+
+    def touch(self, layer: str, how: str, keep: list[int], of: int) -> None:
+        self.plan.touches.append(Touch(layer, self.graph.layers[layer].class_name, how,
+                                       tuple(keep), of))
+
+    def input_shape(self, layer: str) -> list:
+        shape = self.graph.layers[layer].build_config.get("input_shape")
+        if not isinstance(shape, (list, tuple)):  # tuples in memory, lists from config.json
+            raise ModelError("the model config does not record this layer's input shape",
+                             layer=layer, hint="save the model with Keras 3 after building it")
+        return list(shape)
 
 
 def _format(config: dict) -> str:
     return "channels_first" if config.get("data_format") == "channels_first" else "channels_last"
 
 
-def _release_concat(ctx: _Context, concat: str, arrivals: dict[int, _Flow]) -> None:
+def _release_concat(walk: _Walk, concat: str, arrivals: dict[int, _Flow]) -> None:
     """Map what each input of a Concatenate keeps to the concatenated axis (input i's channel c
     is channel offset_i + c) and pass that on."""
-    from kprune_batch.graph import _histories
-
-    sources = [name for name, _ in _histories(ctx.by_name[concat].get("inbound_nodes") or [])]
     fmt = next(iter(arrivals.values())).data_format
     axis = 1 if fmt == "channels_first" else -1
     keep, offset = [], 0
-    for slot, name in enumerate(sources):
-        width = int(ctx.shapes[name][axis])
+    for slot, shape in enumerate(walk.input_shape(concat)):
+        width = int(shape[axis])
         keep += [offset + c for c in (arrivals[slot].keep if slot in arrivals else range(width))]
         offset += width
-    ctx.visited.add(concat)
-    ctx.by_name[concat].pop("build_config", None)
+    walk.visited.add(concat)
+    walk.touch(concat, "concat", keep, offset)
     origins = frozenset().union(*(f.origins for f in arrivals.values()))
-    _propagate(ctx, concat, _Flow(keep, offset, origins, fmt))
+    _propagate(walk, concat, _Flow(keep, offset, origins, fmt))
 
 
-def _dropped(flow: _Flow) -> list[int]:
-    kept = set(flow.keep)
-    return [c for c in range(flow.n) if c not in kept]
-
-
-def _propagate(ctx: _Context, src: str, flow: _Flow) -> None:
-    graph, weights, by_name = ctx.graph, ctx.weights, ctx.by_name
+def _propagate(walk: _Walk, src: str, flow: _Flow) -> None:
+    graph = walk.graph
     keep, n = flow.keep, flow.n
     axis = 1 if flow.data_format == "channels_first" else -1
     for consumer in graph.consumers(src):
         if consumer == OUTPUT:
             raise ModelError("the layer's channels are a model output; removing them would change "
                              "the model's output shape", layer=src)
-        if consumer in ctx.visited:
+        if consumer in walk.visited:
             continue
         node = graph.layers[consumer]
         if node.class_name == "Concatenate":
-            _arrive_at_concat(ctx, src, consumer, node, flow)
+            _arrive_at_concat(walk, src, consumer, node, flow)
             continue
-        ctx.visited.add(consumer)
+        walk.visited.add(consumer)
         if node.calls != 1:
             raise ModelError("a layer on the path is shared (called more than once)",
                              layer=consumer)
@@ -315,56 +394,49 @@ def _propagate(ctx: _Context, src: str, flow: _Flow) -> None:
                 _format(node.config) != flow.data_format:
             raise ModelError(f"the layer reads its input as {_format(node.config)} but the "
                              f"removed channels are {flow.data_format}", layer=consumer)
-        w = weights[consumer]
-        by_name[consumer].pop("build_config", None)
         if cls in BATCHNORM_CLASSES:
-            if not _bn_on_channels(node.config, ctx.shapes[consumer], flow.data_format):
+            if not _bn_on_channels(node.config, walk.input_shape(consumer), flow.data_format):
                 raise ModelError("the BatchNormalization does not normalise the channel axis",
                                  layer=consumer)
-            weights[consumer] = [v[keep] for v in w]
-            _propagate(ctx, consumer, flow)
+            walk.touch(consumer, "batchnorm", keep, n)
+            _propagate(walk, consumer, flow)
         elif cls in PASS_THROUGH or cls in GLOBAL_POOLING or cls in MERGES:
-            _propagate(ctx, consumer, flow)
+            walk.touch(consumer, "passes", keep, n)
+            _propagate(walk, consumer, flow)
         elif cls == "Flatten":
-            _flatten_then_dense(ctx, consumer, flow)
+            _flatten_then_dense(walk, consumer, flow)
         elif cls == "Dense":
-            if flow.data_format == "channels_first" and len(ctx.shapes[src]) > 2:
+            if flow.data_format == "channels_first" and len(walk.input_shape(consumer)) > 2:
                 raise ModelError("a Dense layer reads the last axis, not the channels of this "
                                  "channels_first tensor", layer=consumer)
-            w[0] = w[0][keep]
-            ctx.sinks[consumer] = _Sink("dense", _dropped(flow), -1, flow.origins)
+            walk.touch(consumer, "rows", keep, n)
+            walk.plan.sinks[consumer] = _Sink("dense", flow.dropped(), -1, flow.origins)
         elif family_of(cls) is not None:
             fam = family_of(cls)
             assert fam is not None
             if fam.name == "conv":
                 if int(node.config.get("groups", 1)) != 1:
                     raise ModelError("a grouped convolution consumes the channels", layer=consumer)
-                w[0] = w[0][..., keep, :]
-                ctx.sinks[consumer] = _Sink("conv", _dropped(flow), axis, flow.origins)
+                walk.touch(consumer, "inputs", keep, n)
+                walk.plan.sinks[consumer] = _Sink("conv", flow.dropped(), axis, flow.origins)
             elif fam.name == "conv_transpose":
-                w[0] = w[0][..., keep]
-                ctx.sinks[consumer] = _Sink("transpose", _dropped(flow), axis, flow.origins)
+                walk.touch(consumer, "transpose_inputs", keep, n)
+                walk.plan.sinks[consumer] = _Sink("transpose", flow.dropped(), axis, flow.origins)
             elif fam.name == "separable":
-                mult = int(node.config.get("depth_multiplier", 1))
-                w[0] = w[0][..., keep, :]
-                rows = [c * mult + m for c in keep for m in range(mult)]
-                w[1] = w[1][..., rows, :]
-                ctx.sinks[consumer] = _Sink("separable", _dropped(flow), axis, flow.origins)
+                walk.touch(consumer, "separable_inputs", keep, n)
+                walk.plan.sinks[consumer] = _Sink("separable", flow.dropped(), axis, flow.origins)
             else:  # depthwise: its own channels c*mult..c*mult+mult-1 go too; whatever constant
                 # they carry (its bias, say) is measured and folded where they end
                 mult = int(node.config.get("depth_multiplier", 1))
-                out_keep = [c * mult + m for c in keep for m in range(mult)]
-                w[0] = w[0][..., keep, :]
-                if node.config.get("use_bias", True):
-                    w[1] = w[1][out_keep]
-                _propagate(ctx, consumer, _Flow(out_keep, n * mult, flow.origins,
-                                                flow.data_format))
+                walk.touch(consumer, "depthwise", keep, n)
+                _propagate(walk, consumer, _Flow([c * mult + m for c in keep for m in range(mult)],
+                                                 n * mult, flow.origins, flow.data_format))
         else:
             raise ModelError(f"a {cls} layer consumes the channels; removal through it is not "
                              f"supported yet", layer=consumer)
 
 
-def _bn_on_channels(config: dict, shape: tuple, data_format: str) -> bool:
+def _bn_on_channels(config: dict, shape: list, data_format: str) -> bool:
     axis = config.get("axis", -1)
     axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
     if not isinstance(axis, int):
@@ -373,51 +445,51 @@ def _bn_on_channels(config: dict, shape: tuple, data_format: str) -> bool:
     return axis == (1 if data_format == "channels_first" else len(shape) - 1)
 
 
-def _arrive_at_concat(ctx: _Context, src: str, concat: str, node: Any, flow: _Flow) -> None:
-    from kprune_batch.graph import _histories
-
+def _arrive_at_concat(walk: _Walk, src: str, concat: str, node: Any, flow: _Flow) -> None:
     axis = node.config.get("axis", -1)
-    rank = len(ctx.shapes[concat])
+    rank = len(walk.input_shape(concat)[0])
     channel_axis = 1 if flow.data_format == "channels_first" else rank - 1
-    sources = [name for name, _ in _histories(ctx.by_name[concat].get("inbound_nodes") or [])]
-    if not isinstance(axis, int) or axis % rank != channel_axis or sources.count(src) != 1 \
-            or node.calls != 1:
+    if not isinstance(axis, int) or axis % rank != channel_axis or \
+            node.sources.count(src) != 1 or node.calls != 1:
         raise ModelError("a Concatenate that is shared, joins the same tensor twice or does not "
                          "join on the channel axis consumes the channels", layer=concat)
-    ctx.pending.setdefault(concat, {})[sources.index(src)] = flow
+    walk.pending.setdefault(concat, {})[node.sources.index(src)] = flow
 
 
-def _flatten_then_dense(ctx: _Context, flatten: str, flow: _Flow) -> None:
+def _flatten_then_dense(walk: _Walk, flatten: str, flow: _Flow) -> None:
     """Flatten writes (positions, channels) in channels_last order: element (h, w, c) is row
     (h*W + w)*C + c. A channels_first tensor is transposed to that order first only when the
     Flatten itself says channels_first (keras/src/layers/reshaping/flatten.py); otherwise its
     element (c, h, w) is row c*H*W + h*W + w."""
-    graph = ctx.graph
+    graph = walk.graph
     consumers = graph.consumers(flatten)
     dense = consumers[0] if len(consumers) == 1 else None
     if dense is None or dense == OUTPUT or graph.layers[dense].class_name != "Dense":
         raise ModelError("Flatten must feed exactly one Dense layer", layer=flatten)
-    kernel = ctx.weights[dense][0]
+    total = int(walk.input_shape(dense)[-1])
     n = flow.n
-    positions = kernel.shape[0] // n
+    positions = total // n
     channels_major = flow.data_format == "channels_first" and \
         _format(graph.layers[flatten].config) == "channels_last"
     if channels_major:
         rows = [c * positions + p for c in flow.keep for p in range(positions)]
     else:
         rows = [p * n + c for p in range(positions) for c in flow.keep]
+    rows.sort()
     kept = set(rows)
-    ctx.weights[dense][0] = kernel[sorted(rows)]
-    ctx.by_name[dense].pop("build_config", None)
-    ctx.visited.add(dense)
-    ctx.sinks[dense] = _Sink("dense", [r for r in range(kernel.shape[0]) if r not in kept], -1,
-                             flow.origins)
+    walk.touch(flatten, "passes", flow.keep, n)
+    walk.touch(dense, "rows", rows, total)
+    walk.visited.add(dense)
+    walk.plan.sinks[dense] = _Sink("dense", [r for r in range(total) if r not in kept], -1,
+                                   flow.origins)
 
 
 CONSTANT_RTOL = 1e-6  # a removed channel is constant if it varies less than this (relative)
 
 
-def _fold(keras: Any, model: Any, ctx: _Context, feed: Any,
+def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
+          original: dict[str, list[np.ndarray]], weights: dict[str, list[np.ndarray]],
+          by_name: dict[str, dict], result: RemovalResult, feed: Any,
           approximate: frozenset[str]) -> None:
     """Fold what removed channels still carry into each sink's bias.
 
@@ -433,12 +505,12 @@ def _fold(keras: Any, model: Any, ctx: _Context, feed: Any,
 
         x = probe_inputs(model)
         feed = x if len(x) > 1 else x[0]
-    names = list(ctx.sinks)
+    names = list(plan.sinks)
     inputs = model.inputs if len(model.inputs) > 1 else model.inputs[0]  # as `feed` is given
     extractor = keras.Model(inputs, [model.get_layer(s).input for s in names])
     values = keras.tree.flatten(extractor(feed, training=False))
     for name, value in zip(names, values, strict=True):
-        sink = ctx.sinks[name]
+        sink = plan.sinks[name]
         x = np.moveaxis(np.asarray(value, dtype="float64"), sink.axis, -1)
         flat = x.reshape(-1, x.shape[-1])[:, sink.removed]
         center = x[(0,) + tuple(d // 2 for d in x.shape[1:-1])][sink.removed]
@@ -446,7 +518,7 @@ def _fold(keras: Any, model: Any, ctx: _Context, feed: Any,
             1.0, np.abs(center))
         if not np.any(varies) and not np.any(center):
             continue  # silent: nothing to fold
-        node = ctx.graph.layers[name]
+        node = graph.layers[name]
         who = ", ".join(f"'{o}'" for o in sorted(sink.origins))
         hint = (f"set approximate: true on the entries of {who} to accept the deviation "
                 f"(measured and logged), or zero these filters instead (action: zero)")
@@ -468,35 +540,35 @@ def _fold(keras: Any, model: Any, ctx: _Context, feed: Any,
                              f"its '{node.config.get('padding')}' padding means border positions "
                              f"see fewer of them, so folding into its bias is not exact",
                              layer=name, hint=hint)
-        original = ctx.original[name]
+        arrays = original[name]
         if sink.kind == "dense":
-            delta = center @ original[0][sink.removed].astype("float64")
+            delta = center @ arrays[0][sink.removed].astype("float64")
         elif sink.kind == "conv":
-            taps = original[0][..., sink.removed, :].astype("float64")  # (*kernel, in, out)
+            taps = arrays[0][..., sink.removed, :].astype("float64")  # (*kernel, in, out)
             delta = np.tensordot(taps, center, axes=([taps.ndim - 2], [0])).reshape(
                 -1, taps.shape[-1]).sum(axis=0)
         else:  # separable: depthwise taps (no bias of their own), then pointwise rows
             mult = int(node.config.get("depth_multiplier", 1))
-            depthwise, pointwise = original[0], original[1]
+            depthwise, pointwise = arrays[0], arrays[1]
             taps = depthwise[..., sink.removed, :].astype("float64")
             through = (taps.reshape(-1, len(sink.removed), mult).sum(axis=0)
                        * center[:, None]).reshape(-1)
             rows = [c * mult + m for c in sink.removed for m in range(mult)]
             delta = through @ pointwise.reshape(-1, pointwise.shape[-1])[rows].astype("float64")
-        if name in ctx.result.mappings:  # the sink loses filters of its own as well
-            delta = delta[[c for c, to in enumerate(ctx.result.mappings[name]["old_to_new"])
+        if name in result.mappings:  # the sink loses filters of its own as well
+            delta = delta[[c for c, to in enumerate(result.mappings[name]["old_to_new"])
                            if to >= 0]]
-        w = ctx.weights[name]
+        w = weights[name]
         dtype = w[0].dtype
         bias_added = not node.config.get("use_bias", True)
         if bias_added:
-            ctx.by_name[name]["config"]["use_bias"] = True
+            by_name[name]["config"]["use_bias"] = True
             w.append(delta.astype(dtype))
         else:
             w[-1] = (w[-1].astype("float64") + delta).astype(dtype)
         exact = not (np.any(varies) or padded)
-        ctx.result.approximate = ctx.result.approximate or not exact
-        ctx.result.folded.append({
+        result.approximate = result.approximate or not exact
+        result.folded.append({
             "layer": name, "exact": exact, "bias_added": bias_added,
             "constants": [{"channel": int(c), "constant": float(k)}
                           for c, k in zip(sink.removed, center, strict=True) if k != 0.0],

@@ -344,9 +344,23 @@ def test_apply_remove_end_to_end(keras: Any, tmp_path: Path, chain_model: Path) 
 
     from conftest import kprune, write_spec
 
+    import subprocess
+    import sys
+
     spec = write_spec(tmp_path, SPEC)
-    plan = kprune("plan", spec).expect(0)
-    assert "  c1 (Conv2D, 16 filters): would remove 3, 11 (2 of 16, 12.5%)" in plan.stdout
+    code = ("import sys; from kprune_batch.cli import main; sys.argv = ['kprune', 'plan', "
+            "sys.argv[1]]\ntry:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('EXIT', code, sorted(m for m in sys.modules "
+            "if m.split('.')[0] in ('tensorflow', 'keras')))")
+    plan = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True)
+    lines = plan.stdout.splitlines()
+    assert lines[-1] == "EXIT 0 []", plan.stdout + plan.stderr  # the plan needs no TensorFlow
+    assert "  c1 (Conv2D, 16 filters): would remove 3, 11 (2 of 16, 12.5%)" in lines
+    touches = lines[lines.index("  removal touches:") + 1:-1]
+    assert touches == ["    c1 (Conv2D): filters removed 3, 11 (2 of 16)",
+                       "    bn (BatchNormalization): channels sliced 3, 11 (2 of 16)",
+                       "    relu (ReLU): passes through 3, 11 (2 of 16)",
+                       "    c2 (Conv2D): input channels removed 3, 11 (2 of 16)"]
     result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
     assert result.stdout.startswith("ok      m: zeroed 1, removed 2 filter(s) in 2 layer(s)")
     log = json.loads((tmp_path / "log.json").read_text())
@@ -358,6 +372,9 @@ def test_apply_remove_end_to_end(keras: Any, tmp_path: Path, chain_model: Path) 
     assert removal["probe_deviation"] <= 1e-5
     assert removal["optimizer_state"] == "dropped"
     assert removal["mappings"]["c1"]["old_to_new"][3] == -1
+    assert [(t["layer"], t["how"], t["removed"]) for t in removal["touched"]] == [
+        ("c1", "filters", "3, 11"), ("bn", "batchnorm", "3, 11"), ("relu", "passes", "3, 11"),
+        ("c2", "inputs", "3, 11")]
     assert [(r["layer"], r["filter"]) for r in log["removed"]] == [("c1", 3), ("c1", 11)]
     assert [(r["layer"], r["filter"]) for r in log["zeroed"]] == [("c2", 0)]
     out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")

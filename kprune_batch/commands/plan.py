@@ -23,13 +23,19 @@ def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto) -> Resul
     for job in compiled.jobs:
         outcome = run_job(job, opener=opener, write=False)
         models.append({"name": job.name, "status": outcome.status, "error": outcome.error,
-                       "layers": [sel.to_json() for sel in outcome.layers]})
+                       "layers": [sel.to_json() for sel in outcome.layers],
+                       "removal_touches": outcome.touched})
         if outcome.status != STATUS_OK:
             result.return_code = EXIT_FAILED
             result.err.append(f"error: {outcome.error}")
         if fmt == "text":
             result.out.extend(_text(job.name, job.input, job.output, outcome.status,
                                     outcome.layers))
+            if outcome.touched:
+                from kprune_batch.removal import describe
+
+                result.out.append("  removal touches:")
+                result.out.extend(f"    {describe(t)}" for t in outcome.touched)
     if fmt == "json":
         result.out.append(json.dumps({"plan": compiled.to_json(), "plan_sha256": compiled.sha256,
                                       "models": models}, indent=2))
