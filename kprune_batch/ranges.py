@@ -13,3 +13,12 @@ def compact_ranges(indices: list[int]) -> str:
         parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
         i = j + 1
     return ", ".join(parts)
+
+
+def parse_ranges(text: str) -> list[int]:
+    """The inverse of compact_ranges: '3, 9-12' -> [3, 9, 10, 11, 12]."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, _, high = part.partition("-")
+        out.extend(range(int(low), int(high or low) + 1))
+    return out

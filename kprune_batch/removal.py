@@ -256,13 +256,18 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     plan = plan_removal(graph, selection, coupled)
     config = serialized["config"]
     by_name = {layer["config"]["name"]: layer for layer in config["layers"]}
-    weights = {layer.name: [np.array(w) for w in layer.get_weights()] for layer in model.layers}
-    original = {k: list(v) for k, v in weights.items()}  # slicing makes new arrays
+    weights = {layer.name: {v.name: np.array(v.numpy()) for v in layer.weights}
+               for layer in model.layers}
+    original = {k: dict(v) for k, v in weights.items()}  # slicing makes new arrays
     result = RemovalResult(model=None, params_before=int(model.count_params()))
     result.selection = plan.selection
     result.touches = [t.to_json() for t in plan.touches]
     for touch in plan.touches:
-        _apply(touch, graph.layers[touch.layer].config, weights[touch.layer], by_name[touch.layer])
+        apply_touch(touch.how, list(touch.keep), touch.class_name,
+                    graph.layers[touch.layer].config, weights[touch.layer])
+        by_name[touch.layer].pop("build_config", None)  # its stale input shape fails a rebuild
+        if touch.how == "filters":
+            by_name[touch.layer]["config"]["filters"] = len(touch.keep)
         if touch.how == "filters":
             kept = {f: i for i, f in enumerate(touch.keep)}
             result.mappings[touch.layer] = {"old_to_new": [kept.get(f, -1)
@@ -272,8 +277,8 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
     new_model = cls.from_config(config)
     for layer in new_model.layers:
-        if weights.get(layer.name):
-            layer.set_weights(weights[layer.name])
+        if layer.weights:
+            layer.set_weights([weights[layer.name][v.name] for v in layer.weights])
     result.model = new_model
     result.params_after = int(new_model.count_params())
     result.macs_before = count_macs(model)
@@ -281,30 +286,67 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     return result
 
 
-def _apply(touch: Touch, config: dict, w: list[np.ndarray], layer: dict) -> None:
-    """Slice one layer's weights (in get_weights() order) and config as `touch` says."""
-    keep = list(touch.keep)
-    layer.pop("build_config", None)  # the stale input shape would fail the rebuild
+def apply_touch(how: str, keep: list[int], class_name: str, config: dict,
+                variables: dict[str, np.ndarray]) -> None:
+    """Slice one layer's variables (by name, as Keras names them) as a Touch says; shared with
+    `kprune verify`, which rebuilds the expected output from the log."""
     mult = int(config.get("depth_multiplier", 1))
-    if touch.how == "filters":
-        kernel_index = 1 if family_of(touch.class_name).name == "separable" else 0  # type: ignore
-        w[kernel_index] = w[kernel_index][..., keep]
-        if config.get("use_bias", True):
-            w[-1] = w[-1][keep]
-        layer["config"]["filters"] = len(keep)
-    elif touch.how == "batchnorm":
-        w[:] = [v[keep] for v in w]
-    elif touch.how in ("inputs", "depthwise"):
-        w[0] = w[0][..., keep, :]
-        if touch.how == "depthwise" and config.get("use_bias", True):
-            w[1] = w[1][[c * mult + m for c in keep for m in range(mult)]]
-    elif touch.how == "transpose_inputs":
-        w[0] = w[0][..., keep]
-    elif touch.how == "separable_inputs":
-        w[0] = w[0][..., keep, :]
-        w[1] = w[1][..., [c * mult + m for c in keep for m in range(mult)], :]
-    elif touch.how == "rows":
-        w[0] = w[0][keep]
+    expanded = [c * mult + m for c in keep for m in range(mult)]
+    kernel = _kernel_var(class_name, variables)
+    if how == "filters":
+        variables[kernel] = variables[kernel][..., keep]
+        if "bias" in variables:
+            variables["bias"] = variables["bias"][keep]
+    elif how == "batchnorm":
+        for name in variables:
+            variables[name] = variables[name][keep]
+    elif how in ("inputs", "depthwise"):
+        variables[kernel] = variables[kernel][..., keep, :]
+        if how == "depthwise" and "bias" in variables:
+            variables["bias"] = variables["bias"][expanded]
+    elif how == "transpose_inputs":
+        variables[kernel] = variables[kernel][..., keep]
+    elif how == "separable_inputs":
+        variables["depthwise_kernel"] = variables["depthwise_kernel"][..., keep, :]
+        variables[kernel] = variables[kernel][..., expanded, :]
+    elif how == "rows":
+        variables[kernel] = variables[kernel][keep]
+
+
+def _kernel_var(class_name: str, variables: dict[str, np.ndarray]) -> str:
+    """The variable holding a layer's filters (a separable layer's pointwise kernel; Dense:
+    kernel), in the names Keras 3 or a legacy file uses."""
+    family = family_of(class_name)
+    return (family.kernel_name(variables) if family else None) or "kernel"
+
+
+def fold_delta(class_name: str, config: dict, variables: dict[str, np.ndarray],
+               channels: list[int], constants: np.ndarray) -> np.ndarray:
+    """What input channels `channels`, each the constant in `constants`, add to every output
+    of a layer without padding effects: sum over kernel taps x constant (float64, all outputs)."""
+    constants = np.asarray(constants, dtype="float64")
+    if class_name == "Dense":
+        return constants @ variables["kernel"][channels].astype("float64")
+    if "pointwise_kernel" in variables:  # separable: depthwise taps (no bias), pointwise rows
+        mult = int(config.get("depth_multiplier", 1))
+        taps = variables["depthwise_kernel"][..., channels, :].astype("float64")
+        through = (taps.reshape(-1, len(channels), mult).sum(axis=0)
+                   * constants[:, None]).reshape(-1)
+        pointwise = variables[_kernel_var(class_name, variables)]
+        rows = [c * mult + m for c in channels for m in range(mult)]
+        return through @ pointwise.reshape(-1, pointwise.shape[-1])[rows].astype("float64")
+    taps = variables[_kernel_var(class_name, variables)][..., channels, :].astype("float64")
+    return np.tensordot(taps, constants, axes=([taps.ndim - 2], [0])).reshape(
+        -1, taps.shape[-1]).sum(axis=0)
+
+
+def add_to_bias(variables: dict[str, np.ndarray], delta: np.ndarray, dtype: Any) -> None:
+    """bias += delta in float64, rounded once to the layer's dtype; a layer without a bias
+    gets `delta` as its bias."""
+    if "bias" in variables:
+        variables["bias"] = (variables["bias"].astype("float64") + delta).astype(dtype)
+    else:
+        variables["bias"] = delta.astype(dtype)
 
 
 @dataclass(frozen=True)
@@ -488,7 +530,7 @@ CONSTANT_RTOL = 1e-6  # a removed channel is constant if it varies less than thi
 
 
 def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
-          original: dict[str, list[np.ndarray]], weights: dict[str, list[np.ndarray]],
+          original: dict[str, dict[str, np.ndarray]], weights: dict[str, dict[str, np.ndarray]],
           by_name: dict[str, dict], result: RemovalResult, feed: Any,
           approximate: frozenset[str]) -> None:
     """Fold what removed channels still carry into each sink's bias.
@@ -540,32 +582,15 @@ def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
                              f"its '{node.config.get('padding')}' padding means border positions "
                              f"see fewer of them, so folding into its bias is not exact",
                              layer=name, hint=hint)
-        arrays = original[name]
-        if sink.kind == "dense":
-            delta = center @ arrays[0][sink.removed].astype("float64")
-        elif sink.kind == "conv":
-            taps = arrays[0][..., sink.removed, :].astype("float64")  # (*kernel, in, out)
-            delta = np.tensordot(taps, center, axes=([taps.ndim - 2], [0])).reshape(
-                -1, taps.shape[-1]).sum(axis=0)
-        else:  # separable: depthwise taps (no bias of their own), then pointwise rows
-            mult = int(node.config.get("depth_multiplier", 1))
-            depthwise, pointwise = arrays[0], arrays[1]
-            taps = depthwise[..., sink.removed, :].astype("float64")
-            through = (taps.reshape(-1, len(sink.removed), mult).sum(axis=0)
-                       * center[:, None]).reshape(-1)
-            rows = [c * mult + m for c in sink.removed for m in range(mult)]
-            delta = through @ pointwise.reshape(-1, pointwise.shape[-1])[rows].astype("float64")
+        delta = fold_delta(node.class_name, node.config, original[name], sink.removed, center)
         if name in result.mappings:  # the sink loses filters of its own as well
             delta = delta[[c for c, to in enumerate(result.mappings[name]["old_to_new"])
                            if to >= 0]]
-        w = weights[name]
-        dtype = w[0].dtype
-        bias_added = not node.config.get("use_bias", True)
+        variables = weights[name]
+        bias_added = "bias" not in variables
         if bias_added:
             by_name[name]["config"]["use_bias"] = True
-            w.append(delta.astype(dtype))
-        else:
-            w[-1] = (w[-1].astype("float64") + delta).astype(dtype)
+        add_to_bias(variables, delta, next(iter(variables.values())).dtype)
         exact = not (np.any(varies) or padded)
         result.approximate = result.approximate or not exact
         result.folded.append({

@@ -386,7 +386,8 @@ def test_apply_remove_end_to_end(keras: Any, tmp_path: Path, chain_model: Path) 
     assert np.all(out.get_layer("c2").kernel.numpy()[..., 0] == 0)  # the zeroed filter of c2
     assert out.get_compile_config() == before.get_compile_config()
     verify = kprune("verify", tmp_path / "log.json").expect(0)
-    assert "hashes only" in verify.stdout
+    assert verify.stdout == ("ok      m: 1 zeroed and 2 removed filter(s) verified: every weight "
+                             "equals the input's with the logged slices and edits applied\n")
 
 
 def test_apply_remove_refuses_clearly(keras: Any, tmp_path: Path) -> None:
@@ -485,6 +486,7 @@ def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
     assert removal["params_after"] < removal["params_before"]
     out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
     assert out.count_params() == removal["params_after"]
+    kprune("verify", tmp_path / "log.json").expect(0)
     out.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)
     out.fit(rng.normal(size=(2, 64, 64, 3)), rng.normal(size=(2, 5)), epochs=1, verbose=0)
@@ -522,6 +524,7 @@ def test_mobilenetv2_removal_folds_into_projections(keras: Any, tmp_path: Path) 
     out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
     assert out.count_params() == removal["params_after"] < removal["params_before"]
     assert out.get_layer("block_2_project").use_bias
+    kprune("verify", tmp_path / "log.json").expect(0)
     x = np.random.default_rng(9).normal(size=(2, 64, 64, 3)).astype("float32")
     selection = {**layers, "block_3_project": [0], "block_4_project": [0]}
     reference = zeroed_reference(keras, model, selection)
@@ -590,4 +593,15 @@ def test_apply_approximate_records_the_deviation(keras: Any, tmp_path: Path) -> 
     assert (fold["layer"], fold["exact"], fold["bias_added"]) == ("c2", False, False)
     assert [c["channel"] for c in fold["constants"]] == filters
     assert [c["constant"] for c in fold["constants"]] == pytest.approx(list(k), rel=1e-6)
-    kprune("verify", tmp_path / "log.json").expect(0)
+    verify = kprune("verify", tmp_path / "log.json").expect(0)
+    assert verify.stdout == ("ok      m: 0 zeroed and 2 removed filter(s) verified: every weight "
+                             "equals the input's with the logged slices, folds and edits "
+                             "applied\n")
+    # a reviewer's check must fail when the folded bias is not what the log implies
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    bias = out.get_layer("c2").bias
+    bias.assign(bias.numpy() + np.float32(1e-3) * (np.arange(5) == 2))
+    out.save(tmp_path / "pruned" / "m.keras")
+    tampered = kprune("verify", tmp_path / "log.json").expect(1)
+    assert tampered.stdout.splitlines()[1:] == [
+        "MISMATCH m: layer 'c2' bias element 2: max |difference| 0.001"]

@@ -36,19 +36,20 @@ def verify(log_path: str, probe: bool = False, loader: Loader = _keras_loader) -
             result.out.append(f"skipped {model['name']}: status {model['status']} in the log "
                               f"(nothing was written)")
             continue
-        records = [r for r in log["zeroed"] if r["model"] == model["name"]]
+        records = [r for r in log["zeroed"] + log.get("removed", [])
+                   if r["model"] == model["name"]]
         removal = model.get("removal")
-        problems = check_model(model, records, loader, probe and not removal,
-                               hashes_only=bool(removal))
+        problems = check_model(model, records, loader, probe and not removal, removal=removal)
         if problems:
             result.return_code = EXIT_FAILED
             for problem in problems:
                 result.out.append(f"MISMATCH {model['name']}: {problem}")
         elif removal:
+            removed = sum(1 for r in records if r["layer"] in removal["mappings"])
             result.out.append(
-                f"ok      {model['name']}: hashes only: outputs with removed filters are not yet "
-                f"compared weight by weight (the run measured them against the zeroed model: "
-                f"max deviation {removal['probe_deviation']:.3g})")
+                f"ok      {model['name']}: {len(records) - removed} zeroed and {removed} removed "
+                f"filter(s) verified: every weight equals the input's with the logged slices"
+                f"{', folds' if removal['folded'] else ''} and edits applied")
         else:
             result.out.append(f"ok      {model['name']}: {len(records)} zeroed filter(s) verified, "
                               f"every other weight equals the input's")
@@ -56,7 +57,7 @@ def verify(log_path: str, probe: bool = False, loader: Loader = _keras_loader) -
 
 
 def check_model(model: dict[str, Any], records: list[dict[str, Any]], loader: Loader,
-                probe: bool, hashes_only: bool = False) -> list[str]:
+                probe: bool, removal: dict[str, Any] | None = None) -> list[str]:
     """Every way the output differs from what the log says it is (empty: it verifies)."""
     problems: list[str] = []
     src, dest = model["input"]["path"], model["output"]["path"]
@@ -66,7 +67,7 @@ def check_model(model: dict[str, Any], records: list[dict[str, Any]], loader: Lo
         elif sha256_file(entry["path"]) != entry["sha256"]:
             problems.append(f"{role} file {entry['path']} does not match the sha256 in the log "
                             f"(replaced or modified since the run)")
-    if hashes_only or not os.path.exists(dest) or not os.path.exists(src):
+    if not os.path.exists(dest) or not os.path.exists(src):
         return problems
     try:
         before = loader(src, model["name"])
@@ -74,7 +75,7 @@ def check_model(model: dict[str, Any], records: list[dict[str, Any]], loader: Lo
     except KpruneError as exc:
         return problems + [f"cannot open: {exc.render()}"]
     try:
-        problems += _compare(before, after, records)
+        problems += _compare(before, after, records, removal)
         if probe and not problems:
             from kprune_batch.probe import measure
 
@@ -107,8 +108,38 @@ def expected_weights(before: Any, records: list[dict[str, Any]]) -> dict[str, di
     return expected
 
 
-def _compare(before: Any, after: Any, records: list[dict[str, Any]]) -> list[str]:
+def _after_removal(before: Any, expected: dict[str, dict[str, np.ndarray]],
+                   removal: dict[str, Any]) -> set[tuple[str, str]]:
+    """Apply the log's removal to `expected` (the zeroed input's weights): every touched layer
+    sliced as recorded, every folded constant added to its consumer's bias. Returns the
+    (layer, 'bias') pairs holding a fold (rounded once in float64 -> dtype: compared to 1e-6)."""
+    from kprune_batch.ranges import parse_ranges
+    from kprune_batch.removal import add_to_bias, apply_touch, fold_delta
+
+    zeroed = {path: dict(v) for path, v in expected.items()}  # fold from the unsliced weights
+    for t in removal["touched"]:
+        gone = set(parse_ranges(t["removed"]))
+        apply_touch(t["how"], [i for i in range(t["of"]) if i not in gone], t["layer_class"],
+                    before.graph.layers[t["layer"]].config, expected[t["layer"]])
+    folded = set()
+    for fold in removal["folded"]:
+        layer = fold["layer"]
+        node = before.graph.layers[layer]
+        channels = [c["channel"] for c in fold["constants"]]
+        delta = fold_delta(node.class_name, node.config, zeroed[layer], channels,
+                           np.array([c["constant"] for c in fold["constants"]]))
+        kept = removal["mappings"].get(layer, {}).get("old_to_new")
+        if kept is not None:
+            delta = delta[[c for c, to in enumerate(kept) if to >= 0]]
+        add_to_bias(expected[layer], delta, next(iter(expected[layer].values())).dtype)
+        folded.add((layer, "bias"))
+    return folded
+
+
+def _compare(before: Any, after: Any, records: list[dict[str, Any]],
+             removal: dict[str, Any] | None = None) -> list[str]:
     expected = expected_weights(before, records)
+    folded = _after_removal(before, expected, removal) if removal else set()
     problems = []
     if set(after.graph.layers) != set(before.graph.layers):
         return ["the output's layers differ from the input's"]
@@ -120,7 +151,10 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]]) -> list[str
             if got is None or got.shape != want.shape:
                 problems.append(f"layer '{path}' variable '{name}' is missing or has another shape")
                 continue
-            if np.array_equal(want.view(np.uint8), got.view(np.uint8)):
+            if np.array_equal(np.ascontiguousarray(want).view(np.uint8),
+                              np.ascontiguousarray(got).view(np.uint8)):  # bits: -0.0, NaN
+                continue
+            if (path, name) in folded and np.allclose(got, want, rtol=1e-6, atol=1e-7):
                 continue
             diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
             problems.append(_describe(path, name, diff, before.graph.layers[path].class_name,
