@@ -1,6 +1,7 @@
 """The executor: opens each job's model through a backend, selects filters, edits, writes outputs."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import fnmatch
@@ -281,7 +282,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     outcome = ModelOutcome(job=job, status=STATUS_FAILED)
     weights = None
     try:
-        outcome.input_sha256 = _hash_input(job)
+        _check_input(job)
         input_stat = _stat_key(job.input)
         weights = opener(job)
         outcome.backend = weights.backend
@@ -289,6 +290,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         outcome.layers = select_filters(job, weights)
         removing = [sel for sel in outcome.layers if sel.options.action == "remove" and sel.filters]
         if not write:
+            outcome.input_sha256 = _hash_input(job)
             if removing:  # what the removal will touch, from the config (no TensorFlow)
                 removing = _couple_selections(job, weights, outcome.layers, removing)
                 outcome.touched = _plan_removal(job, weights, removing)
@@ -339,10 +341,17 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
                 check(tmp)
 
         _write_output(job, weights, run_checks)
-        outcome.output_sha256 = sha256_file(job.output)
+        if weights.hashes is not None:  # computed while copying: the bytes read and written
+            outcome.input_sha256, outcome.output_sha256 = weights.hashes
+        else:
+            outcome.input_sha256 = _hash_input(job)
+            outcome.output_sha256 = sha256_file(job.output)
         outcome.status = STATUS_OK
     except KpruneError as exc:
         outcome.error = exc.render()
+        if outcome.input_sha256 is None:  # a failed model's log entry still names its input
+            with contextlib.suppress(KpruneError):
+                outcome.input_sha256 = _hash_input(job)
         outcome.zeroed = []
         outcome.removed = []
         outcome.removal = None
@@ -535,14 +544,20 @@ def _stat_key(path: str) -> tuple[int, int, int]:
 
 
 def _hash_input(job: ModelJob) -> str:
-    """The input's sha256; a missing or unreadable input fails the model before any backend runs."""
+    """The input's sha256 (ModelError if it cannot be read)."""
+    return _check_input(job, sha256_file)
+
+
+def _check_input(job: ModelJob, read: Callable[[str], Any] = lambda p: open(p, "rb").close()
+                 ) -> Any:
+    """Fail the model before any backend runs if the input is missing or unreadable."""
     if not os.path.exists(job.input):
         raise ModelError(f"input file {job.input} does not exist", model=job.name,
                          hint="check the model's 'path' (relative to the spec file's folder)")
     if os.path.isdir(job.input):
         raise ModelError(f"input {job.input} is a folder, not a model file", model=job.name)
     try:
-        return sha256_file(job.input)
+        return read(job.input)
     except PermissionError:
         raise ModelError(f"input file {job.input} is not readable (permission denied)",
                          model=job.name) from None

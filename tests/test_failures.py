@@ -54,6 +54,26 @@ def test_truncated_keras_file(tmp_path: Path, small_cnn: Path) -> None:
     assert log["models"][0]["status"] == "failed" and log["models"][0]["output"] is None
 
 
+def test_flipped_weight_byte_is_not_copied_on(keras: Any, tmp_path: Path,
+                                              small_cnn: Path) -> None:
+    """A weight byte that no longer matches the zip's CRC-32 (bit rot) fails the model; the
+    direct backend's copy checks the CRC as it reads instead of writing a fresh one."""
+    data = bytearray(small_cnn.read_bytes())
+    needle = layer_weights(keras, small_cnn)["logits"]["kernel"].tobytes()
+    at = bytes(data).find(needle)
+    assert at > 0 and bytes(data).find(needle, at + 1) < 0
+    data[at + 5] ^= 0x10
+    (tmp_path / "m.keras").write_bytes(bytes(data))
+    result, log = run_one(tmp_path, "m.keras")
+    assert result.stderr.startswith("error: model 'm': ")
+    assert "does not match the zip directory (the file is corrupt); restore the file from a " \
+           "good copy\n" in result.stderr
+    assert log["models"][0]["status"] == "failed"
+    assert log["models"][0]["input"]["sha256"] == sha256_file(tmp_path / "m.keras")
+    assert not (tmp_path / "pruned" / "m.keras").exists()
+    assert [p.name for p in (tmp_path / "pruned").iterdir()] == [".kprune.lock"]  # no temp file
+
+
 @pytest.mark.parametrize("name, content", [
     ("garbage.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100),
     ("text.keras", b"this is not a model\n"),

@@ -13,6 +13,8 @@ class ModelWeights(Protocol):
 
     backend: str
     graph: LayerGraph
+    # (input sha256, output sha256) when save() computed both while copying; else None
+    hashes: tuple[str, str] | None
 
     def variables(self, layer_path: str) -> dict[str, np.ndarray]:
         """The layer's variables by name, as numpy arrays (copies)."""

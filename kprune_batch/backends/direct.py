@@ -14,13 +14,15 @@ import re
 import shutil
 import struct
 import zipfile
-import zlib
 from typing import Any
 
 import h5py
 import numpy as np
 
+from kprune_batch.crc import patched_crc32
+from kprune_batch.errors import ModelError
 from kprune_batch.families import BATCHNORM_CLASSES, canonical_class, family_of
+from kprune_batch.files import copy_patched
 from kprune_batch.graph import MODEL_CLASSES, build_graph
 
 
@@ -148,6 +150,7 @@ class DirectModelWeights:
         self._blob: bytes | None = None  # the weights, only for a compressed .keras member
         self._zip: zipfile.ZipFile | None = None
         self._window: _Window | None = None
+        self.hashes: tuple[str, str] | None = None  # sha256 of (input, output) if save() hashed
         try:
             if path.endswith(".keras"):
                 self._open_keras_zip()
@@ -340,20 +343,20 @@ class DirectModelWeights:
             central = _central_entry_offset(fh, info.filename.encode())
         if central is None:
             return False
-        shutil.copyfile(self.path, tmp_path)
-        with open(tmp_path, "r+b") as fh:
+        spans, file_patches = [], []
+        with open(self.path, "rb") as fh:
             for offset, data in patches:
                 fh.seek(data_start + offset)
-                fh.write(data)
-            fh.seek(data_start)
-            crc, left = 0, info.file_size
-            while left:
-                block = fh.read(min(left, 1 << 22))
-                crc = zlib.crc32(block, crc)
-                left -= len(block)
-            for where in (info.header_offset + 14, central + 16):
-                fh.seek(where)
-                fh.write(struct.pack("<I", crc))
+                spans.append((offset, fh.read(len(data)), data))
+                file_patches.append((data_start + offset, data))
+        crc = struct.pack("<I", patched_crc32(info.CRC, info.file_size, spans))
+        file_patches += [(info.header_offset + 14, crc), (central + 16, crc)]
+        try:
+            self.hashes = copy_patched(self.path, tmp_path, file_patches,
+                                       crc_range=(data_start, info.file_size, info.CRC))
+        except ValueError as exc:
+            raise ModelError(str(exc), model=self.model_name,
+                             hint="restore the file from a good copy") from None
         return True
 
     def _rewrite_zip(self, tmp_path: str) -> None:

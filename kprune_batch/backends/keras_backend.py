@@ -41,6 +41,7 @@ class KerasModelWeights:
     def __init__(self, path: str, model_name: str):
         self.path = path
         self.model_name = model_name
+        self.hashes: tuple[str, str] | None = None  # Keras writes the file: hashed afterwards
         keras = import_keras()
         try:
             # A legacy .h5 is loaded without compiling: Keras 3 cannot re-create some compile

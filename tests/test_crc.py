@@ -1,0 +1,33 @@
+"""crc.patched_crc32 against zlib.crc32 of the patched bytes, computed here."""
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+
+from kprune_batch.crc import patched_crc32
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096, 100_003, 3_000_000])
+def test_patched_crc_equals_a_full_recompute(size: int) -> None:
+    rng = random.Random(size)
+    for _ in range(20):
+        data = bytearray(rng.randbytes(size))
+        old = zlib.crc32(data)
+        spans, pos = [], 0
+        while pos < size and rng.random() < 0.8:
+            offset = rng.randrange(pos, size)
+            length = rng.randint(1, min(5000, size - offset))
+            new = rng.randbytes(length)
+            spans.append((offset, bytes(data[offset:offset + length]), new))
+            data[offset:offset + length] = new
+            pos = offset + length
+        assert patched_crc32(old, size, spans) == zlib.crc32(data)
+
+
+def test_a_patch_must_keep_its_length() -> None:
+    with pytest.raises(ValueError, match="keep its length"):
+        patched_crc32(0, 10, [(2, b"ab", b"abc")])
+    with pytest.raises(ValueError, match="inside the range"):
+        patched_crc32(0, 10, [(9, b"ab", b"cd")])

@@ -1,0 +1,34 @@
+"""files.copy_patched: one pass that copies, patches, hashes both sides and checks a CRC."""
+from __future__ import annotations
+
+import hashlib
+import zlib
+from pathlib import Path
+
+import pytest
+
+from kprune_batch.files import COPY_BLOCK, copy_patched
+
+
+def test_copy_patched_bytes_and_hashes(tmp_path: Path) -> None:
+    data = bytes(range(256)) * ((3 * COPY_BLOCK) // 256 + 17)  # several blocks, a ragged end
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    # one patch inside a block, one across a block boundary, one at the very end
+    patches = [(10, b"XYZ"), (COPY_BLOCK - 2, b"abcdef"), (len(data) - 4, b"1234")]
+    expected = bytearray(data)
+    for offset, new in patches:
+        expected[offset:offset + len(new)] = new
+    region = (5, 2 * COPY_BLOCK, zlib.crc32(data[5:5 + 2 * COPY_BLOCK]))
+    sha_in, sha_out = copy_patched(str(src), str(tmp_path / "out.bin"), patches, region)
+    assert (tmp_path / "out.bin").read_bytes() == bytes(expected)
+    assert sha_in == hashlib.sha256(data).hexdigest()
+    assert sha_out == hashlib.sha256(expected).hexdigest()
+    assert src.read_bytes() == data
+
+
+def test_copy_patched_refuses_a_corrupt_input(tmp_path: Path) -> None:
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"\0" * 1000)
+    with pytest.raises(ValueError, match="does not match the zip directory"):
+        copy_patched(str(src), str(tmp_path / "out.bin"), [], (100, 500, 12345))
