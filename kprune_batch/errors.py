@@ -53,6 +53,11 @@ class ModelError(KpruneError):
         self.hint = hint
         super().__init__(self.render())
 
+    def for_model(self, model: str) -> ModelError:
+        """The same error, said of `model` (library code below the executor knows no names)."""
+        return ModelError(self.message, model=model, layer=self.layer, file=self.file,
+                          loc=self.loc, hint=self.hint)
+
     def render(self) -> str:
         parts = []
         if self.model:

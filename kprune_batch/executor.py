@@ -290,7 +290,6 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         outcome.layers = select_filters(job, weights)
         removing = [sel for sel in outcome.layers if sel.options.action == "remove" and sel.filters]
         if not write:
-            outcome.input_sha256 = _hash_input(job)
             if removing:  # what the removal will touch, from the config (no TensorFlow)
                 removing = _couple_selections(job, weights, outcome.layers, removing)
                 outcome.touched = _plan_removal(job, weights, removing)
@@ -376,7 +375,7 @@ def _couple_selections(job: ModelJob, weights: ModelWeights, layers: list[LayerS
         coupled = _couple(weights.graph, {s.path: list(s.filters) for s in removing}, modes.pop())
         groups = {path: coupled_group(weights.graph, path)[0] for path in coupled}
     except ModelError as exc:
-        raise ModelError(exc.message, model=job.name, layer=exc.layer, hint=exc.hint) from None
+        raise exc.for_model(job.name) from None
     by_path = {sel.path: sel for sel in layers}
     template = removing[0]
     for path, filters in coupled.items():
@@ -445,7 +444,7 @@ def _plan_removal(job: ModelJob, weights: ModelWeights,
         plan = plan_removal(weights.graph, {s.path: list(s.filters) for s in removing},
                             coupled="union")  # already coupled: members are equal
     except ModelError as exc:
-        raise ModelError(exc.message, model=job.name, layer=exc.layer, hint=exc.hint) from None
+        raise exc.for_model(job.name) from None
     return [t.to_json() for t in plan.touches]
 
 
@@ -477,7 +476,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
             reference = model(feed, training=False)
             removed = result.model(feed, training=False)
     except ModelError as exc:
-        raise ModelError(exc.message, model=job.name, layer=exc.layer, hint=exc.hint) from None
+        raise exc.for_model(job.name) from None
     except Exception as exc:  # Keras refusing the rebuilt config: a case removal does not know
         raise ModelError(f"rebuilding the model without the filters failed ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written",

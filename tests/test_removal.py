@@ -1,13 +1,16 @@
-"""Structural removal groundwork: removed model == zeroed model (BN neutralised) on a probe batch."""
+"""Structural removal: the removed model equals the zeroed model (BN neutralised, constants folded)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from conftest import _seeded_weights
+from conftest import _seeded_weights, kprune, write_spec
 from kprune_batch.errors import ModelError
 from kprune_batch.removal import remove_filters
 
@@ -340,13 +343,6 @@ def chain_model(keras: Any, tmp_path: Path) -> Path:
 
 
 def test_apply_remove_end_to_end(keras: Any, tmp_path: Path, chain_model: Path) -> None:
-    import json
-
-    from conftest import kprune, write_spec
-
-    import subprocess
-    import sys
-
     spec = write_spec(tmp_path, SPEC)
     code = ("import sys; from kprune_batch.cli import main; sys.argv = ['kprune', 'plan', "
             "sys.argv[1]]\ntry:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
@@ -391,8 +387,6 @@ def test_apply_remove_end_to_end(keras: Any, tmp_path: Path, chain_model: Path) 
 
 
 def test_apply_remove_refuses_clearly(keras: Any, tmp_path: Path) -> None:
-    from conftest import kprune, write_spec
-
     L = keras.layers
     i = keras.Input((6, 6, 3))
     x = L.Reshape((36, 4), name="flat")(L.Conv2D(4, 1, name="a")(i))
@@ -429,10 +423,6 @@ def residual_model(keras: Any, tmp_path: Path) -> Path:
 ])
 def test_residual_groups(keras: Any, tmp_path: Path, coupled: str, c2: list[int],
                          c3: list[int], removed: list[int] | None, error: str | None) -> None:
-    import json
-
-    from conftest import kprune, write_spec
-
     residual_model(keras, tmp_path)
     spec = write_spec(tmp_path, f"""\
         version: 1
@@ -461,6 +451,16 @@ def test_residual_groups(keras: Any, tmp_path: Path, coupled: str, c2: list[int]
     assert out.get_layer("c3").kernel.shape == (1, 1, 6 - len(removed), 6 - len(removed))
 
 
+def remove_by_index(model: Any, folder: Path, layers: dict[str, list[int]]) -> dict[str, Any]:
+    """Save `model` as m.keras, remove the listed filters with `kprune apply`, return the log."""
+    model.save(folder / "m.keras")
+    entries = "\n".join(f"      - {{name: {k}, action: remove, rules: [{{index: {v}}}]}}"
+                        for k, v in layers.items())
+    spec = write_spec(folder, f"version: 1\nmodels:\n  - path: m.keras\n    layers:\n{entries}\n")
+    kprune("apply", spec, "--audit-log", folder / "log.json").expect(0)
+    return json.loads((folder / "log.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, layers", [
     ("VGG16", {"block1_conv1": [0, 5], "block5_conv3": [1, 2, 3]}),
@@ -470,18 +470,8 @@ def test_residual_groups(keras: Any, tmp_path: Path, coupled: str, c2: list[int]
 ])
 def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
                                     layers: dict[str, list[int]]) -> None:
-    import json
-
-    from conftest import kprune, write_spec
-
     model = getattr(keras.applications, name)(weights=None, input_shape=(64, 64, 3), classes=5)
-    model.save(tmp_path / "m.keras")
-    entries = "\n".join(f"      - {{name: {k}, action: remove, rules: [{{index: {v}}}]}}"
-                        for k, v in layers.items())
-    spec = write_spec(tmp_path, f"version: 1\nmodels:\n  - path: m.keras\n    layers:\n{entries}\n")
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
-    removal = log["models"][0]["removal"]
+    removal = remove_by_index(model, tmp_path, layers)["models"][0]["removal"]
     assert removal["probe_deviation"] <= 1e-5
     assert removal["params_after"] < removal["params_before"]
     out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
@@ -497,10 +487,6 @@ def test_mobilenetv2_removal_folds_into_projections(keras: Any, tmp_path: Path) 
     """Expand convs feed depthwise chains whose BN (trained-looking statistics) turns the
     removed channels into constants: they are folded into the 1x1 projections (which have no
     bias, so they gain one); block_5_project couples a residual stage."""
-    import json
-
-    from conftest import kprune, write_spec
-
     model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=5)
     rng = np.random.default_rng(4)
     for layer in model.layers:
@@ -508,14 +494,9 @@ def test_mobilenetv2_removal_folds_into_projections(keras: Any, tmp_path: Path) 
             n = layer.gamma.shape[0]
             layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.3, n),
                                rng.normal(0, 0.3, n), rng.uniform(0.5, 2.0, n)])
-    model.save(tmp_path / "m.keras")
     layers = {"Conv1": [0, 3], "block_2_expand": [1, 2, 3], "block_3_expand": [5],
               "block_5_project": [0]}
-    entries = "\n".join(f"      - {{name: {k}, action: remove, rules: [{{index: {v}}}]}}"
-                        for k, v in layers.items())
-    spec = write_spec(tmp_path, f"version: 1\nmodels:\n  - path: m.keras\n    layers:\n{entries}\n")
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
+    log = remove_by_index(model, tmp_path, layers)
     removal = log["models"][0]["removal"]
     assert removal["probe_deviation"] <= 1e-5 and removal["approximate"] is False
     folded = {f["layer"] for f in removal["folded"]}
@@ -534,10 +515,6 @@ def test_mobilenetv2_removal_folds_into_projections(keras: Any, tmp_path: Path) 
 
 
 def test_round_to_keeps_back_the_largest_l1(keras: Any, tmp_path: Path, chain_model: Path) -> None:
-    import json
-
-    from conftest import kprune, write_spec
-
     kernel = keras.saving.load_model(chain_model).get_layer("c1").kernel.numpy()
     l1 = np.abs(kernel.astype(np.float64)).sum(axis=(0, 1, 2))
     selected = [0, 2, 4, 6, 8]  # 16 - 5 = 11 left: round_to 4 keeps one back -> 12
@@ -559,10 +536,6 @@ def test_round_to_keeps_back_the_largest_l1(keras: Any, tmp_path: Path, chain_mo
 
 
 def test_apply_approximate_records_the_deviation(keras: Any, tmp_path: Path) -> None:
-    import json
-
-    from conftest import kprune, write_spec
-
     model = bn_relu_model(keras, "same", 3)
     filters = loud(model)
     model.save(tmp_path / "m.keras")
