@@ -2,10 +2,11 @@
 
 Run: python benchmarks/bench_removal.py [--runs 3] [--cache DIR]
 For VGG16 and ResNet50 (weights=None, 224x224) it writes specs that remove 25 % and 50 % of the
-filters of every removable conv by l1 ranking (index lists; ResNet50: the convs outside residual
-groups, i.e. each block's _1_conv and _2_conv), with round_to 1 and 8, runs `kprune apply`
-(timed), and measures median inference latency (predict_on_batch) at batch 1 and 32 of the input and
-the output.
+filters of every conv by l1 ranking (index lists; a coupled group -- convs whose outputs meet in
+an Add -- gets one ranking of its members' summed l1, so the group loses the same filters), and,
+for ResNet50, once more for only the convs outside residual groups (each block's _1_conv and
+_2_conv); with round_to 1 and 8; runs `kprune apply` (timed) and measures the median inference
+latency (predict_on_batch) at batch 1 and 32 of the input and the output.
 Prints a Markdown table for the README.
 """
 from __future__ import annotations
@@ -24,11 +25,18 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def removable(keras, model, name: str) -> list[str]:
-    convs = [l.name for l in model.layers if type(l).__name__ == "Conv2D"]
-    if name == "ResNet50":
-        return [c for c in convs if c.endswith(("_1_conv", "_2_conv"))]
-    return convs
+def removable(keras, model, scope: str) -> list[list[str]]:
+    """Groups of convs that must lose the same filters (kprune's own coupled groups); scope
+    'outside groups' keeps only the convs that are alone in theirs."""
+    from kprune_batch.graph import build_graph
+    from kprune_batch.removal import coupled_group
+
+    graph = build_graph(keras.saving.serialize_keras_object(model))
+    groups: list[list[str]] = []
+    for layer in model.layers:
+        if type(layer).__name__ == "Conv2D" and not any(layer.name in g for g in groups):
+            groups.append(sorted(coupled_group(graph, layer.name)[0]))
+    return [g for g in groups if scope == "every conv" or len(g) == 1]
 
 
 def latency(model, batch: int, runs: int) -> float:
@@ -58,23 +66,26 @@ def main() -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in ("VGG16", "ResNet50"):
+    cases = [("VGG16", "every conv"), ("ResNet50", "outside groups"), ("ResNet50", "every conv")]
+    base: dict[str, dict[int, float]] = {}
+    for name, scope in cases:
         path = cache / f"{name}.keras"
         if not path.exists():
             getattr(keras.applications, name)(weights=None).save(path)
         model = keras.saving.load_model(path)
-        base = {b: latency(model, b, args.runs) for b in (1, 32)}
-        layers = removable(keras, model, name)
+        if name not in base:
+            base[name] = {b: latency(model, b, args.runs) for b in (1, 32)}
+        groups = removable(keras, model, scope)
         for fraction in (0.25, 0.5):
             for round_to in (1, 8):
                 entries = []
-                for layer in layers:
-                    kernel = model.get_layer(layer).kernel.numpy().astype(np.float64)
-                    l1 = np.abs(kernel).sum(axis=(0, 1, 2))
+                for group in groups:  # one l1 ranking per group, summed over its members
+                    l1 = sum(np.abs(model.get_layer(m).kernel.numpy().astype(np.float64)).sum(
+                        axis=(0, 1, 2)) for m in group)
                     k = int(len(l1) * fraction)
                     chosen = sorted(int(i) for i in np.argsort(l1, kind="stable")[:k])
-                    entries.append(f"      - {{name: {layer}, action: remove, round_to: "
-                                   f"{round_to}, rules: [{{index: {chosen}}}]}}")
+                    entries += [f"      - {{name: {m}, action: remove, round_to: "
+                                f"{round_to}, rules: [{{index: {chosen}}}]}}" for m in group]
                 work = Path(tempfile.mkdtemp(prefix=f"bench-rm-{name}-"))
                 spec = work / "spec.yaml"
                 spec.write_text("version: 1\noutput_dir: out\ndefaults: {max_fraction: 0.75}\n"
@@ -93,14 +104,14 @@ def main() -> None:
                 mac_ratio = removal["macs_after"] / removal["macs_before"]
                 shutil.rmtree(work)  # ~0.5 GB per VGG16 case: do not leave it in /tmp
                 rows.append(
-                    f"| {name} | {int(fraction * 100)} % | {round_to} | {mac_ratio:.3f} | "
-                    f"{after[1] / base[1]:.3f} | {after[32] / base[32]:.3f} | "
-                    f"{(1 - after[32] / base[32]) / (1 - mac_ratio):.2f} | {took:.1f} | "
+                    f"| {name} | {scope} | {int(fraction * 100)} % | {round_to} | {mac_ratio:.3f} | "
+                    f"{after[1] / base[name][1]:.3f} | {after[32] / base[name][32]:.3f} | "
+                    f"{(1 - after[32] / base[name][32]) / (1 - mac_ratio):.2f} | {took:.1f} | "
                     f"{removal['probe_deviation']:.1e} |")
     print(f"median of {args.runs} runs; latency ratios are after/before (predict_on_batch, CPU)\n")
-    print("| model | removed per layer | round_to | MACs after/before | latency b1 | latency b32 "
+    print("| model | convs | removed per layer | round_to | MACs after/before | latency b1 | latency b32 "
           "| latency cut / MAC cut (b32) | kprune apply s | probe deviation |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -1,6 +1,7 @@
 """`kprune apply` end to end on real models: selected filters zeroed, everything else bit-identical."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import zipfile
@@ -355,3 +356,47 @@ def test_jobs_runs_models_in_parallel_with_the_same_result(tmp_path: Path, small
     for i in range(3):
         assert sha256_file(str(tmp_path / "serial" / f"m{i}.keras")) == \
             sha256_file(str(tmp_path / "parallel" / f"m{i}.keras"))
+
+
+DRAFT_07_KEYWORDS = {"$id", "$ref", "$schema", "$defs", "title", "description", "type",
+                     "properties", "required", "additionalProperties", "items", "minItems",
+                     "anyOf", "const", "enum", "pattern", "minimum"}
+
+
+def test_audit_schema_keeps_to_keywords_both_validators_read_alike() -> None:
+    """validate_log runs fastjsonschema (draft-07) first and jsonschema only for messages."""
+    used: set[str] = set()
+
+    def walk(node: Any, names: bool = False) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not names:
+                    used.add(key)
+                walk(value, names=not names and key in ("properties", "$defs"))
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(load_schema("audit"))
+    assert used <= DRAFT_07_KEYWORDS, used - DRAFT_07_KEYWORDS
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("zeroed", 0, "filter"), -1, "zeroed[0].filter: -1 is less than the minimum of 0"),
+    (("zeroed", 0, "rules"), [], "zeroed[0].rules: [] should be non-empty"),
+    (("models", 0, "status"), "fine", "models[0].status: 'fine' is not one of ['ok', 'failed', "
+                                      "'skipped']"),
+    (("zeroed", 0, "stats", "l1"), "big", "zeroed[0].stats.l1: 'big' is not of type 'number'"),
+])
+def test_validate_log_finds_what_jsonschema_finds(applied: dict, path: tuple, value: Any,
+                                                  message: str) -> None:
+    from kprune_batch.audit import validate_log
+
+    log = copy.deepcopy(applied["log"])
+    assert validate_log(log) == []
+    jsonschema.validate(log, load_schema("audit"))
+    node = log
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = value
+    assert validate_log(log) == [message]
