@@ -322,7 +322,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
                 record["probe"] = "skipped"
             if weights.backend == "direct":
                 def static(tmp: str) -> None:
-                    outcome.static_check = static_check(tmp, job, outcome.zeroed)
+                    outcome.static_check = static_check(tmp, job, outcome.zeroed, weights)
 
                 checks.append(static)
 
@@ -504,15 +504,17 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
             "optimizer_state": optimizer}
 
 
-def static_check(path: str, job: ModelJob, records: list[dict[str, Any]]) -> str:
+def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
+                 layout: Any = None) -> str:
     """Re-open a directly written file and confirm every recorded edit holds exactly.
 
     The direct backend runs no model, so without --probe this is its proof: each zeroed kernel
-    slice and bias is 0 and each BatchNorm edit has its recorded value.
+    slice and bias is 0 and each BatchNorm edit has its recorded value. `layout`: the input's
+    DirectModelWeights, whose proven mapping the written copy shares.
     """
     from kprune_batch.backends.direct import DirectModelWeights
 
-    written = DirectModelWeights(path, job.name)
+    written = DirectModelWeights(path, job.name, layout=layout)
     try:
         for r in records:
             family = family_of(r["layer_class"])

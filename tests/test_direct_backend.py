@@ -200,3 +200,33 @@ def test_compressed_weights_member_is_rewritten_not_patched(keras: Any, tmp_path
     with zipfile.ZipFile(tmp_path / "out-direct" / "small.keras") as zf:
         assert zf.testzip() is None
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_static_check_finds_an_edit_that_did_not_land(tmp_path: Path, small_cnn: Path,
+                                                      small_cnn_h5: Path, suffix: str) -> None:
+    """The static check reads the written file back (sharing the input's proven mapping): a
+    record whose edit is not in the file fails the model."""
+    from kprune_batch.backends.direct import DirectModelWeights
+    from kprune_batch.errors import ModelError
+    from kprune_batch.executor import static_check
+
+    source = small_cnn if suffix == ".keras" else small_cnn_h5
+    model = tmp_path / f"m{suffix}"
+    shutil.copy(source, model)
+    spec = write_spec(tmp_path, f"version: 1\nmodels:\n  - path: m{suffix}\n"
+                                f"    layers: [{{name: conv2d, rules: [{{index: [2]}}]}}]\n")
+    (job,) = compile_plan(read_spec(spec)).jobs
+    outcome = run_job(job, opener=open_direct)
+    assert outcome.status == "ok" and outcome.static_check == "ok", outcome.error
+    layout = DirectModelWeights(str(model), "m")
+    try:
+        assert static_check(job.output, job, outcome.zeroed, layout) == "ok"
+        claims = [{**outcome.zeroed[0], "filter": 3}]  # filter 3 was never zeroed
+        with pytest.raises(ModelError) as err:
+            static_check(job.output, job, claims, layout)
+    finally:
+        layout.close()
+    assert err.value.render() == (
+        "model 'm', layer 'conv2d': the written file does not hold the edit of filter 3 (kernel "
+        "slice, bias); nothing was written; please report this as a bug, with the audit log")

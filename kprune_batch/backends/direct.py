@@ -143,7 +143,10 @@ class DirectModelWeights:
 
     backend = "direct"
 
-    def __init__(self, path: str, model_name: str):
+    def __init__(self, path: str, model_name: str, layout: DirectModelWeights | None = None):
+        """Open `path`; with `layout`, a file written from `layout`'s input by save() (the same
+        zip entries and HDF5 structure, only data bytes patched): its proven mapping is reused
+        instead of being derived again, which is most of the cost of opening a large model."""
         self.path = path
         self.model_name = model_name
         self._edits: dict[str, np.ndarray] = {}  # dataset path -> new value
@@ -152,7 +155,10 @@ class DirectModelWeights:
         self._window: _Window | None = None
         self.hashes: tuple[str, str] | None = None  # sha256 of (input, output) if save() hashed
         try:
-            if path.endswith(".keras"):
+            if layout is not None:
+                self.graph, self._datasets = layout.graph, layout._datasets
+                self._open_file()
+            elif path.endswith(".keras"):
                 self._open_keras_zip()
             else:
                 self._open_h5()
@@ -174,6 +180,16 @@ class DirectModelWeights:
         config = json.loads(self._zip.read("config.json"))
         _config_problems(config)
         self.graph = build_graph(config)
+        self._open_file()
+        self._datasets = self._map_keras(config)
+
+    def _open_file(self) -> None:
+        """The HDF5 weights of the file (for .keras: the weights member, read in place)."""
+        if not self.path.endswith(".keras"):
+            self._h5 = h5py.File(self.path, "r")
+            return
+        if self._zip is None:
+            self._zip = zipfile.ZipFile(self.path)
         info = self._zip.getinfo("model.weights.h5")
         start = _member_data_start(self.path, info)
         if info.compress_type == zipfile.ZIP_STORED and start is not None:
@@ -184,7 +200,6 @@ class DirectModelWeights:
         else:
             self._blob = self._zip.read(info)
             self._h5 = h5py.File(io.BytesIO(self._blob), "r")
-        self._datasets = self._map_keras(config)
 
     def _map_keras(self, config: dict[str, Any]) -> dict[str, dict[str, str]]:
         """layer path -> {variable: dataset path}, as saving_lib._save_state walks the model."""
@@ -229,7 +244,7 @@ class DirectModelWeights:
         return mapping
 
     def _open_h5(self) -> None:
-        self._h5 = h5py.File(self.path, "r")
+        self._open_file()
         raw = self._h5.attrs.get("model_config")
         if raw is None:
             raise DirectBackendUnsupported("no model_config in the .h5 file")
