@@ -5,8 +5,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-import zlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 
 def sha256_file(path: str) -> str:
@@ -18,6 +17,17 @@ def sha256_file(path: str) -> str:
 
 
 COPY_BLOCK = 1 << 22
+_QUEUE_BLOCKS = 3  # blocks in flight per worker: bounds memory at ~8 blocks (32 MB)
+
+try:  # ISA-L's CRC-32 is ~7x zlib's (0.03 s vs 0.24 s on a 554 MB member); same values
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - platforms without an isal wheel
+    from zlib import crc32 as _crc32
+
+
+def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """zlib-compatible CRC-32, from the fastest implementation installed."""
+    return _crc32(data, value)
 
 
 def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
@@ -25,26 +35,34 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
     """Copy `src` to `dest` in one pass, writing each (offset, bytes) patch over the copy;
     return the sha256 of `src` and of `dest` as read and written.
 
-    One read of the input instead of four (hash it, copy it, CRC the member, hash the output):
-    the two hashes run in worker threads (hashlib releases the GIL), and write-back of the
-    copy is started as it goes (POSIX_FADV_DONTNEED starts it on Linux) so the caller's fsync
-    finds little left to do. `crc_range` (start, size, crc) checks the CRC-32 of those input
-    bytes as they pass: a corrupt input raises ValueError instead of being copied on.
+    One read of the input instead of four (hash it, copy it, CRC the member, hash the output),
+    pipelined: this thread reads blocks; one worker hashes them and checks the CRC, another
+    patches, hashes and writes them (hashlib, the CRC and file writes release the GIL, so the
+    two run on two cores while the next block is read). Write-back of the copy is started as it
+    goes (POSIX_FADV_DONTNEED starts it on Linux) so the caller's fsync finds little left.
+    `crc_range` (start, size, crc) checks the CRC-32 of those input bytes as they pass: a
+    corrupt input raises ValueError instead of being copied on.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    import queue
+    import threading
 
     patches = sorted(patches)
     sha_in, sha_out = hashlib.sha256(), hashlib.sha256()
-    crc, pos = 0, 0
-    with open(src, "rb") as fin, open(dest, "wb") as fout, \
-            ThreadPoolExecutor(max_workers=2) as pool:
-        started = 0
-        while True:
-            block = fin.read(COPY_BLOCK)
-            if not block:
-                break
+    crc = [0]
+    errors: list[BaseException] = []
+
+    def check(pos: int, block: bytes) -> None:
+        sha_in.update(block)
+        if crc_range is not None:
+            lo, hi = max(crc_range[0], pos), min(crc_range[0] + crc_range[1], pos + len(block))
+            if lo < hi:
+                crc[0] = crc32(memoryview(block)[lo - pos:hi - pos], crc[0])
+
+    def write(fout: Any) -> Callable[[int, bytes], None]:
+        started = [0]
+
+        def step(pos: int, block: bytes) -> None:
             end = pos + len(block)
-            hashing = [pool.submit(sha_in.update, block)]
             out: bytes | bytearray = block
             for offset, data in patches:
                 lo, hi = max(offset, pos), min(offset + len(data), end)
@@ -52,20 +70,44 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
                     if out is block:
                         out = bytearray(block)
                     out[lo - pos:hi - pos] = data[lo - offset:hi - offset]
-            hashing.append(pool.submit(sha_out.update, out))
-            if crc_range is not None:
-                lo, hi = max(crc_range[0], pos), min(crc_range[0] + crc_range[1], end)
-                if lo < hi:
-                    crc = zlib.crc32(memoryview(block)[lo - pos:hi - pos], crc)
+            sha_out.update(out)
             fout.write(out)
-            for future in hashing:
-                future.result()
-            pos = end
-            if hasattr(os, "posix_fadvise") and pos - started >= 16 * COPY_BLOCK:
+            if hasattr(os, "posix_fadvise") and end - started[0] >= 16 * COPY_BLOCK:
                 fout.flush()
-                os.posix_fadvise(fout.fileno(), started, pos - started, os.POSIX_FADV_DONTNEED)
-                started = pos
-    if crc_range is not None and crc != crc_range[2]:
+                os.posix_fadvise(fout.fileno(), started[0], end - started[0],
+                                 os.POSIX_FADV_DONTNEED)
+                started[0] = end
+        return step
+
+    def worker(jobs: queue.Queue, step: Callable[[int, bytes], None]) -> None:
+        # Keeps draining after a failure so the reader never blocks on a full queue.
+        while (job := jobs.get()) is not None:
+            if not errors:
+                try:
+                    step(*job)
+                except BaseException as exc:  # re-raised in the calling thread below
+                    errors.append(exc)
+
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        queues = [queue.Queue(_QUEUE_BLOCKS), queue.Queue(_QUEUE_BLOCKS)]
+        threads = [threading.Thread(target=worker, args=(q, step), daemon=True)
+                   for q, step in zip(queues, (check, write(fout)))]
+        for thread in threads:
+            thread.start()
+        try:
+            pos = 0
+            while not errors and (block := fin.read(COPY_BLOCK)):
+                for q in queues:
+                    q.put((pos, block))
+                pos += len(block)
+        finally:
+            for q in queues:
+                q.put(None)
+            for thread in threads:
+                thread.join()
+    if errors:
+        raise errors[0]
+    if crc_range is not None and crc[0] != crc_range[2]:
         raise ValueError(f"{src}: the CRC-32 of bytes {crc_range[0]}..{crc_range[0] + crc_range[1]}"
                          f" does not match the zip directory (the file is corrupt)")
     return sha_in.hexdigest(), sha_out.hexdigest()
