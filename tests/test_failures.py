@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -144,11 +145,15 @@ def test_output_folder_that_cannot_be_created(tmp_path: Path, small_cnn: Path) -
                              f"Not a directory\n")
 
 
+@pytest.mark.parametrize("backend", ["keras", "direct"])
 def test_disk_full_leaves_nothing_under_the_final_name(tmp_path: Path, small_cnn: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fault injected in the writer: half a file is written, then ENOSPC."""
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        backend: str) -> None:
+    """Fault injected in the writer: half a file is written, then ENOSPC (for the direct backend
+    inside the pipelined copy, whose writer thread must hand the error back, not hang)."""
+    from kprune_batch import files
     from kprune_batch.backends import keras_backend
-    from kprune_batch.executor import run_job
+    from kprune_batch.executor import open_direct, open_keras, run_job
     from kprune_batch.plan import compile_plan
     from kprune_batch.spec import read_spec
 
@@ -162,9 +167,19 @@ def test_disk_full_leaves_nothing_under_the_final_name(tmp_path: Path, small_cnn
             fh.write(b"PK\x03\x04 half a zip")
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    class FullDisk(io.FileIO):
+        def write(self, data: Any) -> int:
+            super().write(bytes(data)[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_full(path: str, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        return FullDisk(path, mode) if mode == "wb" else open(path, mode, *args, **kwargs)
+
     monkeypatch.setattr(keras_backend.KerasModelWeights, "save", full_disk)
+    monkeypatch.setattr(files, "open", open_full, raising=False)
     (job,) = compile_plan(read_spec(write_spec(tmp_path, ONE_MODEL.format(path="m.keras")))).jobs
-    outcome = run_job(job)
+    outcome = run_job(job, opener=open_keras if backend == "keras" else open_direct)
+    assert outcome.backend == backend
     assert outcome.status == "failed"
     assert outcome.error == (f"model 'm': cannot write output {old}: the disk is full; nothing "
                              f"was written under the output's name; check the output folder and "

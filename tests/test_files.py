@@ -5,9 +5,10 @@ import hashlib
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from kprune_batch.files import COPY_BLOCK, copy_patched
+from kprune_batch.files import COPY_BLOCK, copy_patched, crc32
 
 
 def test_copy_patched_bytes_and_hashes(tmp_path: Path) -> None:
@@ -32,3 +33,15 @@ def test_copy_patched_refuses_a_corrupt_input(tmp_path: Path) -> None:
     src.write_bytes(b"\0" * 1000)
     with pytest.raises(ValueError, match="does not match the zip directory"):
         copy_patched(str(src), str(tmp_path / "out.bin"), [], (100, 500, 12345))
+
+
+def test_crc32_is_zlibs_crc32() -> None:
+    """The fast CRC (ISA-L when installed) must give zlib's values, running value included."""
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, 3 * 1024 * 1024 + 17, dtype=np.uint8).tobytes()
+    assert crc32(data) == zlib.crc32(data)
+    running = 0
+    for start in range(0, len(data), 1_000_003):
+        running = crc32(memoryview(data)[start:start + 1_000_003], running)
+    assert running == zlib.crc32(data)
+    assert crc32(b"") == zlib.crc32(b"") == 0
