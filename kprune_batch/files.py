@@ -30,6 +30,10 @@ def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     return _crc32(data, value)
 
 
+class CorruptInput(ValueError):
+    """The input's bytes do not match the CRC-32 its zip directory records for them."""
+
+
 def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
                  crc_range: tuple[int, int, int] | None = None) -> tuple[str, str]:
     """Copy `src` to `dest` in one pass, writing each (offset, bytes) patch over the copy;
@@ -41,7 +45,8 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
     two run on two cores while the next block is read). Write-back of the copy is started as it
     goes (POSIX_FADV_DONTNEED starts it on Linux) so the caller's fsync finds little left.
     `crc_range` (start, size, crc) checks the CRC-32 of those input bytes as they pass: a
-    corrupt input raises ValueError instead of being copied on.
+    corrupt input raises CorruptInput instead of being copied on; patches must lie inside the
+    file (ValueError otherwise: a caller's bug, never silently dropped).
     """
     import queue
     import threading
@@ -88,6 +93,15 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
                 except BaseException as exc:  # re-raised in the calling thread below
                     errors.append(exc)
 
+    size = os.path.getsize(src)
+    for offset, data in patches:
+        if offset < 0 or offset + len(data) > size:
+            raise ValueError(f"patch of {len(data)} bytes at {offset} lies outside {src} "
+                             f"({size} bytes)")
+    if crc_range is not None and crc_range[0] + crc_range[1] > size:
+        raise CorruptInput(f"{src}: the zip directory places bytes {crc_range[0]}.."
+                           f"{crc_range[0] + crc_range[1]} past the end of the file ({size} bytes;"
+                           f" the file is truncated)")
     with open(src, "rb") as fin, open(dest, "wb") as fout:
         queues = [queue.Queue(_QUEUE_BLOCKS), queue.Queue(_QUEUE_BLOCKS)]
         threads = [threading.Thread(target=worker, args=(q, step), daemon=True)
@@ -108,7 +122,7 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
     if errors:
         raise errors[0]
     if crc_range is not None and crc[0] != crc_range[2]:
-        raise ValueError(f"{src}: the CRC-32 of bytes {crc_range[0]}..{crc_range[0] + crc_range[1]}"
+        raise CorruptInput(f"{src}: the CRC-32 of bytes {crc_range[0]}..{crc_range[0] + crc_range[1]}"
                          f" does not match the zip directory (the file is corrupt)")
     return sha_in.hexdigest(), sha_out.hexdigest()
 

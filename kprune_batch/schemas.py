@@ -45,5 +45,5 @@ def conforms(name: str, data: Any) -> bool:
     """
     try:
         return bool(_compiled(name).is_valid(data))
-    except (ValueError, TypeError, OverflowError):
+    except Exception:  # a value it cannot read (dates, bytes, int keys, lone surrogates...)
         return False

@@ -329,8 +329,17 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
         line, col = positions.of(path, key=key)
         problems.append(SpecProblem(line, col, json_path(path), message, file))
 
+    def finite_fraction(path: tuple, options: dict[str, Any]) -> None:
+        # NaN passes jsonschema's minimum/maximum (every comparison is false) and would make the
+        # max_fraction guard `count > nan * total` never fire: the cap would be silently off.
+        value = options.get("max_fraction")
+        if value is not None and not math.isfinite(float(value)):
+            add(path + ("max_fraction",), f"max_fraction must be a number from 0 to 1, got {value!r}")
+
+    finite_fraction(("defaults",), data.get("defaults") or {})
     for i, model in enumerate(data["models"]):
         for j, entry in enumerate(model["layers"]):
+            finite_fraction(("models", i, "layers", j), entry)
             cls = entry.get("type")
             if cls is not None and family_of(cls) is None:
                 add(("models", i, "layers", j, "type"),

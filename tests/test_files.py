@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kprune_batch.files import COPY_BLOCK, copy_patched, crc32
+from kprune_batch.files import COPY_BLOCK, CorruptInput, copy_patched, crc32
 
 
 def test_copy_patched_bytes_and_hashes(tmp_path: Path) -> None:
@@ -31,8 +31,22 @@ def test_copy_patched_bytes_and_hashes(tmp_path: Path) -> None:
 def test_copy_patched_refuses_a_corrupt_input(tmp_path: Path) -> None:
     src = tmp_path / "in.bin"
     src.write_bytes(b"\0" * 1000)
-    with pytest.raises(ValueError, match="does not match the zip directory"):
+    with pytest.raises(CorruptInput, match="does not match the zip directory"):
         copy_patched(str(src), str(tmp_path / "out.bin"), [], (100, 500, 12345))
+    with pytest.raises(CorruptInput, match=r"places bytes 900\.\.1100 past the end of the file "
+                                           r"\(1000 bytes; the file is truncated\)"):
+        copy_patched(str(src), str(tmp_path / "out.bin"), [], (900, 200, zlib.crc32(b"")))
+
+
+@pytest.mark.parametrize("patch", [(998, b"abc"), (-1, b"a")])
+def test_copy_patched_refuses_a_patch_outside_the_file(tmp_path: Path, patch: tuple) -> None:
+    """Never silently dropped: the output would not be what the caller hashed and recorded."""
+    src = tmp_path / "in.bin"
+    src.write_bytes(b"\0" * 1000)
+    with pytest.raises(ValueError, match=f"patch of {len(patch[1])} bytes at {patch[0]} lies "
+                                         f"outside"):
+        copy_patched(str(src), str(tmp_path / "out.bin"), [patch])
+    assert not (tmp_path / "out.bin").exists()
 
 
 def test_crc32_is_zlibs_crc32() -> None:

@@ -107,3 +107,15 @@ def test_a_document_it_cannot_read_is_not_passed() -> None:
     doc = yaml.safe_load(EXAMPLE.read_text())
     doc[3] = "x"  # YAML allows integer keys; the compiled check raises on them
     assert not conforms("spec", doc)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_value_in_a_nullable_string_fails_the_log(example_log: dict[str, Any],
+                                                               value: float) -> None:
+    """jsonschema-rs before 0.49 passed NaN/inf where a string or null is required."""
+    from kprune_batch.audit import validate_log
+
+    log = copy.deepcopy(example_log)
+    log["models"][0]["error"] = value
+    assert not conforms("audit", log)
+    assert validate_log(log) == [f"models[0].error: {value!r} is not of type 'string', 'null'"]

@@ -120,6 +120,18 @@ def test_non_finite_thresholds_are_invalid(tmp_path: Path, threshold: str) -> No
                             "finite number, got ")
 
 
+@pytest.mark.parametrize("old, new, expected", [
+    ("version: 1\n", "version: 1\ndefaults: {max_fraction: .nan}\n",
+     "2:26: defaults.max_fraction: max_fraction must be a number from 0 to 1, got nan"),
+    ("- name: conv1\n", "- name: conv1\n        max_fraction: .NaN\n",
+     "6:23: models[0].layers[0].max_fraction: max_fraction must be a number from 0 to 1, got nan"),
+])
+def test_max_fraction_nan_is_invalid(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    """NaN passes the schema's bounds (every comparison is false); let through, it would switch
+    the max_fraction cap off."""
+    assert problems(tmp_path, VALID.replace(old, new)) == [expected]
+
+
 def test_semantic_errors(tmp_path: Path) -> None:
     text = """\
     version: 1

@@ -22,7 +22,7 @@ import numpy as np
 from kprune_batch.crc import patched_crc32
 from kprune_batch.errors import ModelError
 from kprune_batch.families import BATCHNORM_CLASSES, canonical_class, family_of
-from kprune_batch.files import copy_patched
+from kprune_batch.files import CorruptInput, copy_patched
 from kprune_batch.graph import MODEL_CLASSES, build_graph
 
 
@@ -369,7 +369,7 @@ class DirectModelWeights:
         try:
             self.hashes = copy_patched(self.path, tmp_path, file_patches,
                                        crc_range=(data_start, info.file_size, info.CRC))
-        except ValueError as exc:
+        except CorruptInput as exc:
             raise ModelError(str(exc), model=self.model_name,
                              hint="restore the file from a good copy") from None
         return True
