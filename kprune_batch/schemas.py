@@ -41,7 +41,7 @@ def conforms(name: str, data: Any) -> bool:
     Only "yes" is trusted: on False the caller runs jsonschema, which gives the full, positioned
     error list and the final word. Where the two differ the compiled one is the stricter (ECMA-262
     `$` in patterns, non-finite numbers, non-string keys), which costs time, never a missed error;
-    tests/test_spec.py checks the direction on fuzzed documents.
+    tests/test_schemas.py checks the direction on fuzzed documents.
     """
     try:
         return bool(_compiled(name).is_valid(data))
