@@ -8,7 +8,6 @@ import platform
 import secrets
 import subprocess
 import sys
-from importlib import metadata
 from typing import Any
 
 from kprune_batch import __version__
@@ -31,6 +30,8 @@ def new_run_id() -> str:
 
 
 def _version(dist: str) -> str | None:
+    from importlib import metadata  # ~10 ms to import, needed only once per run
+
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:

@@ -1,10 +1,8 @@
 """`kprune apply SPEC`: run every model job, write outputs and the run's audit log."""
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import fcntl
-import multiprocessing
 import os
 import signal
 import sys
@@ -149,6 +147,9 @@ def _run_all(plan: Plan, stop: _Stop, opener: Opener, probe: bool, fail_fast: bo
                        else run_job(job, opener=opener, probe=probe))
             report(done[i])
     else:
+        import concurrent.futures  # only batches pay for these imports (~7 ms)
+        import multiprocessing
+
         # Workers are spawned, never forked: a forked TensorFlow runtime can deadlock.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
