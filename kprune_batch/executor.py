@@ -14,7 +14,7 @@ import numpy as np
 from kprune_batch.backends.base import ModelWeights
 from kprune_batch.errors import KpruneError, ModelError
 from kprune_batch.families import Family, canonical_class, family_of
-from kprune_batch.files import atomic_write, sha256_file
+from kprune_batch.files import atomic_write, fsync_file, sha256_file
 from kprune_batch.plan import LayerOp, ModelJob, Options
 from kprune_batch.rules import RuleError, filter_stats, select
 from kprune_batch.silence import channel_fate
@@ -62,6 +62,7 @@ class ModelOutcome:
     removed: list[dict[str, Any]] = field(default_factory=list)
     removal: dict[str, Any] | None = None
     touched: list[dict[str, Any]] = field(default_factory=list)  # plan only: Touch.to_json()
+    written: bool = True  # False: the output already held exactly these bytes and was kept
 
 
 Opener = Callable[[ModelJob], ModelWeights]
@@ -339,7 +340,7 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
             for check in checks:
                 check(tmp)
 
-        _write_output(job, weights, run_checks)
+        outcome.written = _write_output(job, weights, run_checks)
         if weights.hashes is not None:  # computed while copying: the bytes read and written
             outcome.input_sha256, outcome.output_sha256 = weights.hashes
         else:
@@ -568,12 +569,21 @@ def _check_input(job: ModelJob, read: Callable[[str], Any] = lambda p: open(p, "
 
 
 def _write_output(job: ModelJob, weights: ModelWeights,
-                  check: Callable[[str], None] | None) -> None:
+                  check: Callable[[str], None] | None) -> bool:
+    """Write the edited model to job.output; False if it already held exactly those bytes (a
+    re-run of an unchanged spec on unchanged inputs) and was left as it was."""
     folder = os.path.dirname(job.output)
     try:
         os.makedirs(folder, exist_ok=True)
+        matched = weights.matches(job.output) if os.path.isfile(job.output) else False
+        if matched:
+            if check is not None:
+                check(job.output)
+            fsync_file(job.output)
+            return False
         # the temp name keeps the format's ending: Keras picks the format from the file name
-        atomic_write(job.output, weights.save, suffix=os.path.splitext(job.output)[1], check=check)
+        return atomic_write(job.output, weights.save, suffix=os.path.splitext(job.output)[1],
+                            check=check, keep_identical=matched is None)
     except KpruneError:
         raise
     except Exception as exc:  # Keras and h5py wrap OS errors in their own types

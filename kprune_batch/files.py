@@ -53,14 +53,82 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
     return the sha256 of `src` and of `dest` as read and written.
 
     One read of the input instead of four (hash it, copy it, CRC the member, hash the output),
-    pipelined: this thread reads blocks and applies the patches; three workers take each block,
-    one hashing the input and checking the CRC, one hashing the output, one writing it (hashlib,
-    the CRC and file writes release the GIL, so the two hashes, which are most of the CPU, run
-    on two cores side by side, and neither waits for the disk). Write-back of the copy is
-    started as it goes (POSIX_FADV_DONTNEED starts it on Linux) so the caller's fsync finds
-    little left. `crc_range` (start, size, crc) checks the CRC-32 of those input bytes as they
-    pass: a corrupt input raises CorruptInput instead of being copied on; patches must lie
-    inside the file (ValueError otherwise: a caller's bug, never silently dropped).
+    pipelined (see _patched_pass); the writer starts write-back of the copy as it goes
+    (POSIX_FADV_DONTNEED starts it on Linux) so the caller's fsync finds little left.
+    `crc_range` (start, size, crc) checks the CRC-32 of those input bytes as they pass: a
+    corrupt input raises CorruptInput instead of being copied on; patches must lie inside the
+    file (ValueError otherwise: a caller's bug, never silently dropped).
+    """
+    _check_ranges(src, patches, crc_range)  # before `dest` is created
+    with open(dest, "wb") as fout:
+        started = [0]
+
+        def write(pos: int, out: bytes | bytearray) -> None:
+            fout.write(out)
+            end = pos + len(out)
+            if hasattr(os, "posix_fadvise") and end - started[0] >= 16 * COPY_BLOCK:
+                fout.flush()
+                os.posix_fadvise(fout.fileno(), started[0], end - started[0],
+                                 os.POSIX_FADV_DONTNEED)
+                started[0] = end
+
+        return _patched_pass(src, patches, crc_range, write)
+
+
+class _Differs(Exception):
+    """Raised inside patched_equals' pass at the first block that differs."""
+
+
+def patched_equals(src: str, other: str, patches: list[tuple[int, bytes]],
+                   crc_range: tuple[int, int, int] | None = None) -> tuple[str, str] | None:
+    """If `other` already holds exactly the bytes copy_patched(src, _, patches) would write,
+    the sha256 of `src` and of those bytes (found in the same one pass, nothing written);
+    else None, as soon as a block differs. The same checks as copy_patched apply to `src`."""
+    try:
+        if os.path.getsize(other) != os.path.getsize(src):
+            return None
+        fother = open(other, "rb")
+    except OSError:
+        return None
+    with fother:
+        def compare(_pos: int, out: bytes | bytearray) -> None:
+            try:
+                theirs = fother.read(len(out))
+            except OSError:
+                raise _Differs from None  # unreadable is not the same: it gets rewritten
+            if theirs != out:
+                raise _Differs
+
+        try:
+            return _patched_pass(src, patches, crc_range, compare)
+        except _Differs:
+            return None
+
+
+def _check_ranges(src: str, patches: list[tuple[int, bytes]],
+                  crc_range: tuple[int, int, int] | None) -> None:
+    size = os.path.getsize(src)
+    for offset, data in patches:
+        if offset < 0 or offset + len(data) > size:
+            raise ValueError(f"patch of {len(data)} bytes at {offset} lies outside {src} "
+                             f"({size} bytes)")
+    if crc_range is not None and crc_range[0] + crc_range[1] > size:
+        raise CorruptInput(f"{src}: the zip directory places bytes {crc_range[0]}.."
+                           f"{crc_range[0] + crc_range[1]} past the end of the file ({size} bytes;"
+                           f" the file is truncated)")
+
+
+def _patched_pass(src: str, patches: list[tuple[int, bytes]],
+                  crc_range: tuple[int, int, int] | None,
+                  sink: Callable[[int, bytes | bytearray], None]) -> tuple[str, str]:
+    """Read `src` once and hand `sink` its bytes with `patches` applied, block by block in order;
+    return the sha256 of `src` and of the patched bytes.
+
+    Pipelined: this thread reads blocks and applies the patches; three workers take each block,
+    one hashing the input and checking the CRC, one hashing the patched bytes, one running
+    `sink` (hashlib, the CRC and file I/O release the GIL, so the two hashes, which are most of
+    the CPU, run on two cores side by side, and neither waits for the disk). An exception in a
+    worker stops the reading and is re-raised here.
     """
     import queue
     import threading
@@ -80,18 +148,8 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
     def hash_out(_pos: int, _block: bytes, out: bytes | bytearray) -> None:
         sha_out.update(out)
 
-    def write(fout: Any) -> Callable[[int, bytes, bytes | bytearray], None]:
-        started = [0]
-
-        def step(pos: int, _block: bytes, out: bytes | bytearray) -> None:
-            fout.write(out)
-            end = pos + len(out)
-            if hasattr(os, "posix_fadvise") and end - started[0] >= 16 * COPY_BLOCK:
-                fout.flush()
-                os.posix_fadvise(fout.fileno(), started[0], end - started[0],
-                                 os.POSIX_FADV_DONTNEED)
-                started[0] = end
-        return step
+    def to_sink(pos: int, _block: bytes, out: bytes | bytearray) -> None:
+        sink(pos, out)
 
     def worker(jobs: queue.Queue, step: Callable[[int, bytes, bytes | bytearray], None]) -> None:
         # Keeps draining after a failure so the reader never blocks on a full queue.
@@ -102,17 +160,9 @@ def copy_patched(src: str, dest: str, patches: list[tuple[int, bytes]],
                 except BaseException as exc:  # re-raised in the calling thread below
                     errors.append(exc)
 
-    size = os.path.getsize(src)
-    for offset, data in patches:
-        if offset < 0 or offset + len(data) > size:
-            raise ValueError(f"patch of {len(data)} bytes at {offset} lies outside {src} "
-                             f"({size} bytes)")
-    if crc_range is not None and crc_range[0] + crc_range[1] > size:
-        raise CorruptInput(f"{src}: the zip directory places bytes {crc_range[0]}.."
-                           f"{crc_range[0] + crc_range[1]} past the end of the file ({size} bytes;"
-                           f" the file is truncated)")
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        steps = (check, hash_out, write(fout))
+    _check_ranges(src, patches, crc_range)
+    with open(src, "rb") as fin:
+        steps = (check, hash_out, to_sink)
         queues: list[queue.Queue] = [queue.Queue(_QUEUE_BLOCKS) for _ in steps]
         threads = [threading.Thread(target=worker, args=(q, step), daemon=True)
                    for q, step in zip(queues, steps)]
@@ -172,18 +222,23 @@ def temp_path_beside(dest: str, suffix: str = "") -> Iterator[str]:
 
 
 def atomic_write(dest: str, write: Callable[[str], None], suffix: str = "",
-                 check: Callable[[str], None] | None = None) -> None:
+                 check: Callable[[str], None] | None = None,
+                 keep_identical: bool = False) -> bool:
     """Call write(tmp) for a temporary path beside `dest`, fsync it, then rename it onto `dest`.
 
     A reader never sees a partial file under `dest`: either the old file or the complete new one.
     `check(tmp)` may inspect the complete file first and raise to keep it from ever being renamed.
+    With `keep_identical`, a `dest` that already holds exactly the new bytes is left as it is
+    (same inode and time stamps). Returns whether `dest` was replaced.
     """
     with temp_path_beside(dest, suffix) as tmp:
         write(tmp)
         if check is not None:
             check(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if keep_identical and same_bytes(tmp, dest):
+            fsync_file(dest)  # it may have been copied there without one
+            return False
+        fsync_file(tmp)
         os.replace(tmp, dest)
     with contextlib.suppress(OSError):
         dir_fd = os.open(os.path.dirname(os.path.abspath(dest)) or ".", os.O_RDONLY)
@@ -191,6 +246,29 @@ def atomic_write(dest: str, write: Callable[[str], None], suffix: str = "",
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    return True
+
+
+def fsync_file(path: str) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def same_bytes(a: str, b: str) -> bool:
+    """Whether two files hold the same bytes (False if either cannot be read as a file).
+    Not filecmp.cmp: its cache trusts size and mtime."""
+    try:
+        if not os.path.isfile(b) or os.path.getsize(a) != os.path.getsize(b):
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            while True:
+                block = fa.read(COPY_BLOCK)
+                if block != fb.read(COPY_BLOCK):
+                    return False
+                if not block:
+                    return True
+    except OSError:
+        return False
 
 
 def atomic_write_bytes(dest: str, data: bytes) -> None:

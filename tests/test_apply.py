@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_audit_log_records_every_zeroed_filter(applied: dict) -> None:
     assert model["status"] == "ok" and model["error"] is None
     assert model["input"] == {"path": str(applied["model"]), "sha256": applied["input_hash"]}
     assert model["output"] == {"path": str(applied["output"]),
-                               "sha256": sha256_file(str(applied["output"]))}
+                               "sha256": sha256_file(str(applied["output"])), "written": True}
     assert log["status"] == "ok"
     assert log["spec"]["sha256"] == sha256_file(str(applied["folder"] / "spec.yaml"))
     assert log["tool"]["keras"].startswith("3.")
@@ -182,6 +183,59 @@ def test_same_spec_same_inputs_byte_identical_outputs(applied: dict) -> None:
     second = json.loads((folder / "again.json").read_text())
     for key in ("zeroed", "spec", "tool"):
         assert first[key] == second[key]
+
+
+RERUN_SPEC = """\
+version: 1
+output_dir: out
+models:
+  - path: m.keras
+    layers: [{{name: conv2d, rules: [{{index: [{index}]}}]}}]
+"""
+
+
+@pytest.mark.parametrize("backend", ["direct", "keras"])
+def test_a_rerun_leaves_an_up_to_date_output_as_it_was(tmp_path: Path, small_cnn: Path,
+                                                       backend: str) -> None:
+    """A nightly re-run of an unchanged spec on unchanged models rewrites nothing: the output
+    keeps its inode and time stamps, and the log says so; a changed one is written again."""
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    spec = write_spec(tmp_path, RERUN_SPEC.format(index=0))
+    out = tmp_path / "out" / "m.keras"
+
+    def run(log: str) -> tuple[Any, dict]:
+        result = kprune("apply", spec, "--backend", backend, "--audit-log", tmp_path / log,
+                        cwd=tmp_path).expect(0)
+        return result, json.loads((tmp_path / log).read_text())["models"][0]
+
+    _, first = run("1.json")
+    made, made_hash = os.stat(out), sha256_file(str(out))
+    assert first["output"] == {"path": str(out), "sha256": made_hash, "written": True}
+    again, second = run("2.json")
+    kept = os.stat(out)
+    assert (kept.st_ino, kept.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    assert second["output"] == {"path": str(out), "sha256": made_hash, "written": False}
+    assert second["input"] == first["input"]
+    assert again.stdout.splitlines()[0].endswith(
+        f"-> {out} (unchanged: already held these bytes)"), again
+    kprune("verify", tmp_path / "2.json").expect(0)
+    report = kprune("report", tmp_path / "2.json").expect(0)
+    assert f"-> {out} (already held these bytes: left as it was)" in report.stdout, report
+
+    # a damaged output is not up to date: it is replaced by the right bytes
+    damaged = bytearray(out.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    out.write_bytes(bytes(damaged))
+    _, third = run("3.json")
+    assert third["output"] == {"path": str(out), "sha256": made_hash, "written": True}
+    assert os.stat(out).st_ino != made.st_ino
+
+    # and so is the output of a changed spec
+    spec.write_text(RERUN_SPEC.format(index=1))
+    _, fourth = run("4.json")
+    assert fourth["output"]["written"] is True
+    assert fourth["output"]["sha256"] == sha256_file(str(out)) != made_hash
+    assert sorted(os.listdir(out.parent)) == [".kprune.lock", "m.keras"]  # no temp file left
 
 
 def test_default_audit_log_location_sorts_by_time(applied: dict) -> None:

@@ -230,3 +230,33 @@ def test_static_check_finds_an_edit_that_did_not_land(tmp_path: Path, small_cnn:
     assert err.value.render() == (
         "model 'm', layer 'conv2d': the written file does not hold the edit of filter 3 (kernel "
         "slice, bias); nothing was written; please report this as a bug, with the audit log")
+
+
+@pytest.mark.parametrize("suffix, saves", [(".keras", 0), (".h5", 1)])
+def test_rerun_with_an_up_to_date_output(tmp_path: Path, small_cnn: Path, small_cnn_h5: Path,
+                                         monkeypatch: pytest.MonkeyPatch, suffix: str,
+                                         saves: int) -> None:
+    """A .keras output that already holds the patched bytes is found so in the one read pass
+    (nothing written, not even a temp file); a .h5 is written to a temp file and compared."""
+    from kprune_batch.backends.direct import DirectModelWeights
+
+    model = tmp_path / f"m{suffix}"
+    shutil.copy(small_cnn if suffix == ".keras" else small_cnn_h5, model)
+    spec = write_spec(tmp_path, f"version: 1\nmodels:\n  - path: m{suffix}\n"
+                                f"    layers: [{{name: conv2d, rules: [{{index: [2]}}]}}]\n")
+    (job,) = compile_plan(read_spec(spec)).jobs
+    first = run_job(job, opener=open_direct)
+    assert first.status == "ok" and first.written is True, first.error
+    calls = []
+    real_save = DirectModelWeights.save
+
+    def counting_save(self: Any, tmp: str) -> None:
+        calls.append(tmp)
+        real_save(self, tmp)
+
+    monkeypatch.setattr(DirectModelWeights, "save", counting_save)
+    second = run_job(job, opener=open_direct)
+    assert second.status == "ok" and second.written is False, second.error
+    assert second.static_check == "ok"
+    assert (second.input_sha256, second.output_sha256) == (first.input_sha256, first.output_sha256)
+    assert len(calls) == saves

@@ -1,31 +1,90 @@
-"""files.copy_patched: one pass that copies, patches, hashes both sides and checks a CRC."""
+"""files: the one pass that copies (or compares), patches, hashes both sides and checks a CRC;
+atomic writes that keep an identical output."""
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kprune_batch.files import COPY_BLOCK, CorruptInput, copy_patched, crc32
+from kprune_batch.files import (COPY_BLOCK, CorruptInput, atomic_write, copy_patched, crc32,
+                                patched_equals)
+
+
+DATA = bytes(range(256)) * ((3 * COPY_BLOCK) // 256 + 17)  # several blocks, a ragged end
+# one patch inside a block, one across a block boundary, one at the very end
+PATCHES = [(10, b"XYZ"), (COPY_BLOCK - 2, b"abcdef"), (len(DATA) - 4, b"1234")]
+REGION = (5, 2 * COPY_BLOCK, zlib.crc32(DATA[5:5 + 2 * COPY_BLOCK]))
+
+
+def patched_data() -> bytes:
+    expected = bytearray(DATA)
+    for offset, new in PATCHES:
+        expected[offset:offset + len(new)] = new
+    return bytes(expected)
 
 
 def test_copy_patched_bytes_and_hashes(tmp_path: Path) -> None:
-    data = bytes(range(256)) * ((3 * COPY_BLOCK) // 256 + 17)  # several blocks, a ragged end
     src = tmp_path / "in.bin"
-    src.write_bytes(data)
-    # one patch inside a block, one across a block boundary, one at the very end
-    patches = [(10, b"XYZ"), (COPY_BLOCK - 2, b"abcdef"), (len(data) - 4, b"1234")]
-    expected = bytearray(data)
-    for offset, new in patches:
-        expected[offset:offset + len(new)] = new
-    region = (5, 2 * COPY_BLOCK, zlib.crc32(data[5:5 + 2 * COPY_BLOCK]))
-    sha_in, sha_out = copy_patched(str(src), str(tmp_path / "out.bin"), patches, region)
-    assert (tmp_path / "out.bin").read_bytes() == bytes(expected)
-    assert sha_in == hashlib.sha256(data).hexdigest()
-    assert sha_out == hashlib.sha256(expected).hexdigest()
-    assert src.read_bytes() == data
+    src.write_bytes(DATA)
+    sha_in, sha_out = copy_patched(str(src), str(tmp_path / "out.bin"), PATCHES, REGION)
+    assert (tmp_path / "out.bin").read_bytes() == patched_data()
+    assert sha_in == hashlib.sha256(DATA).hexdigest()
+    assert sha_out == hashlib.sha256(patched_data()).hexdigest()
+    assert src.read_bytes() == DATA
+
+
+def test_patched_equals_an_up_to_date_file(tmp_path: Path) -> None:
+    src, other = tmp_path / "in.bin", tmp_path / "other.bin"
+    src.write_bytes(DATA)
+    other.write_bytes(patched_data())
+    assert patched_equals(str(src), str(other), PATCHES, REGION) == (
+        hashlib.sha256(DATA).hexdigest(), hashlib.sha256(patched_data()).hexdigest())
+
+
+@pytest.mark.parametrize("where", [0, COPY_BLOCK + 5, len(DATA) - 1, "shorter", "longer",
+                                   "missing"])
+def test_patched_equals_finds_any_difference(tmp_path: Path, where: int | str) -> None:
+    src, other = tmp_path / "in.bin", tmp_path / "other.bin"
+    src.write_bytes(DATA)
+    theirs = bytearray(patched_data())
+    if isinstance(where, int):
+        theirs[where] ^= 1
+    elif where == "shorter":
+        del theirs[-1]
+    elif where == "longer":
+        theirs += b"\0"
+    if where != "missing":
+        other.write_bytes(bytes(theirs))
+    assert patched_equals(str(src), str(other), PATCHES, REGION) is None
+    assert src.read_bytes() == DATA
+
+
+def test_patched_equals_still_checks_the_input(tmp_path: Path) -> None:
+    """An output identical to what a corrupt input would give is no reason to pass it."""
+    src, other = tmp_path / "in.bin", tmp_path / "other.bin"
+    src.write_bytes(DATA)
+    other.write_bytes(patched_data())
+    with pytest.raises(CorruptInput, match="does not match the zip directory"):
+        patched_equals(str(src), str(other), PATCHES, (REGION[0], REGION[1], REGION[2] ^ 1))
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_atomic_write_keeps_an_identical_file(tmp_path: Path, same: bool) -> None:
+    dest = tmp_path / "out.bin"
+    dest.write_bytes(b"old" * 1000)
+    before = os.stat(dest)
+    new = b"old" * 1000 if same else b"old" * 999 + b"new"
+    replaced = atomic_write(str(dest), lambda tmp: Path(tmp).write_bytes(new),
+                            keep_identical=True)
+    after = os.stat(dest)
+    assert replaced is not same
+    assert dest.read_bytes() == new
+    assert (after.st_ino == before.st_ino) is same
+    assert os.listdir(tmp_path) == ["out.bin"]  # no temp file left either way
 
 
 def test_copy_patched_refuses_a_corrupt_input(tmp_path: Path) -> None:

@@ -25,5 +25,10 @@ class ModelWeights(Protocol):
     def save(self, tmp_path: str) -> None:
         """Write the complete edited model, in the input's format, to `tmp_path`."""
 
+    def matches(self, dest: str) -> bool | None:
+        """Whether the file `dest` already holds exactly what save() would write, if that can be
+        told without writing (then, when True, `hashes` is set as save() would set it); None
+        when it cannot (the caller writes and compares)."""
+
     def close(self) -> None:
         """Release the model."""

@@ -22,7 +22,7 @@ import numpy as np
 from kprune_batch.crc import patched_crc32
 from kprune_batch.errors import ModelError
 from kprune_batch.families import BATCHNORM_CLASSES, canonical_class, family_of
-from kprune_batch.files import CorruptInput, copy_patched
+from kprune_batch.files import CorruptInput, copy_patched, patched_equals
 from kprune_batch.graph import MODEL_CLASSES, build_graph
 
 
@@ -326,10 +326,32 @@ class DirectModelWeights:
                 f[path][...] = value
 
     def _save_keras_zip(self, tmp_path: str) -> None:
-        patches = self._patches()
-        if patches is not None and self._patch_copy(tmp_path, patches):
+        planned = self._file_patches()
+        if planned is not None:
+            try:
+                self.hashes = copy_patched(self.path, tmp_path, *planned)
+            except CorruptInput as exc:
+                raise self._corrupt(exc) from None
             return
         self._rewrite_zip(tmp_path)
+
+    def matches(self, dest: str) -> bool | None:
+        """Whether `dest` already holds exactly what save() would write, found in one read of
+        both files and nothing written (then `hashes` is set, as save() sets it); None when
+        only writing would tell (a format or layout save() rewrites rather than patches)."""
+        planned = self._file_patches() if self.path.endswith(".keras") else None
+        if planned is None:
+            return None
+        try:
+            hashes = patched_equals(self.path, dest, *planned)
+        except CorruptInput as exc:
+            raise self._corrupt(exc) from None
+        if hashes is not None:
+            self.hashes = hashes
+        return hashes is not None
+
+    def _corrupt(self, exc: CorruptInput) -> ModelError:
+        return ModelError(str(exc), model=self.model_name, hint="restore the file from a good copy")
 
     def _patches(self) -> list[tuple[int, bytes]] | None:
         """(offset in the weights file, new bytes) per edit, or None if a dataset is not stored
@@ -346,18 +368,21 @@ class DirectModelWeights:
             out.append((int(offset), data))
         return out
 
-    def _patch_copy(self, tmp_path: str, patches: list[tuple[int, bytes]]) -> bool:
-        """Copy the .keras file and overwrite the edited values' bytes where they lie, then fix
-        the member's CRC-32 in its local header and central directory entry (zip layout:
-        APPNOTE.TXT 4.3.7 and 4.3.12). Every other byte of the file stays as it was."""
+    def _file_patches(self) -> tuple[list[tuple[int, bytes]], tuple[int, int, int]] | None:
+        """The patches that turn the .keras file into the edited one: the edited values' bytes
+        where they lie, and the member's new CRC-32 in its local header and central directory
+        entry (zip layout: APPNOTE.TXT 4.3.7 and 4.3.12); with the member's (start, size, CRC)
+        to check on the way. None when the file cannot be patched in place (save() rewrites)."""
+        patches = self._patches()
         info = self._zip.getinfo("model.weights.h5")
         data_start = _member_data_start(self.path, info)
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x08 or data_start is None:
-            return False  # a trailing data descriptor would hold the CRC: rewrite instead
+        if (patches is None or info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x08
+                or data_start is None):
+            return None  # a trailing data descriptor would hold the CRC: rewrite instead
         with open(self.path, "rb") as fh:
             central = _central_entry_offset(fh, info.filename.encode())
         if central is None:
-            return False
+            return None
         spans, file_patches = [], []
         with open(self.path, "rb") as fh:
             for offset, data in patches:
@@ -366,13 +391,7 @@ class DirectModelWeights:
                 file_patches.append((data_start + offset, data))
         crc = struct.pack("<I", patched_crc32(info.CRC, info.file_size, spans))
         file_patches += [(info.header_offset + 14, crc), (central + 16, crc)]
-        try:
-            self.hashes = copy_patched(self.path, tmp_path, file_patches,
-                                       crc_range=(data_start, info.file_size, info.CRC))
-        except CorruptInput as exc:
-            raise ModelError(str(exc), model=self.model_name,
-                             hint="restore the file from a good copy") from None
-        return True
+        return file_patches, (data_start, info.file_size, info.CRC)
 
     def _rewrite_zip(self, tmp_path: str) -> None:
         """Fallback: rewrite the zip with an edited copy of the weights entry."""

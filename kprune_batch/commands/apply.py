@@ -109,7 +109,8 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             layers = len({r["layer"] for r in outcome.zeroed + outcome.removed})
             removed = f", removed {len(outcome.removed)}" if outcome.removed else ""
             result.out.append(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)}{removed} "
-                              f"filter(s) in {layers} layer(s) -> {outcome.job.output}")
+                              f"filter(s) in {layers} layer(s) -> {outcome.job.output}"
+                              f"{'' if outcome.written else ' (unchanged: already held these bytes)'}")
         elif outcome.status == STATUS_FAILED:
             result.err.append(f"error: {outcome.error}")
         else:
@@ -209,7 +210,7 @@ def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
             "status": o.status,
             "backend": o.backend,
             "input": {"path": o.job.input, "sha256": o.input_sha256},
-            "output": ({"path": o.job.output, "sha256": o.output_sha256}
+            "output": ({"path": o.job.output, "sha256": o.output_sha256, "written": o.written}
                        if o.status == STATUS_OK else None),
             "error": o.error,
             "layers": [sel.to_json() for sel in o.layers] if o.status == STATUS_OK else [],

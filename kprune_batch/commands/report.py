@@ -37,6 +37,7 @@ def summarize(log: dict[str, Any]) -> dict[str, Any]:
         models.append({"name": m["name"], "status": m["status"], "error": m["error"],
                        "input": m["input"]["path"],
                        "output": m["output"]["path"] if m["output"] else None,
+                       "kept": bool(m["output"]) and m["output"].get("written") is False,
                        "zeroed": sum(layer["count"] for layer in layers), "layers": layers})
     return {"run_id": log["run_id"], "status": log["status"], "spec": log["spec"]["path"],
             "commit": git.get("commit"), "dirty": git.get("dirty"),
@@ -58,7 +59,8 @@ def _text(s: dict[str, Any]) -> list[str]:
              f"tensorflow {s['tool']['tensorflow']}"]
     for m in s["models"]:
         lines.append("")
-        lines.append(f"model {m['name']}: {m['status']}  {m['input']} -> {m['output'] or '-'}")
+        kept = " (already held these bytes: left as it was)" if m["kept"] else ""
+        lines.append(f"model {m['name']}: {m['status']}  {m['input']} -> {m['output'] or '-'}{kept}")
         if m["error"]:
             lines.append(f"  error: {m['error']}")
         for layer in m["layers"]:
@@ -80,7 +82,8 @@ def _markdown(s: dict[str, Any]) -> list[str]:
     lines += ["| model | status | input | output | zeroed |", "|---|---|---|---|---|"]
     for m in s["models"]:
         lines.append(f"| {m['name']} | {m['status']} | `{m['input']}` | "
-                     f"{'`' + m['output'] + '`' if m['output'] else '—'} | {m['zeroed']} |")
+                     f"{'`' + m['output'] + '`' if m['output'] else '—'}"
+                     f"{' (unchanged)' if m['kept'] else ''} | {m['zeroed']} |")
     for m in s["models"]:
         lines.append("")
         lines.append(f"#### {m['name']}")
