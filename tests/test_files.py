@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kprune_batch import files
 from kprune_batch.files import (COPY_BLOCK, CorruptInput, atomic_write, copy_patched, crc32,
                                 patched_equals)
 
@@ -118,3 +121,48 @@ def test_crc32_is_zlibs_crc32() -> None:
         running = crc32(memoryview(data)[start:start + 1_000_003], running)
     assert running == zlib.crc32(data)
     assert crc32(b"") == zlib.crc32(b"") == 0
+
+
+@st.composite
+def _cases(draw: st.DrawFn) -> tuple[bytes, list[tuple[int, bytes]], bytes]:
+    """A file, patches inside it, and another file: the patched bytes, perhaps altered."""
+    data = draw(st.binary(max_size=300))
+    patches = []
+    for _ in range(draw(st.integers(0, 4)) if data else 0):
+        offset = draw(st.integers(0, len(data) - 1))
+        patches.append((offset, draw(st.binary(min_size=1, max_size=len(data) - offset))))
+    expected = bytearray(data)
+    for offset, new in sorted(patches):
+        expected[offset:offset + len(new)] = new
+    other = bytearray(expected)
+    change = draw(st.sampled_from(["none", "flip", "cut", "grow"]))
+    if change == "flip" and other:
+        other[draw(st.integers(0, len(other) - 1))] ^= 1 << draw(st.integers(0, 7))
+    elif change == "cut" and other:
+        del other[draw(st.integers(0, len(other) - 1)):]
+    elif change == "grow":
+        other += b"x"
+    return data, patches, bytes(other)
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_cases(), block=st.sampled_from([1, 3, 64, 1000]))
+def test_one_pass_against_a_bytes_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            case: tuple, block: int) -> None:
+    """copy_patched writes exactly the patched bytes and patched_equals says equal exactly when
+    the other file holds them, for any block size (so patches across blocks are covered)."""
+    data, patches, other = case
+    monkeypatch.setattr(files, "COPY_BLOCK", block)
+    src, out, theirs = tmp_path / "in.bin", tmp_path / "out.bin", tmp_path / "other.bin"
+    src.write_bytes(data)
+    theirs.write_bytes(other)
+    expected = bytearray(data)
+    for offset, new in sorted(patches):
+        expected[offset:offset + len(new)] = new
+    hashes = (hashlib.sha256(data).hexdigest(), hashlib.sha256(expected).hexdigest())
+    crc = (0, len(data), zlib.crc32(data))
+    assert copy_patched(str(src), str(out), patches, crc) == hashes
+    assert out.read_bytes() == bytes(expected)
+    assert patched_equals(str(src), str(theirs), patches, crc) == (
+        hashes if other == bytes(expected) else None)
