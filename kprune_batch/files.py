@@ -5,7 +5,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 
 def sha256_file(path: str) -> str:
@@ -84,6 +84,7 @@ def patched_equals(src: str, other: str, patches: list[tuple[int, bytes]],
     """If `other` already holds exactly the bytes copy_patched(src, _, patches) would write,
     the sha256 of `src` and of those bytes (found in the same one pass, nothing written);
     else None, as soon as a block differs. The same checks as copy_patched apply to `src`."""
+    _check_ranges(src, patches, crc_range)
     try:
         if os.path.getsize(other) != os.path.getsize(src):
             return None
@@ -128,7 +129,8 @@ def _patched_pass(src: str, patches: list[tuple[int, bytes]],
     one hashing the input and checking the CRC, one hashing the patched bytes, one running
     `sink` (hashlib, the CRC and file I/O release the GIL, so the two hashes, which are most of
     the CPU, run on two cores side by side, and neither waits for the disk). An exception in a
-    worker stops the reading and is re-raised here.
+    worker stops the reading and is re-raised here. Callers check the ranges first
+    (_check_ranges).
     """
     import queue
     import threading
@@ -160,7 +162,6 @@ def _patched_pass(src: str, patches: list[tuple[int, bytes]],
                 except BaseException as exc:  # re-raised in the calling thread below
                     errors.append(exc)
 
-    _check_ranges(src, patches, crc_range)
     with open(src, "rb") as fin:
         steps = (check, hash_out, to_sink)
         queues: list[queue.Queue] = [queue.Queue(_QUEUE_BLOCKS) for _ in steps]
