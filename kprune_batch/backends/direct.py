@@ -150,6 +150,7 @@ class DirectModelWeights:
         self.path = path
         self.model_name = model_name
         self._edits: dict[str, np.ndarray] = {}  # dataset path -> new value
+        self._planned: Any = _UNPLANNED  # _file_patches() for the current edits
         self._blob: bytes | None = None  # the weights, only for a compressed .keras member
         self._zip: zipfile.ZipFile | None = None
         self._window: _Window | None = None
@@ -309,6 +310,7 @@ class DirectModelWeights:
         dataset = self._h5[path]
         if tuple(dataset.shape) != tuple(value.shape):
             raise ValueError(f"shape mismatch for {layer_path}/{name}")
+        self._planned = _UNPLANNED
         self._edits[path] = np.asarray(value, dtype=dataset.dtype)
 
     def save(self, tmp_path: str) -> None:
@@ -372,7 +374,14 @@ class DirectModelWeights:
         """The patches that turn the .keras file into the edited one: the edited values' bytes
         where they lie, and the member's new CRC-32 in its local header and central directory
         entry (zip layout: APPNOTE.TXT 4.3.7 and 4.3.12); with the member's (start, size, CRC)
-        to check on the way. None when the file cannot be patched in place (save() rewrites)."""
+        to check on the way. None when the file cannot be patched in place (save() rewrites).
+        Worked out once per set of edits: matches() and then save() both need it, and it reads
+        every edited span of the input."""
+        if self._planned is _UNPLANNED:
+            self._planned = self._plan_file_patches()
+        return self._planned
+
+    def _plan_file_patches(self) -> tuple[list[tuple[int, bytes]], tuple[int, int, int]] | None:
         patches = self._patches()
         info = self._zip.getinfo("model.weights.h5")
         data_start = _member_data_start(self.path, info)
@@ -431,6 +440,9 @@ class DirectModelWeights:
             if handle is not None:
                 handle.close()
                 setattr(self, name, None)
+
+
+_UNPLANNED = object()
 
 
 class _Window:
