@@ -184,8 +184,9 @@ def _patched_pass(src: str, patches: list[tuple[int, bytes]],
     if errors:
         raise errors[0]
     if crc_range is not None and crc[0] != crc_range[2]:
-        raise CorruptInput(f"{src}: the CRC-32 of bytes {crc_range[0]}..{crc_range[0] + crc_range[1]}"
-                         f" does not match the zip directory (the file is corrupt)")
+        raise CorruptInput(f"{src}: the CRC-32 of bytes {crc_range[0]}.."
+                           f"{crc_range[0] + crc_range[1]} does not match the zip directory (the"
+                           f" file is corrupt)")
     return sha_in.hexdigest(), sha_out.hexdigest()
 
 

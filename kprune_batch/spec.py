@@ -334,7 +334,8 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
         # max_fraction guard `count > nan * total` never fire: the cap would be silently off.
         value = options.get("max_fraction")
         if value is not None and not math.isfinite(float(value)):
-            add(path + ("max_fraction",), f"max_fraction must be a number from 0 to 1, got {value!r}")
+            add(path + ("max_fraction",),
+                f"max_fraction must be a number from 0 to 1, got {value!r}")
 
     finite_fraction(("defaults",), data.get("defaults") or {})
     for i, model in enumerate(data["models"]):

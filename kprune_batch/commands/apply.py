@@ -108,9 +108,9 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
         if outcome.status == STATUS_OK:
             layers = len({r["layer"] for r in outcome.zeroed + outcome.removed})
             removed = f", removed {len(outcome.removed)}" if outcome.removed else ""
+            kept = "" if outcome.written else " (unchanged: already held these bytes)"
             result.out.append(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)}{removed} "
-                              f"filter(s) in {layers} layer(s) -> {outcome.job.output}"
-                              f"{'' if outcome.written else ' (unchanged: already held these bytes)'}")
+                              f"filter(s) in {layers} layer(s) -> {outcome.job.output}{kept}")
         elif outcome.status == STATUS_FAILED:
             result.err.append(f"error: {outcome.error}")
         else:

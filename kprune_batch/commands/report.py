@@ -60,7 +60,8 @@ def _text(s: dict[str, Any]) -> list[str]:
     for m in s["models"]:
         lines.append("")
         kept = " (already held these bytes: left as it was)" if m["kept"] else ""
-        lines.append(f"model {m['name']}: {m['status']}  {m['input']} -> {m['output'] or '-'}{kept}")
+        lines.append(f"model {m['name']}: {m['status']}  {m['input']} -> "
+                     f"{m['output'] or '-'}{kept}")
         if m["error"]:
             lines.append(f"  error: {m['error']}")
         for layer in m["layers"]:
