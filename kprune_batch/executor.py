@@ -347,7 +347,19 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
             outcome.input_sha256 = _hash_input(job)
             outcome.output_sha256 = sha256_file(job.output)
         outcome.status = STATUS_OK
-    except KpruneError as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever breaks inside one model fails that model
+        if not isinstance(exc, KpruneError):
+            from kprune_batch import quiet
+
+            if quiet.debugging():
+                import traceback
+
+                traceback.print_exc()
+            # a crafted or unforeseen file (a config Keras or h5py chokes on, a RecursionError
+            # from absurd nesting): one line naming the model, the batch goes on
+            exc = ModelError(f"cannot process this model: {type(exc).__name__}: "
+                             f"{_first_line(exc)}", model=job.name, file=job.input,
+                             hint="run with --debug for the traceback")
         outcome.error = exc.render()
         if outcome.input_sha256 is None:  # a failed model's log entry still names its input
             with contextlib.suppress(KpruneError):
@@ -538,6 +550,11 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
     finally:
         written.close()
     return "ok"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "(no message)"
 
 
 def _stat_key(path: str) -> tuple[int, int, int]:

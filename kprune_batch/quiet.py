@@ -17,6 +17,11 @@ def set_debug(flag: bool) -> None:
     _DEBUG = flag
 
 
+def debugging() -> bool:
+    """Whether --debug was given (tracebacks of swallowed per-model errors are printed)."""
+    return _DEBUG
+
+
 @contextlib.contextmanager
 def native_stderr_silenced() -> Iterator[None]:
     """Redirect file descriptor 2 while TensorFlow runs native code.
