@@ -236,7 +236,7 @@ def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 120) -> 
 
 def _complete_outputs(keras: Any, folder: Path) -> list[str]:
     """The finished outputs in `folder` (each a complete zip that Keras loads). pathlib's glob
-    also matches hidden names: a killed run's temp file (.m1.keras.*.tmp.keras) is not one."""
+    also matches hidden names: a killed run's temp file (.m1.keras.<random>...) is not one."""
     names = []
     for p in sorted(p for p in folder.glob("*.keras") if not p.name.startswith(".")):
         with zipfile.ZipFile(p) as zf:
