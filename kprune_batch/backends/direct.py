@@ -4,6 +4,11 @@ Only the layers kprune may touch (convolutions and BatchNormalization) are mappe
 mapping is derived the way Keras 3 writes the file and then checked against the file itself
 (names stored by Keras, dataset count and shapes implied by the layer config). Any doubt raises
 DirectBackendUnsupported, and the caller falls back to the Keras backend: never a guess.
+Storage facts are proven too: the file must hold only plain hard-linked datasets stored inside
+it (what Keras's safe loader accepts), each edited dataset's bytes its own (no other dataset or
+link reaches them), the one zip member Keras reads, at the offsets Python's zipfile reads, and
+(legacy .h5) layer groups in the order Keras assigns them. A file that is unsafe for either
+backend (a zip bomb) fails the model with ModelError instead: falling back would not help.
 """
 from __future__ import annotations
 
@@ -23,11 +28,87 @@ from kprune_batch.crc import patched_crc32
 from kprune_batch.errors import ModelError
 from kprune_batch.families import BATCHNORM_CLASSES, canonical_class, family_of
 from kprune_batch.files import CorruptInput, copy_patched, patched_equals
-from kprune_batch.graph import MODEL_CLASSES, build_graph
+from kprune_batch.graph import MODEL_CLASSES, ConfigError, build_graph
 
 
 class DirectBackendUnsupported(Exception):
     """The direct backend cannot prove its mapping for this file; use the Keras backend."""
+
+
+# Members read whole into memory (by kprune and by Keras) are bounded. keras/src/saving/
+# saving_lib.py refuses only members over 4 GiB that expand over 100x (_reject_zip_bomb), so
+# a 1 GiB config.json deflated into 1 MB would still be read whole: kprune refuses JSON
+# members over _JSON_MEMBER_MAX_BYTES (a ResNet50 config.json is ~100 KB) and any member that
+# expands over Keras's 100x once it is over _EXPANSION_FLOOR_BYTES (Keras writes members
+# stored, 1:1; a re-zipped honest config deflates ~10x).
+_JSON_MEMBERS = ("config.json", "metadata.json")
+_JSON_MEMBER_MAX_BYTES = 256 << 20
+_MEMBER_MAX_EXPANSION = 100  # saving_lib._ZIP_MEMBER_MAX_EXPANSION
+_EXPANSION_FLOOR_BYTES = 1 << 20
+# The members the direct backend reads; saving_lib reads them with zipfile, whose getinfo()
+# holds the *last* central directory entry of a name: a second entry is refused, not guessed.
+_RELIED_ON = ("config.json", "metadata.json", "model.weights.h5")
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def zip_member_problem(zf: zipfile.ZipFile) -> str | None:
+    """Why a .keras archive must not be read at all (a decompression bomb), or None. Both
+    backends ask before reading any member, so both refuse with the same line."""
+    for info in zf.infolist():
+        if info.filename in _JSON_MEMBERS and info.file_size > _JSON_MEMBER_MAX_BYTES:
+            return (f"zip member '{info.filename}' declares {_size(info.file_size)}, over the "
+                    f"{_size(_JSON_MEMBER_MAX_BYTES)} kprune reads into memory")
+        if info.file_size > _EXPANSION_FLOOR_BYTES and \
+                info.file_size > _MEMBER_MAX_EXPANSION * info.compress_size:
+            return (f"zip member '{info.filename}' declares {_size(info.file_size)} but stores "
+                    f"only {_size(info.compress_size)} (a decompression bomb?)")
+    return None
+
+
+def _zip_layout_problem(path: str, zf: zipfile.ZipFile) -> str | None:
+    """Why the archive's bytes are not provably where zipfile (and so Keras) reads them: a
+    duplicate entry of a member the backend relies on, bytes before the archive (zipfile then
+    shifts every offset by the prefix), a local header that is not its entry's, or members
+    whose bytes overlap (patching one would change another)."""
+    infos = zf.infolist()
+    names = [i.filename for i in infos]
+    for name in _RELIED_ON:
+        if names.count(name) > 1:
+            return f"the archive has {names.count(name)} entries named {name}"
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        tail_len = min(size, 65536 + 22)
+        fh.seek(size - tail_len)
+        tail = fh.read(tail_len)
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or end + 22 > len(tail):
+            return "the zip end record cannot be read"
+        cd_size, cd_offset = struct.unpack("<II", tail[end + 12:end + 20])
+        # zipfile.py _RealGetContents: concat = end position - size - offset of the directory,
+        # added to every header offset; 0 unless bytes were put before the archive
+        if cd_offset != 0xFFFFFFFF and size - tail_len + end - cd_size - cd_offset != 0:
+            return "the archive has bytes before its first entry (its offsets are shifted)"
+        spans = []
+        for info in infos:
+            fh.seek(info.header_offset)
+            header = fh.read(30)
+            if header[:4] != b"PK\x03\x04":
+                return f"zip entry {info.filename} has no local header where its entry says"
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            if fh.read(name_len) != info.orig_filename.encode("utf-8" if info.flag_bits & 0x800
+                                                             else "cp437"):
+                return f"zip entry {info.filename}'s local header names another file"
+            stop = info.header_offset + 30 + name_len + extra_len + info.compress_size
+            spans.append((info.header_offset, stop, info.filename))
+    spans.sort()
+    for (_, stop, name), (start, _, other) in zip(spans, spans[1:] + [(zf.start_dir, 0, "")]):
+        if stop > start:
+            return f"zip entry {name}'s bytes overlap {other or 'the central directory'}"
+    return None
 
 
 def _snake(name: str) -> str:
@@ -138,6 +219,85 @@ def _config_problems(model_config: dict[str, Any]) -> None:
     walk(model_config)
 
 
+def _variable_dtype(config: dict[str, Any]) -> np.dtype | None:
+    """The dtype of the layer's variables, from its dtype policy (keras/src/dtype_policies/
+    dtype_policy.py: "mixed_*" policies keep float32 variables), or None if not provable
+    (no policy recorded: Keras would use the global one; a class or dtype numpy lacks)."""
+    policy = config.get("dtype")
+    if isinstance(policy, dict) and policy.get("class_name") in ("DTypePolicy",
+                                                                  "FloatDTypePolicy", "Policy"):
+        policy = (policy.get("config") or {}).get("name")
+    if not isinstance(policy, str):
+        return None
+    name = "float32" if policy.startswith("mixed_") else policy
+    return np.dtype(name) if name in ("float16", "float32", "float64") else None
+
+
+def _attr_list(group: h5py.Group, name: str) -> list[str]:
+    """legacy_h5_format.load_attributes_from_hdf5_group: the attribute, or its chunks name0,
+    name1, ... (a long list is split over several attributes)."""
+    if name in group.attrs:
+        raw = list(group.attrs[name])
+    else:
+        raw, chunk = [], 0
+        while f"{name}{chunk}" in group.attrs:
+            raw += list(group.attrs[f"{name}{chunk}"])
+            chunk += 1
+    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in raw]
+
+
+def _output_names(spec: Any) -> list[str]:
+    """Layer names of an output_layers entry ([name, node, tensor] or a nested list of them)."""
+    if isinstance(spec, (list, tuple)) and spec and isinstance(spec[0], str):
+        return [spec[0]]
+    if isinstance(spec, (list, tuple)):
+        return [name for item in spec for name in _output_names(item)]
+    if isinstance(spec, dict):
+        return [name for item in spec.values() for name in _output_names(item)]
+    return []
+
+
+def _functional_layer_order(config: dict[str, Any], sources: dict[str, list[str]]) -> list[str]:
+    """model.layers of a Functional whose layers are each called once, as keras/src/ops/
+    function.py map_graph orders them: a depth-first walk from the outputs (_build_map) numbers
+    the layers and gives each a depth (longest path to an output); layers by decreasing depth,
+    ties by walk number; unused inputs last at depth 0."""
+    numbers: dict[str, int] = {}
+    finished: list[str] = []  # Keras's nodes_in_decreasing_depth
+    done: set[str] = set()
+    in_progress: set[str] = set()
+
+    def walk(name: str) -> None:
+        stack = [(name, False)]
+        while stack:
+            layer, leaving = stack.pop()
+            if leaving:
+                in_progress.discard(layer)
+                finished.append(layer)
+                done.add(layer)
+                continue
+            if layer in done:
+                continue
+            if layer in in_progress:
+                raise DirectBackendUnsupported(f"layer '{layer}' is part of a cycle")
+            numbers.setdefault(layer, len(numbers))
+            in_progress.add(layer)
+            stack.append((layer, True))
+            stack.extend((src, False) for src in reversed(sources[layer]))
+
+    for output in _output_names(config["config"].get("output_layers")):
+        walk(output)
+    depth: dict[str, int] = {}
+    for layer in reversed(finished):
+        d = depth.setdefault(layer, 0)
+        for src in sources[layer]:
+            depth[src] = max(depth.get(src, 0), d + 1)
+    for name in _output_names(config["config"].get("input_layers")):
+        if name not in depth:
+            depth[name], numbers[name] = 0, -1
+    return sorted(depth, key=lambda n: (-depth[n], numbers[n]))
+
+
 class DirectModelWeights:
     """A model file opened with h5py; edits are applied to a copy of its weights when saved."""
 
@@ -163,10 +323,14 @@ class DirectModelWeights:
                 self._open_keras_zip()
             else:
                 self._open_h5()
-        except DirectBackendUnsupported:
+        except (DirectBackendUnsupported, ModelError):
             self.close()
             raise
-        except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile) as exc:
+        except ConfigError as exc:  # no Keras wrote this config: Keras refuses it too, less clearly
+            self.close()
+            raise ModelError(str(exc), model=model_name, file=path) from None
+        except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile,
+                RecursionError) as exc:  # RecursionError: json's, on a crafted deep nesting
             self.close()
             raise DirectBackendUnsupported(f"cannot read the file directly ({exc})") from exc
 
@@ -174,20 +338,29 @@ class DirectModelWeights:
 
     def _open_keras_zip(self) -> None:
         self._zip = zipfile.ZipFile(self.path)
+        bomb = zip_member_problem(self._zip)
+        if bomb is not None:
+            raise ModelError(bomb, model=self.model_name, file=self.path,
+                             hint="kprune does not read such a file")
         names = self._zip.namelist()
         if "model.weights.h5" not in names or any(n.endswith(".json") and "weights" in n
                                                   for n in names):
             raise DirectBackendUnsupported("no single model.weights.h5 (sharded weights?)")
+        problem = _zip_layout_problem(self.path, self._zip)
+        if problem is not None:
+            raise DirectBackendUnsupported(problem)
         config = json.loads(self._zip.read("config.json"))
+        self.graph = build_graph(config)  # first: it refuses a malformed config, named
         _config_problems(config)
-        self.graph = build_graph(config)
         self._open_file()
+        self._check_storage()  # first: a link or foreign storage is named as such
         self._datasets = self._map_keras(config)
 
     def _open_file(self) -> None:
         """The HDF5 weights of the file (for .keras: the weights member, read in place)."""
         if not self.path.endswith(".keras"):
             self._h5 = h5py.File(self.path, "r")
+            self._limit = os.path.getsize(self.path)
             return
         if self._zip is None:
             self._zip = zipfile.ZipFile(self.path)
@@ -201,6 +374,7 @@ class DirectModelWeights:
         else:
             self._blob = self._zip.read(info)
             self._h5 = h5py.File(io.BytesIO(self._blob), "r")
+        self._limit = info.file_size
 
     def _map_keras(self, config: dict[str, Any]) -> dict[str, dict[str, str]]:
         """layer path -> {variable: dataset path}, as saving_lib._save_state walks the model."""
@@ -252,28 +426,111 @@ class DirectModelWeights:
         config = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
         _config_problems(config)
         self.graph = build_graph(config)
+        self._check_storage()
         root = self._h5["model_weights"]
+        self._check_h5_order(config, root)
         mapping: dict[str, dict[str, str]] = {}
-        configs = {p: n for p, n in self.graph.layers.items()}
-        for path, node in configs.items():
+        for path, node in self.graph.layers.items():
             names = _variable_names(node.class_name, node.config)
             if names is None:
                 continue
-            top = path.split("/")[0]
-            group = root.get(top)
-            if group is None:
+            group = root.get(path)
+            if not isinstance(group, h5py.Group):
                 raise DirectBackendUnsupported(f"no weights group for layer '{path}'")
+            # load_weights_from_hdf5_group assigns the group's datasets by position, in
+            # weight_names order, to the layer's legacy weights (trainable, then the others:
+            # for every mapped class that is creation order, `names`): they are proven only
+            # if position i is named {layer}/{names[i]}.
             stored = {}
-            for weight in group.attrs.get("weight_names", []):
-                weight = weight.decode() if isinstance(weight, bytes) else str(weight)
+            for weight in _attr_list(group, "weight_names"):
                 owner, _, var = weight.split(":")[0].rpartition("/")
-                if owner == path:
-                    stored[var] = f"model_weights/{top}/{weight}"
-            if list(stored) != names:
+                stored.setdefault(var if owner == path else "", f"model_weights/{path}/{weight}")
+            if list(stored) != names or len(_attr_list(group, "weight_names")) != len(names):
                 raise DirectBackendUnsupported(f"cannot map the weights of layer '{path}'")
             mapping[path] = self._checked(node.class_name, node.config, node.build_config,
                                           names, stored, path)
         self._datasets = mapping
+
+    def _check_h5_order(self, config: dict[str, Any], root: h5py.Group) -> None:
+        """keras/src/legacy/saving/legacy_h5_format.py load_weights_from_hdf5_group gives the
+        k-th group of the `layer_names` attribute (those with weight_names) to the k-th layer of
+        model.layers that has weights, whatever the names say. Mapped by name here, so the two
+        orders must agree: model.layers is the config order for a Sequential and, for a
+        Functional, the order of keras/src/ops/function.py map_graph (reproduced below for
+        graphs whose layers are each called once; others are not proven)."""
+        layers = [n for n in self.graph.layers.values() if "/" not in n.path]
+        if len(layers) != len(self.graph.layers) or any(n.calls != 1 for n in layers):
+            raise DirectBackendUnsupported("a legacy .h5 with nested models or shared layers: "
+                                           "the order Keras assigns its weights in is not proven")
+        if config.get("class_name") == "Sequential":
+            order = [n.path for n in layers if n.class_name != "InputLayer"]
+        else:
+            order = _functional_layer_order(config, {n.path: n.sources for n in layers})
+        saved = []
+        for name in _attr_list(root, "layer_names"):
+            group = root.get(name)
+            if not isinstance(group, h5py.Group):
+                raise DirectBackendUnsupported(f"layer_names lists '{name}', which has no group")
+            if _attr_list(group, "weight_names"):
+                saved.append(name)
+        if set(saved) - set(order) or len(set(saved)) != len(saved) or \
+                saved != [name for name in order if name in saved]:
+            raise DirectBackendUnsupported("the file's layer_names order is not the order Keras "
+                                           "gives the layers their weights in")
+
+    def _check_storage(self) -> None:
+        """Every link of the weights file is a hard link to an object with no other name, every
+        dataset is stored in the file (not external, not virtual), inside it, and no two
+        datasets' bytes overlap: then the bytes of an edited dataset are read by Keras as that
+        variable only. Keras's safe loader (saving_lib.safe_get_h5_group/_dataset) refuses soft
+        and external links and external and virtual datasets; a hard link or shared bytes it
+        loads, as two variables with one value. One walk over the links, one metadata query
+        per object (ResNet50: ~600 links, a few ms)."""
+        h5o, h5d = h5py.h5o, h5py.h5d
+        extents: list[tuple[int, int, str]] = []
+        found: list[str] = []
+
+        def visit(name: str, link: Any) -> Any:
+            if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                found.append(f"the weights file has a {type(link).__name__} ({name}), which "
+                             f"Keras refuses to load")
+                return True
+            info = h5o.get_info(self._h5.id, name.encode())
+            if info.rc != 1:
+                found.append(f"'{name}' is one object under {info.rc} names (a hard link): "
+                             f"editing it would edit each")
+                return True
+            if info.type != h5o.TYPE_DATASET:
+                return None
+            dataset = h5d.open(self._h5.id, name.encode())
+            dcpl = dataset.get_create_plist()
+            layout = dcpl.get_layout()
+            if dcpl.get_external_count() or layout == h5d.VIRTUAL:
+                found.append(f"dataset {name} keeps its data in other files (external or "
+                             f"virtual storage), which Keras refuses to load")
+                return True
+            if layout == h5d.CONTIGUOUS and dataset.get_offset() is not None:
+                extents.append((dataset.get_offset(), dataset.get_storage_size(), name))
+            elif layout == h5d.CHUNKED:
+                for i in range(dataset.get_num_chunks()):
+                    chunk = dataset.get_chunk_info(i)
+                    extents.append((chunk.byte_offset, chunk.size, name))
+            return None
+
+        self._h5.visititems_links(visit)
+        if found:
+            raise DirectBackendUnsupported(found[0])
+        extents.sort()
+        reach, owner = 0, ""
+        for start, size, name in extents:
+            if start < 0 or start + size > self._limit:
+                raise DirectBackendUnsupported(f"dataset {name}'s bytes lie outside the weights "
+                                               f"file")
+            if size and start < reach:
+                raise DirectBackendUnsupported(f"datasets {owner} and {name} share bytes: "
+                                               f"editing one would edit both")
+            if start + size > reach:
+                reach, owner = start + size, name
 
     def _checked(self, class_name: str, config: dict[str, Any], build: dict[str, Any],
                  names: list[str], datasets: dict[str, str], where: str) -> dict[str, str]:
@@ -285,6 +542,18 @@ class DirectModelWeights:
                 raise DirectBackendUnsupported(f"{where}: no dataset {path}")
             if not np.issubdtype(ds.dtype, np.floating):
                 raise DirectBackendUnsupported(f"{where}: {name} is stored as {ds.dtype}")
+            # Keras assigns the stored values to a variable of the policy's dtype (a float64
+            # kernel loads as float32: values beyond its range become inf, and H5IOStore reads
+            # a dataset tagged dtype=bfloat16 as bfloat16): rules must see what Keras sees, so
+            # only a dataset already of the variable's dtype is read directly.
+            variable = _variable_dtype(config)
+            if variable is None:
+                raise DirectBackendUnsupported(f"{where}: the dtype policy "
+                                               f"{config.get('dtype')!r} is not one kprune reads")
+            if (ds.dtype.kind, ds.dtype.itemsize) != (variable.kind, variable.itemsize) or \
+                    "dtype" in ds.attrs:
+                raise DirectBackendUnsupported(f"{where}: {name} is stored as {ds.dtype}, Keras "
+                                               f"loads it into a {variable} variable")
             shapes[name] = tuple(int(d) for d in ds.shape)
         expected = _expected_shapes(class_name, config, build, shapes)
         if expected is None:

@@ -33,6 +33,23 @@ def _describe_load_error(exc: BaseException, path: str) -> tuple[str, str | None
     return f"Keras could not load the model ({text.splitlines()[0][:300]})", None
 
 
+def _refuse_zip_bomb(path: str, model_name: str) -> None:
+    """Keras reads config.json whole and refuses only members over 4 GiB (saving_lib.
+    _reject_zip_bomb): the member sizes in the zip directory are checked first, by the rule
+    the direct backend applies, so both backends refuse a bomb with the same line. A file
+    that is not a readable zip is left to Keras, whose error says so."""
+    from kprune_batch.backends.direct import zip_member_problem
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            problem = zip_member_problem(zf)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return
+    if problem is not None:
+        raise ModelError(problem, model=model_name, file=path,
+                         hint="kprune does not read such a file")
+
+
 class KerasModelWeights:
     """A model loaded with keras.saving.load_model; the reference backend."""
 
@@ -42,6 +59,8 @@ class KerasModelWeights:
         self.path = path
         self.model_name = model_name
         self.hashes: tuple[str, str] | None = None  # Keras writes the file: hashed afterwards
+        if path.endswith(".keras"):
+            _refuse_zip_bomb(path, model_name)
         keras = import_keras()
         try:
             # A legacy .h5 is loaded without compiling: Keras 3 cannot re-create some compile
