@@ -12,7 +12,7 @@ from typing import Any
 
 from kprune_batch import __version__
 from kprune_batch.errors import AuditLogError
-from kprune_batch.files import atomic_write_bytes
+from kprune_batch.files import atomic_write_bytes, read_regular
 from kprune_batch.schemas import conforms, load_schema
 
 AUDIT_VERSION = 1
@@ -111,8 +111,9 @@ def write_log(path: str, log: dict[str, Any]) -> None:
 def read_log(path: str) -> dict[str, Any]:
     """Load and schema-check an audit log; AuditLogError with one clear line if that fails."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            log = json.load(fh)
+        # a regular file only, read no further than its size: a FIFO or /dev/zero given as a
+        # log (or planted where one was) must not hang verify, report or diff
+        log = json.loads(read_regular(path).decode("utf-8"))
     except FileNotFoundError:
         raise AuditLogError(f"{path}: no such audit log") from None
     except OSError as exc:

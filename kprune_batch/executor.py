@@ -14,7 +14,8 @@ import numpy as np
 from kprune_batch.backends.base import ModelWeights
 from kprune_batch.errors import KpruneError, ModelError
 from kprune_batch.families import Family, canonical_class, family_of
-from kprune_batch.files import atomic_write, fsync_file, sha256_file
+from kprune_batch.files import (NotRegularFile, atomic_write, fsync_file, open_regular,
+                                sha256_file)
 from kprune_batch.plan import LayerOp, ModelJob, Options
 from kprune_batch.rules import RuleError, filter_stats, select
 from kprune_batch.silence import channel_fate
@@ -567,16 +568,19 @@ def _hash_input(job: ModelJob) -> str:
     return _check_input(job, sha256_file)
 
 
-def _check_input(job: ModelJob, read: Callable[[str], Any] = lambda p: open(p, "rb").close()
+def _check_input(job: ModelJob, read: Callable[[str], Any] = lambda p: open_regular(p).close()
                  ) -> Any:
-    """Fail the model before any backend runs if the input is missing or unreadable."""
+    """Fail the model before any backend runs if the input is missing, unreadable or not a
+    regular file: a FIFO would block every reader (Keras, h5py, the hash) forever and
+    /dev/zero never ends, so the backends, which open the path themselves, never see one."""
     if not os.path.exists(job.input):
         raise ModelError(f"input file {job.input} does not exist", model=job.name,
                          hint="check the model's 'path' (relative to the spec file's folder)")
-    if os.path.isdir(job.input):
-        raise ModelError(f"input {job.input} is a folder, not a model file", model=job.name)
     try:
         return read(job.input)
+    except NotRegularFile as exc:
+        raise ModelError(f"input {job.input} is {exc.kind}, not a model file",
+                         model=job.name) from None
     except PermissionError:
         raise ModelError(f"input file {job.input} is not readable (permission denied)",
                          model=job.name) from None

@@ -1,18 +1,71 @@
-"""File handling shared by every writer: hashing and atomic replacement in the destination folder."""
+"""File handling shared by every writer: hashing and atomic replacement in the destination folder;
+reading only regular files (never a FIFO or a device that would block or never end)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
-import tempfile
-from typing import Callable, Iterator
+import re
+import secrets
+import stat
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, for a message ("a FIFO (named pipe)")."""
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+
+
+class NotRegularFile(OSError):
+    """A path that must be a regular file is something else: reading a FIFO blocks until a
+    writer comes (forever, in a batch job), /dev/zero never ends, a folder has no bytes."""
+
+    def __init__(self, path: str, mode: int):
+        self.kind = file_kind(mode)
+        if os.path.islink(path):
+            self.kind += f" (a link to {os.path.realpath(path)})"
+        super().__init__(errno.EINVAL, f"it is {self.kind}, not a regular file", path)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open `path` for reading if it is a regular file (links followed), else NotRegularFile.
+
+    O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer (open(2)); with it the
+    open returns at once and fstat says what the file is, with no window between the check and
+    the open. The descriptor is made blocking again for the reads of a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(path, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str) -> bytes:
+    """The bytes of a regular file, read no further than the size it has when opened."""
+    with open_regular(path) as fh:
+        return fh.read(os.fstat(fh.fileno()).st_size)
 
 
 def sha256_file(path: str) -> str:
+    """sha256 of a regular file's bytes up to its size when opened (NotRegularFile otherwise:
+    a FIFO would block and /dev/zero never end)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+    with open_regular(path) as fh:
+        left = os.fstat(fh.fileno()).st_size
+        while left > 0 and (block := fh.read(min(1 << 20, left))):
             digest.update(block)
+            left -= len(block)
     return digest.hexdigest()
 
 
@@ -86,10 +139,11 @@ def patched_equals(src: str, other: str, patches: list[tuple[int, bytes]],
     else None, as soon as a block differs. The same checks as copy_patched apply to `src`."""
     _check_ranges(src, patches, crc_range)
     try:
-        if os.path.getsize(other) != os.path.getsize(src):
-            return None
-        fother = open(other, "rb")
-    except OSError:
+        fother = open_regular(other)
+    except OSError:  # missing, unreadable, or not a regular file: not the same either way
+        return None
+    if os.fstat(fother.fileno()).st_size != os.path.getsize(src):
+        fother.close()
         return None
     with fother:
         def compare(_pos: int, out: bytes | bytearray) -> None:
@@ -162,7 +216,8 @@ def _patched_pass(src: str, patches: list[tuple[int, bytes]],
                 except BaseException as exc:  # re-raised in the calling thread below
                     errors.append(exc)
 
-    with open(src, "rb") as fin:
+    with open_regular(src) as fin:
+        left = os.fstat(fin.fileno()).st_size  # bounded: what _check_ranges measured, no more
         steps = (check, hash_out, to_sink)
         queues: list[queue.Queue] = [queue.Queue(_QUEUE_BLOCKS) for _ in steps]
         threads = [threading.Thread(target=worker, args=(q, step), daemon=True)
@@ -171,11 +226,12 @@ def _patched_pass(src: str, patches: list[tuple[int, bytes]],
             thread.start()
         try:
             pos = 0
-            while not errors and (block := fin.read(COPY_BLOCK)):
+            while not errors and left > 0 and (block := fin.read(min(COPY_BLOCK, left))):
                 job = (pos, block, _patched(block, pos, patches))
                 for q in queues:
                     q.put(job)
                 pos += len(block)
+                left -= len(block)
         finally:
             for q in queues:
                 q.put(None)
@@ -194,28 +250,65 @@ def same_file(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def remove_stale_temps(dest: str) -> list[str]:
-    """Delete temp files a killed run left beside `dest` (call only while holding the run lock)."""
+TEMP_MARK = ".kprune-tmp"  # in every temp file name kprune makes, and in no other name it uses
+
+
+def _temp_pattern(dest: str) -> re.Pattern[str]:
+    """Names of the temp files temp_path_beside makes for `dest`, including what writers add to
+    them (Keras's staging `.keras`, the direct backend's `.weights.h5`)."""
+    return re.compile(rf"\.{re.escape(os.path.basename(dest))}\.[0-9a-f]{{16}}"
+                      rf"{re.escape(TEMP_MARK)}(\.[A-Za-z0-9]+)*")
+
+
+def remove_stale_temps(dest: str, keep: Iterable[str] = ()) -> list[str]:
+    """Delete temp files a killed run left beside `dest` (call only while holding the run lock).
+
+    Only names kprune itself makes (its marker and random part: see temp_path_beside), only
+    regular files (a link is never followed, nor removed), and never a file in `keep` (the
+    files the run reads: its inputs and spec), compared by path and by inode so that neither
+    a link nor a hard link makes one look like a temp file.
+    """
     folder = os.path.dirname(os.path.abspath(dest)) or "."
-    prefix = f".{os.path.basename(dest)}."
+    pattern = _temp_pattern(dest)
+    kept_paths, kept_files = set(), set()
+    for path in keep:
+        kept_paths.update({os.path.abspath(path), os.path.realpath(path)})
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            kept_files.add((st.st_dev, st.st_ino))
     removed = []
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):
         for name in os.listdir(folder):
-            if name.startswith(prefix) and ".tmp" in name[len(prefix):]:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(folder, name))
+            path = os.path.join(folder, name)
+            if not pattern.fullmatch(name) or path in kept_paths:
+                continue
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in kept_files:
+                    os.unlink(path)
                     removed.append(name)
     return removed
 
 
 @contextlib.contextmanager
 def temp_path_beside(dest: str, suffix: str = "") -> Iterator[str]:
-    """A fresh temporary path in dest's folder (so a rename is atomic); removed if still there."""
+    """A fresh temporary path in dest's folder (so a rename is atomic); removed if still there.
+
+    The file is created here, exclusively and without following a link (O_EXCL, O_NOFOLLOW),
+    and left in place for the writer (Keras, h5py, the copy pass) to write over: its name is
+    this run's from the start, nothing planted in the folder can be written through. Created
+    with 0o666 so the umask gives the output the permissions of any new file.
+    """
     folder = os.path.dirname(os.path.abspath(dest)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=f".tmp{suffix}",
-                               dir=folder)
-    os.close(fd)
-    os.unlink(tmp)  # writers (Keras, h5py) create the file themselves
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = os.path.join(folder, f".{os.path.basename(dest)}.{secrets.token_hex(8)}"
+                                   f"{TEMP_MARK}{suffix}")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+            break
+        except FileExistsError:  # pragma: no cover - 64 random bits
+            continue
     try:
         yield tmp
     finally:

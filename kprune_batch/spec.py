@@ -406,8 +406,23 @@ def _path_problems(data: dict[str, Any], positions: Positions, file: str,
                 f"a unique 'name'")
         names.setdefault(name, i)
         rel = model.get("output", os.path.basename(model["path"]))
-        target = os.path.realpath(os.path.join(out_dir, rel))
         where = ("output",) if "output" in model else ("path",)
+        if not _inside_output_dir(rel):
+            add(("models", i) + where,
+                f"output '{rel}' is outside output_dir: give a path relative to output_dir, "
+                f"without '..'")
+            continue
+        # where Spec.output_path puts it: a link at the output's own name is replaced by the
+        # rename, never written through; a link among its folders would put the file elsewhere
+        real_dir = os.path.realpath(out_dir)
+        parent, base = os.path.split(os.path.normpath(os.path.join(out_dir, rel)))
+        landing = os.path.join(os.path.realpath(parent), base)
+        if os.path.commonpath([real_dir, landing]) != real_dir:
+            add(("models", i) + where,
+                f"output '{rel}' resolves to {landing}, outside output_dir "
+                f"{os.path.normpath(out_dir)} (a link in the output folder)")
+            continue
+        target = os.path.realpath(os.path.join(out_dir, rel))
         if target in outputs:
             add(("models", i) + where,
                 f"output {target} is already written by models[{outputs[target]}]; give one of "
@@ -418,6 +433,14 @@ def _path_problems(data: dict[str, Any], positions: Positions, file: str,
                 f"output {target} is the input file of models[{inputs[target]}]; kprune never "
                 f"overwrites an input: choose another output_dir or output")
     return problems
+
+
+def _inside_output_dir(rel: str) -> bool:
+    """Whether an `output` names a file below output_dir (the run locks that folder and only
+    that folder: an absolute path or a '..' would write where another run may be writing)."""
+    norm = os.path.normpath(rel)
+    return not (os.path.isabs(rel) or norm == os.curdir or norm == os.pardir
+                or norm.startswith(os.pardir + os.sep))
 
 
 def check_output_dir(spec: Spec, output_dir: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 import zlib
 from pathlib import Path
 
@@ -166,3 +168,71 @@ def test_one_pass_against_a_bytes_reference(tmp_path: Path, monkeypatch: pytest.
     assert out.read_bytes() == bytes(expected)
     assert patched_equals(str(src), str(theirs), patches, crc) == (
         hashes if other == bytes(expected) else None)
+
+
+# --- what the writers and readers accept -----------------------------------------------------
+
+def test_temp_files_are_created_exclusively_with_ordinary_permissions(tmp_path: Path) -> None:
+    """The temp name is taken at once (O_EXCL): a writer then writes into a file of this run,
+    never through something planted under that name; the umask decides its mode as for any
+    new file (a fixed 0o600 would make every output unreadable to the team)."""
+    dest = tmp_path / "m.keras"
+    old = os.umask(0o022)
+    try:
+        with files.temp_path_beside(str(dest), ".keras") as tmp:
+            name = os.path.basename(tmp)
+            st = os.lstat(tmp)
+            assert stat.S_ISREG(st.st_mode) and st.st_size == 0
+            assert stat.S_IMODE(st.st_mode) == 0o644
+            assert re.fullmatch(r"\.m\.keras\.[0-9a-f]{16}\.kprune-tmp\.keras", name)
+    finally:
+        os.umask(old)
+    assert os.listdir(tmp_path) == []
+
+
+def test_remove_stale_temps_takes_only_its_own(tmp_path: Path) -> None:
+    dest = tmp_path / "m.keras"
+    ours = [".m.keras.0123456789abcdef.kprune-tmp.keras",
+            ".m.keras.0123456789abcdef.kprune-tmp.keras.weights.h5"]
+    others = [".m.keras.abc.tmp.keras", ".m.keras.0123456789abcdeX.kprune-tmp.keras",
+              ".n.keras.0123456789abcdef.kprune-tmp.keras", "m.keras"]
+    for name in ours + others:
+        (tmp_path / name).write_bytes(b"x")
+    spared = tmp_path / ".m.keras.1111111111111111.kprune-tmp.h5"  # an input: in `keep`
+    spared.write_bytes(b"input")
+    linked = tmp_path / ".m.keras.2222222222222222.kprune-tmp.h5"  # another name of an input
+    os.link(tmp_path / "m.keras", linked)
+    link = tmp_path / ".m.keras.3333333333333333.kprune-tmp.h5"
+    link.symlink_to(tmp_path / "m.keras")
+    removed = files.remove_stale_temps(str(dest), keep=[str(spared), str(tmp_path / "m.keras")])
+    assert sorted(removed) == sorted(ours)
+    assert sorted(os.listdir(tmp_path)) == sorted(others + [spared.name, linked.name, link.name])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
+def test_readers_refuse_what_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    """Without blocking: opening a FIFO for reading waits for a writer unless O_NONBLOCK."""
+    path = tmp_path / "x"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        path.mkdir()
+    for read in (files.sha256_file, files.read_regular, files.open_regular):
+        with pytest.raises(files.NotRegularFile) as info:
+            read(str(path))
+        assert info.value.strerror == {
+            "fifo": "it is a FIFO (named pipe), not a regular file",
+            "dev-zero": "it is a character device (a link to /dev/zero), not a regular file",
+            "folder": "it is a folder, not a regular file"}[kind]
+    src = tmp_path / "src"
+    src.write_bytes(b"")  # as long as a FIFO claims to be: only the open can tell
+    assert files.patched_equals(str(src), str(path), []) is None
+
+
+def test_sha256_file_reads_a_regular_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(DATA)
+    assert files.sha256_file(str(path)) == hashlib.sha256(DATA).hexdigest()
+    assert files.read_regular(str(path)) == DATA

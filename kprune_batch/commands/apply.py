@@ -5,16 +5,17 @@ import contextlib
 import fcntl
 import os
 import signal
+import stat
 import sys
 from typing import Any, Iterator
 
 from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new_run_id,
                                 run_status, tool_versions, utc_now, write_log)
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Result
-from kprune_batch.errors import AuditLogError, SpecError
+from kprune_batch.errors import AuditLogError, OutputError, SpecError
 from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ModelOutcome,
                                    Opener, open_auto, run_job)
-from kprune_batch.files import remove_stale_temps
+from kprune_batch.files import file_kind, remove_stale_temps
 from kprune_batch.plan import Plan, compile_plan
 from kprune_batch.spec import read_spec
 
@@ -46,12 +47,39 @@ class _Stop:
 
 
 @contextlib.contextmanager
-def _lock(folder: str) -> Iterator[bool]:
-    """An exclusive lock on `folder` so two runs never interleave writes; yields False if held."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _lock(path: str) -> Iterator[bool]:
+    """An exclusive lock on kprune's lock file `path` (so two runs never interleave writes);
+    yields False if another run holds it. OutputError if something else lies at `path`.
+
+    The file may be there from an earlier run (it is bookkeeping, and stays). It is opened
+    without following a link (O_NOFOLLOW) or waiting on a FIFO (O_NONBLOCK), and written (our
+    pid) only once it is proven to be a regular file with no other name: a link or hard link
+    planted there, to an input model say, would otherwise be truncated.
+    """
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISLNK(mode):
+            raise OutputError(f"the lock file {path} is a symbolic link (kprune never follows "
+                              f"one there); remove it and run again") from None
+        if not stat.S_ISREG(mode):
+            raise OutputError(f"the lock file {path} is {file_kind(mode)}, not a regular file; "
+                              f"remove it and run again") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OutputError(f"the lock file {path} is {file_kind(st.st_mode)}, not a regular "
+                              f"file; remove it and run again")
+        if st.st_nlink != 1:
+            raise OutputError(f"the lock file {path} has another name too (a hard link to "
+                              f"another file); remove it and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -62,6 +90,38 @@ def _lock(folder: str) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)
+
+
+def _hold(stack: contextlib.ExitStack, path: str, busy: str) -> str | None:
+    """Take the lock at `path` for the rest of the run (None), or say why not: `busy` when
+    another run holds it, or what lies at `path` instead of a lock file. OSError if it cannot
+    be created at all."""
+    try:
+        return None if stack.enter_context(_lock(path)) else busy
+    except OutputError as exc:
+        return str(exc)
+
+
+def log_lock_path(log_path: str) -> str:
+    """The lock beside an --audit-log that keeps two runs from writing the same log."""
+    return os.path.join(os.path.dirname(log_path), f".{os.path.basename(log_path)}{LOCK_NAME}")
+
+
+def _log_clash(log_path: str, plan: Plan) -> str | None:
+    """What `log_path` would overwrite among the files of the run (None: nothing), by resolved
+    path or by inode: the spec, every model's input and output, the folder's lock."""
+    files = [("the spec file", plan.spec_path)]
+    for job in plan.jobs:
+        files += [(f"the input of model '{job.name}'", job.input),
+                  (f"the output of model '{job.name}'", job.output)]
+    files.append(("the lock file", os.path.join(plan.output_dir, LOCK_NAME)))
+    for what, path in files:
+        if os.path.realpath(path) == os.path.realpath(log_path):
+            return f"{what} ({path})"
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, log_path):
+                return f"{what} ({path})"
+    return None
 
 
 def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None = None,
@@ -77,24 +137,47 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
         result.return_code = EXIT_INVALID
         return result
     run_id = new_run_id()
-    log_path = os.path.abspath(audit_log) if audit_log else os.path.join(
-        plan.output_dir, "audit", f"{run_id}.json")
+    default_log = os.path.join(plan.output_dir, "audit", f"{run_id}.json")
+    log_path = os.path.abspath(audit_log) if audit_log else default_log
+    if audit_log and (clash := _log_clash(log_path, plan)):
+        # an invalid command line, refused before anything is opened, like click's usage
+        # errors (exit 2, no log: the path given for it is the problem)
+        result.err.append(f"error: --audit-log {log_path} is {clash}; kprune never writes a "
+                          f"log over a file the run reads or writes: choose another path")
+        result.return_code = EXIT_INVALID
+        return result
     stop = _Stop()
     with contextlib.ExitStack() as stack:
-        try:
-            held = stack.enter_context(_lock(plan.output_dir))
-        except OSError as exc:
-            result.err.append(f"error: cannot use output folder {plan.output_dir}: {exc.strerror}")
-            result.return_code = EXIT_FAILED
-            return result
-        if not held:
-            message = (f"another kprune apply is writing to {plan.output_dir} (lock "
-                       f"{os.path.join(plan.output_dir, LOCK_NAME)}); run again when it has finished")
-            result.err.append(f"error: {message}")
-            outcomes = [ModelOutcome(job=j, status=STATUS_SKIPPED, error=message) for j in plan.jobs]
+        refusal = None
+        if audit_log:  # a default log path is the run's own (a fresh run id): no lock needed
+            lock = log_lock_path(log_path)
+            try:
+                refusal = _hold(stack, lock, f"another kprune apply is writing the audit log "
+                                             f"{log_path} (lock {lock}); run again when it has "
+                                             f"finished, or give another --audit-log")
+            except OSError as exc:
+                refusal = f"cannot write audit log {log_path}: {exc.strerror}"
+            if refusal:  # never replace a log another run writes; this run's goes to its own
+                log_path = default_log
+        if refusal is None:
+            lock = os.path.join(plan.output_dir, LOCK_NAME)
+            try:
+                refusal = _hold(stack, lock, f"another kprune apply is writing to "
+                                             f"{plan.output_dir} (lock {lock}); run again when "
+                                             f"it has finished")
+            except OSError as exc:
+                result.err.append(f"error: cannot use output folder {plan.output_dir}: "
+                                  f"{exc.strerror}")
+                result.return_code = EXIT_FAILED
+                return result
+        if refusal:
+            result.err.append(f"error: {refusal}")
+            outcomes = [ModelOutcome(job=j, status=STATUS_SKIPPED, error=refusal)
+                        for j in plan.jobs]
         else:
+            reads = [plan.spec_path] + [j.input for j in plan.jobs]
             for job in plan.jobs:  # a SIGKILLed earlier run may have left temp files behind
-                remove_stale_temps(job.output)
+                remove_stale_temps(job.output, keep=reads)
             with stop.installed():
                 outcomes = _run_all(plan, stop, opener, probe, fail_fast, jobs, progress)
         log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, stop.signal)

@@ -61,13 +61,21 @@ def check_model(model: dict[str, Any], records: list[dict[str, Any]], loader: Lo
     """Every way the output differs from what the log says it is (empty: it verifies)."""
     problems: list[str] = []
     src, dest = model["input"]["path"], model["output"]["path"]
+    unreadable = False
     for role, entry in (("input", model["input"]), ("output", model["output"])):
         if not os.path.exists(entry["path"]):
             problems.append(f"{role} file {entry['path']} is missing")
-        elif sha256_file(entry["path"]) != entry["sha256"]:
+            continue
+        try:
+            digest = sha256_file(entry["path"])  # a FIFO or a device is refused, never read
+        except OSError as exc:
+            problems.append(f"{role} file {entry['path']} cannot be read: {exc.strerror}")
+            unreadable = True
+            continue
+        if digest != entry["sha256"]:
             problems.append(f"{role} file {entry['path']} does not match the sha256 in the log "
                             f"(replaced or modified since the run)")
-    if not os.path.exists(dest) or not os.path.exists(src):
+    if unreadable or not os.path.exists(dest) or not os.path.exists(src):
         return problems
     try:
         before = loader(src, model["name"])
