@@ -151,8 +151,24 @@ def test_input_is_untouched_and_terminal_is_quiet(applied: dict) -> None:
     assert applied["result"].stdout.splitlines()[0].startswith("ok      small: zeroed ")
 
 
-def test_compile_config_and_optimizer_state_are_kept(applied: dict) -> None:
-    with zipfile.ZipFile(applied["model"]) as zin, zipfile.ZipFile(applied["output"]) as zout:
+def apply_with_backend(folder: Path, source: Path, backend: str) -> tuple[Path, Path]:
+    """Zero filter 2 of conv2d with `kprune apply --backend BACKEND`; (input, output) paths.
+    The log must name the backend that did the work, with no fallback note."""
+    model = folder / f"m{source.suffix}"
+    shutil.copy(source, model)
+    spec = write_spec(folder, f"version: 1\nmodels:\n  - path: {model.name}\n"
+                              f"    layers: [{{name: conv2d, rules: [{{index: [2]}}]}}]\n")
+    kprune("apply", spec, "--backend", backend, "--audit-log", folder / "log.json").expect(0)
+    (logged,) = json.loads((folder / "log.json").read_text())["models"]
+    assert (logged["backend"], logged["backend_note"]) == (backend, None)
+    return model, folder / "pruned" / model.name
+
+
+@pytest.mark.parametrize("backend", ["direct", "keras"])
+def test_compile_config_and_optimizer_state_are_kept(tmp_path: Path, small_cnn: Path, keras: Any,
+                                                     backend: str) -> None:
+    model, output = apply_with_backend(tmp_path, small_cnn, backend)
+    with zipfile.ZipFile(model) as zin, zipfile.ZipFile(output) as zout:
         assert [i.filename for i in zin.infolist()] == [i.filename for i in zout.infolist()]
         cfg_in = json.loads(zin.read("config.json"))
         cfg_out = json.loads(zout.read("config.json"))
@@ -164,6 +180,15 @@ def test_compile_config_and_optimizer_state_are_kept(applied: dict) -> None:
     assert len(src) > 2 and src.keys() == dst.keys()
     for key in src:
         assert np.array_equal(src[key], dst[key]), key
+    # and as Keras itself loads it: compiled the same, the same optimizer state, the edit made
+    before, after = (keras.saving.load_model(str(p)) for p in (model, output))
+    assert after.get_compile_config() == before.get_compile_config()
+    assert int(after.optimizer.iterations.numpy()) == int(before.optimizer.iterations.numpy()) > 0
+    assert [v.path for v in after.optimizer.variables] == \
+        [v.path for v in before.optimizer.variables]
+    for a, b in zip(after.optimizer.variables, before.optimizer.variables, strict=True):
+        assert np.array_equal(np.asarray(a.numpy()), np.asarray(b.numpy())), a.path
+    assert not after.get_layer("conv2d").kernel.numpy()[..., 2].any()
 
 
 def _optimizer_vars(blob: bytes) -> dict[str, np.ndarray]:
@@ -374,21 +399,25 @@ def test_invalid_spec_exits_2_and_writes_no_log(tmp_path: Path) -> None:
     assert not (tmp_path / "pruned").exists()
 
 
-def test_h5_keeps_training_config_and_optimizer_weights(tmp_path: Path, small_cnn_h5: Path) -> None:
-    shutil.copy(small_cnn_h5, tmp_path / "m.h5")
-    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.h5\n"
-                                "    layers: [{name: conv2d, rules: [{index: [2]}]}]\n")
-    kprune("apply", spec).expect(0)
-    with h5py.File(tmp_path / "m.h5", "r") as fin, \
-            h5py.File(tmp_path / "pruned" / "m.h5", "r") as fout:
+@pytest.mark.parametrize("backend", ["direct", "keras"])
+def test_h5_keeps_training_config_and_optimizer_weights(tmp_path: Path, small_cnn_h5: Path,
+                                                        keras: Any, backend: str) -> None:
+    """Keras 3 re-saves a legacy .h5 without its optimizer (it is loaded uncompiled), so the
+    Keras backend must carry training_config and optimizer_weights over from the input."""
+    model, output = apply_with_backend(tmp_path, small_cnn_h5, backend)
+    with h5py.File(model, "r") as fin, h5py.File(output, "r") as fout:
         assert fout.attrs["training_config"] == fin.attrs["training_config"]
-        names = []
+        names: list[str] = []
         fin["optimizer_weights"].visit(names.append)
-        assert names
-        for name in names:
-            if isinstance(fin["optimizer_weights"][name], h5py.Dataset):
-                assert np.array_equal(fin["optimizer_weights"][name][()],
-                                      fout["optimizer_weights"][name][()])
+        out_names: list[str] = []
+        fout["optimizer_weights"].visit(out_names.append)
+        assert names and out_names == names
+        datasets = [n for n in names if isinstance(fin["optimizer_weights"][n], h5py.Dataset)]
+        assert len(datasets) > 2
+        for name in datasets:
+            assert np.array_equal(fin["optimizer_weights"][name][()],
+                                  fout["optimizer_weights"][name][()]), name
+    assert not layer_weights(keras, output)["conv2d"]["kernel"][..., 2].any()
 
 
 def test_jobs_runs_models_in_parallel_with_the_same_result(tmp_path: Path, small_cnn: Path) -> None:

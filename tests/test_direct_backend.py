@@ -1,6 +1,7 @@
 """The direct backend gives bit-identical weights and equal audit records to the Keras backend."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import _seeded_weights, kprune, layer_weights, write_spec
+from conftest import _seeded_weights, assert_only_changed, kprune, layer_weights, write_spec
 from kprune_batch.executor import open_auto, open_direct, open_keras, run_job
 from kprune_batch.plan import compile_plan
 from kprune_batch.spec import read_spec
@@ -164,6 +165,48 @@ def test_auto_falls_back_and_says_why(tmp_path: Path, keras: Any) -> None:
     assert result.stderr == (f"error: {tmp_path / 'lam.keras'}: model 'lam': the direct backend "
                              f"cannot edit this file: the model contains a Lambda layer; use "
                              f"--backend auto or --backend keras\n")
+
+
+def test_auto_fallback_that_succeeds_is_logged_with_its_reason(keras: Any, tmp_path: Path,
+                                                               small_cnn: Path) -> None:
+    """A .keras without the layer name Keras 3 writes beside a layer's variables (the `name`
+    attribute of layers/<group>/vars, keras/src/saving/saving_lib.py H5IOStore._create_h5_group;
+    older writers leave it out, and Keras's loader never reads it): the direct backend cannot
+    prove which group holds layer 'conv2d', so auto falls back to Keras, which edits it right
+    and the log says which backend did the work and why."""
+    import h5py
+
+    model = tmp_path / "m.keras"
+    with zipfile.ZipFile(small_cnn) as zin, zipfile.ZipFile(model, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename == "model.weights.h5":
+                buffer = io.BytesIO(data)
+                with h5py.File(buffer, "r+") as f:
+                    # conv2d is the second Conv2D, so Keras stores it as layers/conv2d_1
+                    assert f["layers/conv2d_1/vars"].attrs["name"] == "conv2d"
+                    del f["layers/conv2d_1/vars"].attrs["name"]
+                data = buffer.getvalue()
+            zout.writestr(info, data)
+    before = layer_weights(keras, model)  # Keras loads it as before
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n"
+                                "    layers: [{name: conv2d, rules: [{index: [0, 4]}]}]\n")
+    result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    assert result.stderr == ""
+    log = json.loads((tmp_path / "log.json").read_text())
+    (logged,) = log["models"]
+    assert (logged["status"], logged["backend"], logged["backend_note"]) == (
+        "ok", "keras", "cannot confirm where layer 'conv2d' is stored (/layers/conv2d_1)")
+    assert [(r["layer"], r["filter"]) for r in log["zeroed"]] == [("conv2d", 0), ("conv2d", 4)]
+    after = layer_weights(keras, tmp_path / "pruned" / "m.keras")
+    mask = {"kernel": np.zeros(before["conv2d"]["kernel"].shape, bool),
+            "bias": np.zeros(before["conv2d"]["bias"].shape, bool)}
+    mask["kernel"][..., [0, 4]] = True
+    mask["bias"][[0, 4]] = True
+    assert not after["conv2d"]["kernel"][..., [0, 4]].any()
+    assert not after["conv2d"]["bias"][[0, 4]].any()
+    assert_only_changed(before, after, {("conv2d", v): m for v, m in mask.items()})
+    kprune("verify", tmp_path / "log.json").expect(0)
 
 
 def test_direct_apply_imports_no_tensorflow(tmp_path: Path, small_cnn: Path) -> None:

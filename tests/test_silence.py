@@ -191,30 +191,69 @@ def test_bn_after_pooling_and_dropout_is_still_a_follower(keras: Any, tmp_path: 
     assert record["probe"] == {"max_abs": 0.0, "layer_max_abs": 0.0}
 
 
-def test_probe_catches_what_static_analysis_cannot(keras: Any, tmp_path: Path) -> None:
+def conv2d_channels_first(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """A 'valid', stride-1 channels_first Conv2D in float64 numpy: the reference no framework
+    bug can touch. x: (n, c, h, w); kernel: (kh, kw, c, f) as Keras stores it."""
+    kh, kw = kernel.shape[:2]
+    n, _, h, w = x.shape
+    out = np.empty((n, kernel.shape[-1], h - kh + 1, w - kw + 1))
+    for i in range(h - kh + 1):
+        for j in range(w - kw + 1):
+            patch = x[:, :, i:i + kh, j:j + kw].astype(np.float64)
+            out[:, :, i, j] = np.einsum("nchw,hwcf->nf", patch, kernel.astype(np.float64)) + bias
+    return out
+
+
+@pytest.mark.parametrize("size", [(6, 6), (6, 7)], ids=["4x4-out", "4x5-out"])
+def test_probe_catches_what_static_analysis_cannot(keras: Any, tmp_path: Path,
+                                                   size: tuple[int, int]) -> None:
     """TF 2.21 on CPU adds a channels_first Conv2D's bias along the wrong axis when the output's
-    spatial dims equal the filter count (found by this probe). A zeroed filter then is not 0,
-    whatever its kernel and bias hold: --probe must refuse the model instead of claiming silence."""
+    width equals the filter count (found by this probe; measured with 4 filters: 4x4 and 3x4
+    outputs have it, 4x5 does not). A zeroed filter then is not 0, whatever its kernel and bias
+    hold: --probe must refuse the model instead of claiming silence.
+
+    Whether this framework has the bug is measured against a numpy convolution, on the probe's
+    documented batch (README "The probe": default_rng(0), standard normal, (4, *input_shape)).
+    With the bug, the refusal must give the value the framework computes for the channel; without
+    it, the written model must be right (channel 1 exactly 0, the rest as numpy computes). The
+    4x5 output is outside the bug's condition, so that branch runs on every framework too."""
     L = keras.layers
-    inputs = keras.Input((3, 6, 6), name="x")
+    inputs = keras.Input((3, *size), name="x")
     conv = L.Conv2D(4, 3, data_format="channels_first", name="conv")
     model = keras.Model(inputs, conv(inputs))
     _seeded_weights(model, 9)
     model.save(tmp_path / "sq.keras")
     spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: sq.keras\n"
                                 "    layers: [{name: conv, rules: [{index: [1]}]}]\n")
-    # does this TensorFlow have the bug? zero filter 1 by hand and look at channel 1
+    # the model kprune should write, made by hand: filter 1's kernel slice and bias zeroed
     kernel, bias = conv.kernel.numpy(), conv.bias.numpy()
     kernel[..., 1], bias[1] = 0, 0
     conv.kernel.assign(kernel)
     conv.bias.assign(bias)
-    x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype("float32")
-    buggy = np.abs(np.asarray(model(x))[:, 1]).max() != 0
-    result = kprune("apply", spec, "--probe")
+    x = np.random.default_rng(0).standard_normal((4, 3, *size)).astype("float32")
+    reference = conv2d_channels_first(x, kernel, bias)
+    assert not reference[:, 1].any()
+    framework = np.asarray(model(x), np.float64)
+    buggy = np.abs(framework - reference).max() > 1e-4
+    result = kprune("apply", spec, "--probe", "--audit-log", tmp_path / "log.json")
+    log = json.loads((tmp_path / "log.json").read_text())
+    (logged,) = log["models"]
     if buggy:
         result.expect(1)
-        assert result.stderr.startswith("error: model 'sq', layer 'conv': probe measured max "
-                                        "|activation| ")
+        measured = np.abs(framework[:, 1]).max()  # what the framework puts in channel 1
+        assert measured > 0
+        line = (f"model 'sq', layer 'conv': probe measured max |activation| {measured:.3g} on "
+                f"filter 1, which kprune decided is silent; nothing was written for this model; "
+                f"please report this as a bug, with the audit log")
+        assert result.stderr == f"error: {line}\n"
+        assert (logged["status"], logged["error"], logged["output"]) == ("failed", line, None)
         assert not (tmp_path / "pruned" / "sq.keras").exists()
     else:
         result.expect(0)
+        (record,) = log["zeroed"]
+        assert (record["filter"], record["silent"]) == (1, True)
+        assert record["probe"] == {"max_abs": 0.0, "layer_max_abs": 0.0}
+        written = keras.saving.load_model(str(tmp_path / "pruned" / "sq.keras"), compile=False)
+        got = np.asarray(written(x), np.float64)
+        assert not got[:, 1].any()
+        assert np.abs(got - reference).max() <= 1e-5
