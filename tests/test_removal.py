@@ -462,21 +462,139 @@ def remove_by_index(model: Any, folder: Path, layers: dict[str, list[int]]) -> d
     return json.loads((folder / "log.json").read_text())
 
 
+PASS_THROUGH = {"Activation", "ReLU", "MaxPooling2D", "AveragePooling2D", "Dropout",
+                "GlobalAveragePooling2D", "GlobalMaxPooling2D", "ZeroPadding2D"}
+
+
+def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict[str, int]:
+    """Each layer's parameter count after removing `selection` (with the design's defaults:
+    bias zeroed, a direct BN follower neutralised), worked out here from the input model's
+    shapes alone, not from kprune.
+
+    Walks the graph in layer order, carrying per tensor {removed channel: the constant it holds}
+    (None where it varies across positions): a removed filter outputs 0; a neutralised BN
+    follower outputs 0; another BN maps c to gamma*(c - mean)/sqrt(var + eps) + beta; ReLU takes
+    max(c, 0); Concatenate offsets the channels, Flatten spreads them over the positions, Add
+    must see the same channels from every input (a coupled group) and sums them. A consumer
+    loses the input rows of the removed channels; one without a bias gains one where a non-zero
+    constant is folded into it."""
+    producer = {id(layer.output): layer for layer in model.layers}
+    gone: dict[str, dict[int, float | None]] = {}
+    params: dict[str, int] = {}
+    for layer in model.layers:
+        cls = type(layer).__name__
+        ins = layer.input if isinstance(layer.input, list) else [layer.input]
+        feeds = [producer[id(t)] for t in ins] if cls != "InputLayer" else []
+        removed = [gone[p.name] for p in feeds]
+        channels = int(layer.output.shape[-1])
+        if cls == "InputLayer":
+            out: dict[int, float | None] = {}
+        elif cls in ("Conv2D", "Dense"):
+            assert cls == "Dense" or layer.groups == 1, layer.name
+            (rin,) = removed
+            assert None not in rin.values(), f"{layer.name}: a varying constant (not foldable)"
+            kernel = tuple(layer.kernel.shape)
+            kept_in = kernel[-2] - len(rin)
+            kept_out = kernel[-1] - len(selection.get(layer.name, []))
+            gains_bias = not layer.use_bias and any(rin.values())
+            params[layer.name] = (int(np.prod(kernel[:-2])) * kept_in * kept_out
+                                  + (kept_out if layer.use_bias or gains_bias else 0))
+            assert getattr(layer, "activation", None) is None or \
+                layer.activation.__name__ in ("linear", "relu"), layer.name
+            out = {f: 0.0 for f in selection.get(layer.name, [])}
+        elif cls == "BatchNormalization":
+            (rin,) = removed
+            assert layer.center and layer.scale, layer.name
+            g, b, mean, var = (np.asarray(v.numpy(), np.float64) for v in layer.weights)
+            follower = feeds[0].name in selection  # directly after a removed filter: neutralised
+            out = {c: 0.0 if follower else (None if v is None else float(
+                g[c] * (v - mean[c]) / np.sqrt(var[c] + layer.epsilon) + b[c]))
+                for c, v in rin.items()}
+            params[layer.name] = len(layer.weights) * (channels - len(out))
+        elif cls in PASS_THROUGH:
+            (rin,) = removed
+            relu = cls == "ReLU" or (cls == "Activation" and layer.activation.__name__ == "relu")
+            assert relu or cls != "Activation" or layer.activation.__name__ == "linear"
+            out = {c: (None if v is None else max(v, 0.0) if relu else v) for c, v in rin.items()}
+            if cls == "ZeroPadding2D":  # the border is 0, the inside the constant
+                out = {c: (0.0 if v == 0 else None) for c, v in out.items()}
+        elif cls == "Flatten":
+            (rin,) = removed
+            depth = int(ins[0].shape[-1])
+            positions = int(np.prod(ins[0].shape[1:-1]))
+            out = {p * depth + c: v for p in range(positions) for c, v in rin.items()}
+        elif cls == "Concatenate":
+            assert layer.axis in (-1, 3), layer.name
+            out, offset = {}, 0
+            for t, rin in zip(ins, removed, strict=True):
+                out.update({offset + c: v for c, v in rin.items()})
+                offset += int(t.shape[-1])
+        elif cls == "Add":
+            assert all(set(r) == set(removed[0]) for r in removed), \
+                f"{layer.name}: its inputs lose different channels (a coupled group)"
+            out = {c: (None if any(r[c] is None for r in removed) else
+                       sum(r[c] for r in removed)) for c in removed[0]}
+        else:
+            raise AssertionError(f"{layer.name}: no rule here for a {cls} layer")
+        params.setdefault(layer.name, layer.count_params())
+        gone[layer.name] = out
+    return params
+
+
+def perturbed(model: Any, seed: int) -> Any:
+    """Trained-looking BN statistics and conv/dense biases (Keras initialises them to 1, 0, 0, 1
+    and 0, which would make every BN edit and bias zeroing invisible in the outputs); kernels
+    keep Keras's initialisation, so activations stay finite through 50 layers."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.3, n),
+                               rng.normal(0, 0.3, n), rng.uniform(0.5, 2.0, n)])
+        elif getattr(layer, "use_bias", False) and getattr(layer, "bias", None) is not None:
+            layer.bias.assign(rng.normal(0, 0.1, tuple(layer.bias.shape)).astype("float32"))
+    return model
+
+
+# ResNet50's conv4_block1_0_conv (the stage's shortcut) meets each conv4_block{i}_3_conv in the
+# stage's Adds (through their BNs), so removing its filter 7 removes filter 7 of all seven.
+RESNET_STAGE4 = {f"conv4_block{i}_3_conv": [7] for i in range(1, 7)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name, layers", [
-    ("VGG16", {"block1_conv1": [0, 5], "block5_conv3": [1, 2, 3]}),
+@pytest.mark.parametrize("name, layers, coupled", [
+    ("VGG16", {"block1_conv1": [0, 5], "block5_conv3": [1, 2, 3]}, {}),
     ("ResNet50", {"conv2_block1_1_conv": [0, 1], "conv3_block2_2_conv": [4],
-                  "conv4_block1_0_conv": [7]}),  # the last one couples a whole stage
-    ("DenseNet121", {"conv2_block1_2_conv": [0, 5], "conv3_block4_1_conv": [3]}),  # concat
+                  "conv4_block1_0_conv": [7]}, RESNET_STAGE4),
+    ("DenseNet121", {"conv2_block1_2_conv": [0, 5], "conv3_block4_1_conv": [3]}, {}),  # concat
 ])
 def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
-                                    layers: dict[str, list[int]]) -> None:
-    model = getattr(keras.applications, name)(weights=None, input_shape=(64, 64, 3), classes=5)
-    removal = remove_by_index(model, tmp_path, layers)["models"][0]["removal"]
-    assert removal["probe_deviation"] <= 1e-5
-    assert removal["params_after"] < removal["params_before"]
-    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
-    assert out.count_params() == removal["params_after"]
+                                    layers: dict[str, list[int]],
+                                    coupled: dict[str, list[int]]) -> None:
+    """The written model against the design's reference built here (the input with the same
+    filters zeroed and their direct BN followers neutralised), on a seeded batch, within
+    |removed - zeroed| <= 1e-5 + 1e-5 * |zeroed|; and its parameters, layer by layer, against a
+    count worked out from the input's shapes. Logits (no softmax) so that a difference shows."""
+    model = perturbed(getattr(keras.applications, name)(
+        weights=None, input_shape=(64, 64, 3), classes=5, classifier_activation=None), 3)
+    log = remove_by_index(model, tmp_path, layers)
+    selection = {**layers, **coupled}
+    assert sorted((r["layer"], r["filter"]) for r in log["removed"]) == sorted(
+        (layer, f) for layer, filters in selection.items() for f in filters)
+    before = keras.saving.load_model(tmp_path / "m.keras", compile=False)
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras", compile=False)
+    x = np.random.default_rng(9).normal(size=(2, 64, 64, 3)).astype("float32")
+    zeroed = np.asarray(zeroed_reference(keras, before, selection)(x, training=False), np.float64)
+    removed = np.asarray(out(x, training=False), np.float64)
+    original = np.asarray(before(x, training=False), np.float64)
+    assert np.abs(zeroed - original).max() > 1e-3 * np.abs(original).max()  # the edit shows
+    assert np.all(np.abs(removed - zeroed) <= 1e-5 + 1e-5 * np.abs(zeroed)), \
+        np.abs(removed - zeroed).max()
+    expected = expected_removal_params(before, selection)
+    assert {layer.name: layer.count_params() for layer in out.layers} == expected
+    removal = log["models"][0]["removal"]
+    assert out.count_params() == sum(expected.values()) == removal["params_after"]
+    assert before.count_params() == removal["params_before"] > removal["params_after"]
     kprune("verify", tmp_path / "log.json").expect(0)
     out.compile(optimizer="sgd", loss="mse")
     rng = np.random.default_rng(0)
