@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import errno
-import fnmatch
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -13,38 +11,14 @@ import numpy as np
 
 from kprune_batch.backends.base import ModelWeights
 from kprune_batch.errors import KpruneError, ModelError
-from kprune_batch.families import Family, canonical_class, family_of
+from kprune_batch.families import family_of
 from kprune_batch.files import (NotRegularFile, atomic_write, fsync_file, open_regular,
                                 sha256_file)
-from kprune_batch.plan import LayerOp, ModelJob, Options
-from kprune_batch.rules import RuleError, filter_stats, select
+from kprune_batch.plan import ModelJob
+from kprune_batch.selection import LayerSelection, select_model
 from kprune_batch.silence import channel_fate
 
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
-
-
-@dataclass
-class LayerSelection:
-    """What the rules select in one layer (union over every entry resolving to it)."""
-
-    path: str
-    class_name: str
-    family: Family
-    n_filters: int
-    options: Options
-    max_fraction: float
-    allow_empty_layer: bool
-    entries: list[str]  # locations of the layer entries that resolve to this layer
-    by_rule: dict[str, list[int]]  # rule location -> filters it selects
-    filters: dict[int, list[str]]  # filter -> every rule location that selects it (sorted)
-    stats: dict[int, dict[str, float]] = field(default_factory=dict)
-    group: list[str] = field(default_factory=list)  # coupled members (action: remove)
-    kept_back: list[int] = field(default_factory=list)  # selected but kept for round_to
-
-    def to_json(self) -> dict[str, Any]:
-        return {"layer": self.path, "layer_class": self.class_name, "filters_total": self.n_filters,
-                "entries": self.entries, "max_fraction": self.max_fraction,
-                "rules": self.by_rule, "selected": sorted(self.filters)}
 
 
 @dataclass
@@ -102,124 +76,6 @@ def open_auto(job: ModelJob) -> ModelWeights:
 OPENERS: dict[str, Opener] = {"auto": open_auto, "direct": open_direct, "keras": open_keras}
 
 
-# --- selection ---------------------------------------------------------------------------------
-
-
-def _resolve(op: LayerOp, weights: ModelWeights, model: str) -> list[str]:
-    """The layer paths a layer entry names (exact name) or matches (glob over convolution layers)."""
-    graph = weights.graph
-    if op.name is not None:
-        if op.name not in graph.layers:
-            near = difflib.get_close_matches(op.name, list(graph.layers), n=1, cutoff=0.6)
-            hint = f"did you mean '{near[0]}'?" if near else "run 'kprune plan' to list the layers"
-            raise ModelError(f"{op.loc}: no layer named '{op.name}' in the model", model=model,
-                             hint=hint)
-        node = graph.layers[op.name]
-        if family_of(node.class_name) is None:
-            raise ModelError(f"{op.loc}: layer '{op.name}' is a {node.class_name} layer; only "
-                             f"convolution layers have filters", model=model)
-        if op.type is not None and canonical_class(node.class_name) != canonical_class(op.type):
-            raise ModelError(f"{op.loc}: layer '{op.name}' is a {node.class_name}, not a {op.type}",
-                             model=model)
-        return [op.name]
-    convs = [p for p, n in graph.layers.items() if family_of(n.class_name) is not None]
-    typed = [p for p in convs if op.type is None
-             or canonical_class(graph.layers[p].class_name) == canonical_class(op.type)]
-    found = [p for p in typed if fnmatch.fnmatchcase(p, op.match or "")]
-    if not found:
-        near = difflib.get_close_matches(op.match or "", typed, n=1, cutoff=0.5)
-        hint = f"did you mean '{near[0]}'?" if near else (
-            f"the model's convolution layers are: {', '.join(typed[:8])}"
-            + (" ..." if len(typed) > 8 else "") if typed else "the model has no such layers")
-        kind = f"{op.type} " if op.type else "convolution "
-        raise ModelError(f"{op.loc}: match '{op.match}' matches no {kind}layer", model=model,
-                         hint=hint)
-    return found
-
-
-def select_filters(job: ModelJob, weights: ModelWeights) -> list[LayerSelection]:
-    """Evaluate every rule of the job on the input model's weights; check the guards."""
-    selections: dict[str, LayerSelection] = {}
-    for op in job.ops:
-        for path in _resolve(op, weights, job.name):
-            node = weights.graph.layers[path]
-            family = family_of(node.class_name)
-            assert family is not None
-            sel = selections.get(path)
-            if sel is None:
-                kernel = _kernel(weights, path, family, job.name)
-                sel = selections[path] = LayerSelection(
-                    path=path, class_name=node.class_name, family=family,
-                    n_filters=family.n_filters(kernel.shape), options=op.options,
-                    max_fraction=op.options.max_fraction,
-                    allow_empty_layer=op.options.allow_empty_layer, entries=[], by_rule={},
-                    filters={})
-                sel.stats = _slices_and_stats(kernel, family)
-            else:
-                for key in ("bias", "batchnorm", "action"):
-                    mine, theirs = getattr(op.options, key), getattr(sel.options, key)
-                    if mine != theirs:
-                        raise ModelError(
-                            f"{op.loc} sets {key}: {mine}, but {sel.entries[0]} sets {key}: "
-                            f"{theirs} for the same layer", model=job.name, layer=path,
-                            hint="give both entries the same value")
-                sel.max_fraction = min(sel.max_fraction, op.options.max_fraction)
-                sel.allow_empty_layer = sel.allow_empty_layer and op.options.allow_empty_layer
-            sel.entries.append(op.loc)
-            slices = sel.family.filter_view(_kernel(weights, path, family, job.name))
-            for rule in op.rules:
-                try:
-                    chosen = select(rule.kind, rule.params, slices)
-                except RuleError as exc:
-                    raise ModelError(f"{rule.loc}: {exc.message}", model=job.name, layer=path,
-                                     hint=exc.hint) from exc
-                sel.by_rule[rule.loc] = chosen
-                for f in chosen:
-                    sel.filters.setdefault(f, []).append(rule.loc)
-    for sel in selections.values():
-        sel.filters = {f: sorted(set(locs), key=_loc_key) for f, locs in sorted(sel.filters.items())}
-        _check_guards(sel, job.name)
-    return list(selections.values())
-
-
-def _loc_key(loc: str) -> list[int]:
-    return [int(part.split("]")[0]) for part in loc.split("[")[1:]]
-
-
-def _kernel(weights: ModelWeights, path: str, family: Family, model: str) -> np.ndarray:
-    variables = weights.variables(path)
-    name = family.kernel_name(variables)
-    if name is not None:
-        return variables[name]
-    raise ModelError(f"has no '{family.kernel_var}' variable (is it built?)", model=model,
-                     layer=path)
-
-
-def _slices_and_stats(kernel: np.ndarray, family: Family) -> dict[int, dict[str, float]]:
-    stats = filter_stats(family.filter_view(kernel))
-    return {f: {k: float(v[f]) for k, v in stats.items()} for f in range(len(stats["mean"]))}
-
-
-def _check_guards(sel: LayerSelection, model: str) -> None:
-    count, total = len(sel.filters), sel.n_filters
-    if not count:
-        return
-    rules = ", ".join(f"{loc} ({len(chosen)})" for loc, chosen in sel.by_rule.items() if chosen)
-    if count == total and not sel.allow_empty_layer:
-        raise ModelError(
-            f"the rules would zero all {total} filters of the layer (selected by {rules})",
-            model=model, layer=sel.path,
-            hint="if that is intended, set allow_empty_layer: true (and max_fraction: 1.0) on "
-                 "the entry")
-    if count > sel.max_fraction * total + 1e-9:
-        raise ModelError(
-            f"the rules would zero {count} of {total} filters ({100.0 * count / total:.1f}%), "
-            f"more than max_fraction {sel.max_fraction:g} allows "
-            f"({int(sel.max_fraction * total + 1e-9)}); selected by {rules}",
-            model=model, layer=sel.path,
-            hint="tighten the rules or raise max_fraction for this entry")
-
-
 # --- editing ---------------------------------------------------------------------------------
 
 
@@ -240,7 +96,7 @@ def edit_model(job: ModelJob, weights: ModelWeights,
             continue
         variables = input_variables(sel.path)
         kernel_name = sel.family.kernel_name(variables)
-        assert kernel_name is not None  # select_filters read the kernel already
+        assert kernel_name is not None  # the selection stage read the kernel already
         filters = list(sel.filters)
         weights.assign(sel.path, kernel_name, sel.family.zeroed(variables[kernel_name], filters))
         bias = variables.get("bias")
@@ -262,7 +118,9 @@ def edit_model(job: ModelJob, weights: ModelWeights,
                 "layer": sel.path,
                 "layer_class": sel.class_name,
                 "filter": f,
-                "rules": sel.filters[f],
+                "rules": list(sel.filters[f]),
+                **({"ranking": [pick.to_json() for pick in sel.ranked[f]]}
+                   if f in sel.ranked else {}),
                 "stats": sel.stats[f],
                 "bias": "none" if bias is None else ("zeroed" if sel.options.bias == "zero"
                                                      else "kept"),
@@ -271,7 +129,7 @@ def edit_model(job: ModelJob, weights: ModelWeights,
                 "silent": fate.silent,
                 "constant": None if fate.silent else fate.constant,
                 "notes": fate.notes,
-                **({"group": sel.group} if len(sel.group) > 1 else {}),
+                **({"group": list(sel.group)} if len(sel.group) > 1 else {}),
             })
     for (layer, variable), value in pending_bn.items():
         weights.assign(layer, variable, value)
@@ -289,11 +147,11 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         weights = opener(job)
         outcome.backend = weights.backend
         outcome.backend_note = getattr(weights, "fallback_reason", None)
-        outcome.layers = select_filters(job, weights)
-        removing = [sel for sel in outcome.layers if sel.options.action == "remove" and sel.filters]
+        selection = select_model(job, weights)
+        outcome.layers = list(selection.layers)
+        removing = list(selection.removing)
         if not write:
             if removing:  # what the removal will touch, from the config (no TensorFlow)
-                removing = _couple_selections(job, weights, outcome.layers, removing)
                 outcome.touched = _plan_removal(job, weights, removing)
             outcome.status = STATUS_OK
             return outcome
@@ -303,8 +161,6 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
             weights = open_keras(job)
             outcome.backend = weights.backend
             outcome.backend_note = "action: remove needs the Keras backend"
-        if removing:
-            removing = _couple_selections(job, weights, outcome.layers, removing)
         records = edit_model(job, weights, outcome.layers)
         removed_layers = {sel.path for sel in removing}
         outcome.zeroed = [r for r in records if r["layer"] not in removed_layers]
@@ -374,82 +230,6 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     return outcome
 
 
-def _couple_selections(job: ModelJob, weights: ModelWeights, layers: list[LayerSelection],
-                       removing: list[LayerSelection]) -> list[LayerSelection]:
-    """Extend the removal selections to whole coupled groups (layers meeting in an Add-type
-    merge lose the same filters), adding group members the spec did not list."""
-    from kprune_batch.removal import _couple, coupled_group
-
-    modes = {sel.options.coupled for sel in removing}
-    if len(modes) > 1:
-        raise ModelError(f"entries removing filters set different 'coupled' values "
-                         f"({', '.join(sorted(modes))})", model=job.name,
-                         hint="give them the same value")
-    try:
-        coupled = _couple(weights.graph, {s.path: list(s.filters) for s in removing}, modes.pop())
-        groups = {path: coupled_group(weights.graph, path)[0] for path in coupled}
-    except ModelError as exc:
-        raise exc.for_model(job.name) from None
-    by_path = {sel.path: sel for sel in layers}
-    template = removing[0]
-    for path, filters in coupled.items():
-        sel = by_path.get(path)
-        if sel is None:
-            node = weights.graph.layers[path]
-            family = family_of(node.class_name)
-            assert family is not None
-            kernel = _kernel(weights, path, family, job.name)
-            sel = LayerSelection(path=path, class_name=node.class_name, family=family,
-                                 n_filters=family.n_filters(kernel.shape), options=template.options,
-                                 max_fraction=template.max_fraction, allow_empty_layer=False,
-                                 entries=[], by_rule={}, filters={},
-                                 stats=_slices_and_stats(kernel, family))
-            layers.append(sel)
-            by_path[path] = sel
-        elif sel.options.action != "remove":
-            raise ModelError(f"the layer must lose the same filters as its coupled group, but "
-                             f"its entry says action: {sel.options.action}", model=job.name,
-                             layer=path, hint="give the group's entries the same action")
-        members = groups[path]
-        why = {f: sorted({loc for m in members if m in by_path
-                          for loc in by_path[m].filters.get(f, [])}, key=_loc_key)
-               for f in filters}
-        sel.filters = {f: why[f] for f in filters}
-        sel.group = members
-    _round_to(job, [by_path[p] for p in coupled], by_path)
-    return [by_path[p] for p in coupled if by_path[p].filters]
-
-
-def _round_to(job: ModelJob, removing: list[LayerSelection],
-              by_path: dict[str, LayerSelection]) -> None:
-    """Keep selected filters back, largest l1 norm first (summed over a coupled group's members),
-    until each layer's remaining filter count is a multiple of round_to."""
-    values = {sel.options.round_to for sel in removing}
-    if len(values) > 1:
-        raise ModelError(f"entries removing filters set different 'round_to' values "
-                         f"({', '.join(map(str, sorted(values)))})", model=job.name,
-                         hint="give them the same value")
-    step = values.pop() if values else 1
-    if step <= 1:
-        return
-    done: set[tuple[str, ...]] = set()
-    for sel in removing:
-        members = tuple(sorted(sel.group or [sel.path]))
-        if members in done:
-            continue
-        done.add(members)
-        chosen = sorted(sel.filters)
-        l1 = {f: sum(by_path[m].stats[f]["l1"] for m in members) for f in chosen}
-        kept_back = []
-        while chosen and (sel.n_filters - len(chosen)) % step:
-            f = max(chosen, key=lambda g: (l1[g], -g))
-            chosen.remove(f)
-            kept_back.append(f)
-        for m in members:
-            by_path[m].filters = {f: by_path[m].filters[f] for f in chosen}
-            by_path[m].kept_back = sorted(kept_back)
-
-
 def _plan_removal(job: ModelJob, weights: ModelWeights,
                   removing: list[LayerSelection]) -> list[dict[str, Any]]:
     from kprune_batch.removal import plan_removal
@@ -511,7 +291,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
     weights.model = result.model
     return {"mappings": result.mappings, "touched": result.touches,
             "params_before": result.params_before,
-            "kept_back": {s.path: s.kept_back for s in removing if s.kept_back},
+            "kept_back": {s.path: list(s.kept_back) for s in removing if s.kept_back},
             "macs_before": result.macs_before, "macs_after": result.macs_after,
             "params_after": result.params_after, "probe_deviation": deviation,
             "folded": result.folded, "approximate": result.approximate,
@@ -529,19 +309,27 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
     from kprune_batch.backends.direct import DirectModelWeights
 
     written = DirectModelWeights(path, job.name, layout=layout)
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def variables(layer: str) -> dict[str, np.ndarray]:
+        # once per layer, not per record: a ranking over every conv edits thousands of filters
+        if layer not in cache:
+            cache[layer] = written.variables(layer)
+        return cache[layer]
+
     try:
         for r in records:
             family = family_of(r["layer_class"])
             assert family is not None
-            variables = written.variables(r["layer"])
-            kernel = variables[family.kernel_name(variables) or family.kernel_var]
+            layer_vars = variables(r["layer"])
+            kernel = layer_vars[family.kernel_name(layer_vars) or family.kernel_var]
             problems = []
             if np.any(family.filter_view(kernel)[r["filter"]] != 0):
                 problems.append("kernel slice")
-            if r["bias"] == "zeroed" and variables["bias"][r["filter"]] != 0:
+            if r["bias"] == "zeroed" and layer_vars["bias"][r["filter"]] != 0:
                 problems.append("bias")
             for edit in r["batchnorm"]:
-                if written.variables(edit["layer"])[edit["variable"]][r["filter"]] != edit["value"]:
+                if variables(edit["layer"])[edit["variable"]][r["filter"]] != edit["value"]:
                     problems.append(f"{edit['layer']}.{edit['variable']}")
             if problems:
                 raise ModelError(f"the written file does not hold the edit of filter "

@@ -105,10 +105,19 @@ def compile_plan(spec: Spec, output_dir: str | None = None) -> Plan:
                 spec_sha256=spec.sha256, output_dir=out_dir, jobs=tuple(jobs))
 
 
+RANKING_DEFAULTS = {"fraction": None, "count": None, "across": "layer", "normalize": "mean"}
+
+
 def _freeze(params: Any) -> Any:
-    """Rule parameters as plain JSON values (index lists as lists of ints, thresholds as floats)."""
+    """Rule parameters as plain JSON values (index lists as lists of ints, thresholds as floats,
+    a ranking with every default written out)."""
     if isinstance(params, list):
         return [int(i) for i in params]
+    if "by" in params:
+        out = {"by": params["by"], **RANKING_DEFAULTS, **params}
+        out["fraction"] = None if out["fraction"] is None else float(out["fraction"])
+        out["count"] = None if out["count"] is None else int(out["count"])
+        return out
     out = {}
     for key, value in params.items():
         if key in ("below", "above"):

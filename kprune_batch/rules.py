@@ -1,14 +1,20 @@
 """Selection rules: pure numpy functions from a layer's filter slices to the filter indices they select."""
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
 
 from kprune_batch.errors import KpruneError
 
-RULE_KINDS = ("index", "mean", "abs_mean", "l1", "l2", "sign")
-STAT_KINDS = ("mean", "abs_mean", "l1", "l2")
+STAT_KINDS = ("mean", "abs_mean", "l1", "l2")  # statistics of a filter's kernel slice
+# Every filter statistic a threshold or ranking rule may use. Kernel statistics come from the
+# slices alone; the others from something the selection stage looks up (bn_gamma: the layer's
+# BatchNormalization follower). Data statistics (apoz, activation_mean) slot in here.
+BY_KINDS = STAT_KINDS + ("bn_gamma",)
+RANKING_KINDS = ("smallest", "largest")
+RULE_KINDS = ("index",) + BY_KINDS + ("sign",) + RANKING_KINDS
 SIGNS = ("negative", "positive", "zero", "nonnegative", "nonpositive")
 
 
@@ -38,6 +44,57 @@ def _nonfinite_filters(slices: np.ndarray) -> list[int]:
     return [int(i) for i in np.flatnonzero(~np.isfinite(flat).all(axis=1))]
 
 
+def check_finite(kind: str, slices: np.ndarray) -> None:
+    """A rule comparing statistics refuses NaN/inf weights: NaN compares false with everything,
+    so such a filter would silently never be selected (nor kept on purpose)."""
+    nonfinite = _nonfinite_filters(slices)
+    if nonfinite:
+        raise RuleError(
+            f"filter {nonfinite[0]} has NaN or infinite weights "
+            f"({len(nonfinite)} filter(s) affected); a '{kind}' rule cannot compare them",
+            hint="fix the model, or select those filters with an 'index' rule")
+
+
+def threshold(values: np.ndarray, params: Mapping[str, Any]) -> list[int]:
+    """The filters whose statistic is strictly below (or above) the rule's bound."""
+    if "below" in params:
+        return [int(i) for i in np.flatnonzero(values < float(params["below"]))]
+    return [int(i) for i in np.flatnonzero(values > float(params["above"]))]
+
+
+def budget(params: Mapping[str, Any], n: int, where: str = "the layer") -> int:
+    """How many filters a ranking takes of `n`: floor(fraction * n) (1e-9 slack so that a decimal
+    fraction such as 0.29 of 100 gives 29, not 28), or count, which may not exceed n."""
+    if params.get("count") is not None:
+        count = int(params["count"])
+        if count > n:
+            raise RuleError(f"count {count} is more than {where} has: {n} filters",
+                            hint=f"use a count of at most {n}, or a fraction")
+        return count
+    return int(math.floor(float(params["fraction"]) * n + 1e-9))
+
+
+def rank_order(scores: np.ndarray, kind: str, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Candidate positions in ranking order: smallest (or largest) score first, ties by
+    `tiebreak` (default: the position itself, i.e. the filter index), lowest first. np.lexsort
+    sorts by its last key first and is stable, so the order never depends on sort stability."""
+    scores = np.asarray(scores, dtype=np.float64)
+    key = scores if kind == "smallest" else -scores
+    ties = np.arange(len(scores)) if tiebreak is None else tiebreak
+    return np.lexsort((np.arange(len(scores)), ties, key))
+
+
+def normalized(scores: np.ndarray, how: str) -> np.ndarray:
+    """A layer's scores scaled for one ranking across layers: divided by their mean, their max
+    (of absolute values: scores may be negative, e.g. `mean`), or left as they are. An all-zero
+    layer stays all zero (no division by zero)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if how == "none" or not len(scores):
+        return scores
+    scale = float(np.mean(np.abs(scores))) if how == "mean" else float(np.max(np.abs(scores)))
+    return scores / scale if scale > 0 else scores
+
+
 def select(kind: str, params: Any, slices: np.ndarray) -> list[int]:
     """The sorted filter indices that rule `kind` with `params` selects from `slices`.
 
@@ -52,18 +109,9 @@ def select(kind: str, params: Any, slices: np.ndarray) -> list[int]:
             raise RuleError(
                 f"index {bad[0]} is out of range: the layer has {n} filters (valid: 0..{n - 1})")
         return sorted({int(i) for i in params})
-    nonfinite = _nonfinite_filters(slices)
-    if nonfinite:
-        raise RuleError(
-            f"filter {nonfinite[0]} has NaN or infinite weights "
-            f"({len(nonfinite)} filter(s) affected); a '{kind}' rule cannot compare them",
-            hint="fix the model, or select those filters with an 'index' rule")
+    check_finite(kind, slices)
     if kind in STAT_KINDS:
-        values = filter_stats(slices)[kind]
-        params = dict(params)
-        if "below" in params:
-            return [int(i) for i in np.flatnonzero(values < float(params["below"]))]
-        return [int(i) for i in np.flatnonzero(values > float(params["above"]))]
+        return threshold(filter_stats(slices)[kind], params)
     if kind == "sign":
         return _select_sign(params, slices)
     raise RuleError(f"unknown rule kind '{kind}'")

@@ -354,6 +354,12 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
                         if bound in params and not math.isfinite(float(params[bound])):
                             add(rpath + (bound,),
                                 f"threshold must be a finite number, got {params[bound]!r}")
+                    # NaN passes the schema's bounds (every comparison is false)
+                    fraction = params.get("fraction")
+                    if fraction is not None and not 0 < float(fraction) <= 1:
+                        add(rpath + ("fraction",),
+                            f"fraction must be a number greater than 0 and at most 1, got "
+                            f"{fraction!r}")
                 if kind == "sign" and cls is not None and family_of(cls) is not None:
                     axes = _slice_axes(cls)
                     if axes is not None and len(params["element"]) != axes:

@@ -5,9 +5,10 @@ import json
 
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
 from kprune_batch.errors import SpecError
-from kprune_batch.executor import STATUS_OK, LayerSelection, Opener, open_auto, run_job
+from kprune_batch.executor import STATUS_OK, Opener, open_auto, run_job
 from kprune_batch.plan import compile_plan
 from kprune_batch.ranges import compact_ranges
+from kprune_batch.selection import LayerSelection
 from kprune_batch.spec import read_spec
 
 
@@ -16,7 +17,7 @@ def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto) -> Resul
     try:
         compiled = compile_plan(read_spec(spec_file))
     except SpecError as exc:
-        result.err.extend(p.render() for p in exc.problems)
+        result.err.extend(exc.lines())
         result.return_code = EXIT_INVALID
         return result
     models = []
@@ -51,5 +52,35 @@ def _text(name: str, src: str, dest: str, status: str, layers: list[LayerSelecti
                      f"{compact_ranges(list(sel.filters)) or 'nothing'} "
                      f"({n} of {sel.n_filters}, {100.0 * n / sel.n_filters:.1f}%)")
         for loc, chosen in sel.by_rule.items():
-            lines.append(f"    {loc}: {compact_ranges(chosen) or 'nothing'}")
+            lines.append(f"    {loc}: {compact_ranges(list(chosen)) or 'nothing'}")
+            lines.extend(_ranking_lines(sel, loc))
+        if not sel.listed:
+            lines.append(f"    (not listed: follows its coupled group {', '.join(sel.group)})")
+        if sel.kept_back:
+            lines.append(f"    kept back for round_to: {compact_ranges(list(sel.kept_back))}")
+    return lines
+
+
+RANKED_SHOWN = 8  # a ranking over thousands of filters shows its first few picks, then a count
+
+
+def _ranking_lines(sel: LayerSelection, loc: str) -> list[str]:
+    """What a ranking rule took in the layer, its cutoff, and its first picks with their scores."""
+    lines = []
+    for r in sel.rankings:
+        if r.rule != loc:
+            continue
+        where = "per layer" if r.across == "layer" else f"across the entry, normalize {r.normalize}"
+        cutoff = "no cutoff" if r.cutoff is None else f"cutoff {r.cutoff:.6g}"
+        cap = f", cap {r.cap} bound" if r.cap_bound else ""
+        of = "" if r.across == "layer" else " in the entry"
+        lines.append(f"      {r.order} by {r.by} ({where}): took {r.taken} of {r.requested}"
+                     f"{of}, {cutoff}{cap}")
+        picks = sorted((p.position, f, p.score) for f, ps in sel.ranked.items() for p in ps
+                       if p.rule == loc)
+        shown = ", ".join(f"#{pos} filter {f} ({score:.6g})"
+                          for pos, f, score in picks[:RANKED_SHOWN])
+        more = f", ... {len(picks) - RANKED_SHOWN} more" if len(picks) > RANKED_SHOWN else ""
+        if picks:
+            lines.append(f"      ranked: {shown}{more}")
     return lines

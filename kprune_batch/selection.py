@@ -1,0 +1,570 @@
+"""The selection stage: from a model's config and kernels to the frozen selection of every layer.
+
+resolve entries -> compute statistics -> apply rules (index, threshold, sign, ranking) -> union
+-> couple (action: remove) -> round_to -> guard. Pure: it reads weights through the
+`ModelWeights` interface (`graph` and `variables()`), writes nothing and imports no TensorFlow,
+so `plan`, the executor and any later reader (plan diff, review page) share one answer.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from kprune_batch.errors import ModelError
+from kprune_batch.families import Family, canonical_class, family_of
+from kprune_batch.graph import LayerGraph
+from kprune_batch.plan import LayerOp, ModelJob, Options, RuleOp
+from kprune_batch.rules import (RANKING_KINDS, STAT_KINDS, RuleError, budget, check_finite,
+                                filter_stats, normalized, rank_order, select, threshold)
+
+# Options every layer of one coupled group must share (they decide how the group's channels are
+# edited and coupled); `approximate` and `max_fraction` stay per layer.
+GROUP_OPTIONS = ("action", "bias", "batchnorm", "coupled", "round_to")
+# Options two entries naming the same layer must share.
+LAYER_OPTIONS = ("bias", "batchnorm", "action")
+
+
+@dataclass(frozen=True)
+class RankPick:
+    """Why a ranking rule selected a filter: its 1-based position in the ranking and its score
+    (`normalized`: the score the ranking compared, where across: entry)."""
+
+    rule: str
+    position: int
+    score: float
+    normalized: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"rule": self.rule, "position": self.position, "score": self.score}
+        if self.normalized is not None:
+            out["normalized"] = self.normalized
+        return out
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What one ranking rule did in one layer: how many it took, the cutoff score (the score of
+    the last filter it took, normalised where across: entry) and, for a ranking across an entry,
+    whether the layer's cap (max_fraction, never the whole layer) made it skip candidates."""
+
+    rule: str
+    order: str  # smallest | largest
+    by: str
+    across: str
+    normalize: str | None
+    requested: int  # of the layer (across: layer) or of the entry (across: entry)
+    taken: int  # in this layer
+    cutoff: float | None
+    cap: int | None = None
+    cap_bound: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rule": self.rule, "order": self.order, "by": self.by, "across": self.across,
+                "normalize": self.normalize, "requested": self.requested, "taken": self.taken,
+                "cutoff": self.cutoff, "cap": self.cap, "cap_bound": self.cap_bound}
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """The final selection of one layer: union of its entries' rules, after coupling, ranking,
+    round_to and the guards."""
+
+    path: str
+    class_name: str
+    n_filters: int
+    options: Options
+    max_fraction: float
+    allow_empty_layer: bool
+    entries: tuple[str, ...]  # locations of the layer entries that resolve to this layer
+    by_rule: Mapping[str, tuple[int, ...]]  # rule location -> filters it selects here
+    filters: Mapping[int, tuple[str, ...]]  # final filter -> every rule location selecting it
+    stats: Mapping[int, Mapping[str, float]]  # kernel statistics of the final and kept-back filters
+    group: tuple[str, ...] = ()  # coupled members (action: remove), this layer included
+    kept_back: tuple[int, ...] = ()  # selected but kept for round_to
+    ranked: Mapping[int, tuple[RankPick, ...]] = field(default_factory=dict)
+    rankings: tuple[Ranking, ...] = ()
+
+    @property
+    def family(self) -> Family:
+        family = family_of(self.class_name)
+        assert family is not None  # only convolution layers are ever selected
+        return family
+
+    @property
+    def listed(self) -> bool:
+        """False for a coupled-group member that no entry names (it follows its group)."""
+        return bool(self.entries)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "layer": self.path, "layer_class": self.class_name, "filters_total": self.n_filters,
+            "entries": list(self.entries), "options": asdict(self.options),
+            "max_fraction": self.max_fraction,
+            "rules": {loc: list(chosen) for loc, chosen in self.by_rule.items()},
+            "selected": sorted(self.filters)}
+        if self.rankings:
+            out["rankings"] = [r.to_json() for r in self.rankings]
+        if len(self.group) > 1:
+            out["group"] = list(self.group)
+        if self.kept_back:
+            out["kept_back"] = list(self.kept_back)
+        return out
+
+
+@dataclass(frozen=True)
+class ModelSelection:
+    layers: tuple[LayerSelection, ...]
+
+    @property
+    def removing(self) -> tuple[LayerSelection, ...]:
+        return tuple(s for s in self.layers if s.options.action == "remove" and s.filters)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [s.to_json() for s in self.layers]
+
+
+def select_model(job: ModelJob, weights: Any) -> ModelSelection:
+    """Evaluate every rule of `job` on the input model's weights and return the final, guarded
+    selection of every layer (ModelError naming the model and layer for anything wrong)."""
+    try:
+        return _Stage(job, weights).run()
+    except ModelError as exc:
+        raise exc if exc.model else exc.for_model(job.name) from None
+
+
+# --- the working state -----------------------------------------------------------------------
+
+
+@dataclass
+class _Layer:
+    path: str
+    class_name: str
+    family: Family
+    kernel: np.ndarray
+    options: Options
+    max_fraction: float
+    allow_empty_layer: bool
+    entries: list[str] = field(default_factory=list)
+    by_rule: dict[str, list[int]] = field(default_factory=dict)
+    group: list[str] = field(default_factory=list)
+    ranked: dict[int, list[RankPick]] = field(default_factory=dict)
+    rankings: list[Ranking] = field(default_factory=list)
+    final: list[int] = field(default_factory=list)
+    kept_back: list[int] = field(default_factory=list)
+    _stats: dict[str, np.ndarray] | None = None
+
+    @property
+    def n(self) -> int:
+        return self.family.n_filters(self.kernel.shape)
+
+    @property
+    def slices(self) -> np.ndarray:
+        return self.family.filter_view(self.kernel)
+
+    @property
+    def stats(self) -> dict[str, np.ndarray]:
+        if self._stats is None:
+            self._stats = filter_stats(self.slices)
+        return self._stats
+
+    def selected(self) -> set[int]:
+        return {f for chosen in self.by_rule.values() for f in chosen}
+
+    def cap(self) -> int:
+        """The most filters the guards allow this layer to lose."""
+        cap = int(self.max_fraction * self.n + 1e-9)
+        return cap if self.allow_empty_layer else min(cap, self.n - 1)
+
+
+class _Stage:
+    def __init__(self, job: ModelJob, weights: Any):
+        self.job = job
+        self.weights = weights
+        self.graph: LayerGraph = weights.graph
+        self.layers: dict[str, _Layer] = {}
+        self.resolved: list[tuple[LayerOp, list[str]]] = []
+        self._bn: dict[str, np.ndarray] = {}
+
+    def run(self) -> ModelSelection:
+        for op in self.job.ops:
+            paths = resolve(op, self.graph)
+            self.resolved.append((op, paths))
+            for path in paths:
+                self._add_entry(op, path)
+        self._form_groups()
+        # Rules that look at one layer first, then rankings across entries in spec order: a
+        # global ranking's cap counts what the other rules already took, so it never pushes a
+        # layer past its guard.
+        for op, paths in self.resolved:
+            for rule in op.rules:
+                if not _across_entry(rule):
+                    for path in paths:
+                        self._apply(rule, self.layers[path])
+        for op, paths in self.resolved:
+            for rule in op.rules:
+                if _across_entry(rule):
+                    self._rank_entry(rule, paths)
+        for layer in self.layers.values():
+            layer.final = sorted(layer.selected())
+        self._couple()
+        self._round_to()
+        for layer in self.layers.values():
+            _check_guards(layer)
+        return ModelSelection(tuple(self._freeze(layer) for layer in self.layers.values()))
+
+    # resolve + merge
+
+    def _new_layer(self, path: str, options: Options, entries: list[str]) -> _Layer:
+        node = self.graph.layers[path]
+        family = family_of(node.class_name)
+        assert family is not None
+        return _Layer(path=path, class_name=node.class_name, family=family,
+                      kernel=_kernel(self.weights, path, family), options=options,
+                      max_fraction=options.max_fraction,
+                      allow_empty_layer=options.allow_empty_layer, entries=entries)
+
+    def _add_entry(self, op: LayerOp, path: str) -> None:
+        layer = self.layers.get(path)
+        if layer is None:
+            self.layers[path] = self._new_layer(path, op.options, [op.loc])
+            return
+        _agree(LAYER_OPTIONS, [(layer.entries[0], layer.options), (op.loc, op.options)],
+               "for the same layer", layer=path, hint="give both entries the same value")
+        layer.max_fraction = min(layer.max_fraction, op.options.max_fraction)
+        layer.allow_empty_layer = layer.allow_empty_layer and op.options.allow_empty_layer
+        layer.entries.append(op.loc)
+
+    def _form_groups(self) -> None:
+        """Coupled groups of the removing layers (DepGraph-style, from the config): unlisted
+        members join with the options of the listed members of their own group."""
+        from kprune_batch.removal import coupled_group
+
+        done: set[str] = set()
+        for path in list(self.layers):
+            layer = self.layers[path]
+            if layer.options.action != "remove" or path in done:
+                continue
+            members, _merges = coupled_group(self.graph, path)
+            done.update(members)
+            if len(members) == 1:
+                continue
+            listed = [self.layers[m] for m in members if m in self.layers]
+            _agree(GROUP_OPTIONS, [(m.entries[0], m.options) for m in listed],
+                   f"in the coupled group {', '.join(members)}", layer=path)
+            for m in members:
+                if m not in self.layers:
+                    self.layers[m] = self._new_layer(m, listed[0].options, [])
+                    self.layers[m].max_fraction = min(x.max_fraction for x in listed)
+                    self.layers[m].allow_empty_layer = all(x.allow_empty_layer for x in listed)
+                self.layers[m].group = list(members)
+
+    # rules
+
+    def _unit(self, layer: _Layer) -> list[_Layer]:
+        """The layers whose channels a ranking scores together with `layer`'s: its coupled
+        group under action: remove (so every listed member ranks the same channels), else it."""
+        return [self.layers[m] for m in layer.group] if layer.group else [layer]
+
+    def _scores(self, by: str, unit: list[_Layer], loc: str) -> np.ndarray:
+        """Statistic `by` of each channel of a ranking unit (summed over a group's members)."""
+        total = np.zeros(unit[0].n, dtype=np.float64)
+        for layer in unit:
+            try:
+                if by == "bn_gamma":
+                    total += self._bn_gamma(layer, loc)
+                else:
+                    check_finite(by, layer.slices)
+                    total += layer.stats[by]
+            except RuleError as exc:
+                raise ModelError(f"{loc}: {exc.message}", layer=layer.path, hint=exc.hint) from None
+        return total
+
+    def _bn_gamma(self, layer: _Layer, loc: str) -> np.ndarray:
+        """|gamma| of the layer's BatchNormalization follower: the one `batchnorm: neutralize`
+        edits (reached directly or through activation and zero-preserving layers)."""
+        if layer.path not in self._bn:
+            from kprune_batch.silence import channel_fate
+
+            fate = channel_fate(self.graph, layer.path, 0, 0.0, True, self.weights.variables)
+            followers = sorted(set(fate.followers))
+            if len(followers) != 1:
+                what = "no BatchNormalization follower" if not followers else \
+                    f"{len(followers)} BatchNormalization followers ({', '.join(followers)})"
+                raise ModelError(f"{loc}: bn_gamma needs the layer's one BatchNormalization "
+                                 f"follower, but it has {what}", layer=layer.path,
+                                 hint="rank this layer by a kernel statistic (l1, l2, ...)")
+            variables = self.weights.variables(followers[0])
+            if "gamma" not in variables:
+                raise ModelError(f"{loc}: bn_gamma needs gamma, but BatchNormalization "
+                                 f"'{followers[0]}' has scale=False", layer=layer.path,
+                                 hint="rank this layer by a kernel statistic (l1, l2, ...)")
+            gamma = np.abs(np.asarray(variables["gamma"], dtype=np.float64))
+            if gamma.shape != (layer.n,):
+                raise ModelError(f"{loc}: BatchNormalization '{followers[0]}' has "
+                                 f"{gamma.size} gammas for {layer.n} filters", layer=layer.path)
+            if not np.isfinite(gamma).all():
+                bad = int(np.flatnonzero(~np.isfinite(gamma))[0])
+                raise ModelError(f"{loc}: gamma of filter {bad} in '{followers[0]}' is NaN or "
+                                 f"infinite; a bn_gamma rule cannot compare it",
+                                 layer=layer.path)
+            self._bn[layer.path] = gamma
+        return self._bn[layer.path]
+
+    def _apply(self, rule: RuleOp, layer: _Layer) -> None:
+        """A rule that looks at one layer (or its coupled group): index, threshold, sign, or a
+        ranking across: layer."""
+        params = rule.params
+        try:
+            if rule.kind in RANKING_KINDS:
+                chosen = self._rank_layer(rule, layer)
+            elif rule.kind == "bn_gamma":
+                chosen = threshold(self._bn_gamma(layer, rule.loc), params)
+            elif rule.kind in STAT_KINDS:
+                check_finite(rule.kind, layer.slices)
+                chosen = threshold(layer.stats[rule.kind], params)
+            else:
+                chosen = select(rule.kind, params, layer.slices)
+        except RuleError as exc:
+            raise ModelError(f"{rule.loc}: {exc.message}", layer=layer.path,
+                             hint=exc.hint) from None
+        layer.by_rule[rule.loc] = sorted(set(layer.by_rule.get(rule.loc, [])) | set(chosen))
+
+    def _rank_layer(self, rule: RuleOp, layer: _Layer) -> list[int]:
+        p = rule.params
+        scores = self._scores(p["by"], self._unit(layer), rule.loc)
+        k = budget(p, layer.n)
+        order = rank_order(scores, rule.kind)[:k]
+        chosen = [int(f) for f in order]
+        for position, f in enumerate(chosen, start=1):
+            layer.ranked.setdefault(f, []).append(RankPick(rule.loc, position, float(scores[f])))
+        layer.rankings.append(Ranking(
+            rule=rule.loc, order=rule.kind, by=p["by"], across="layer", normalize=None,
+            requested=k, taken=len(chosen),
+            cutoff=float(scores[chosen[-1]]) if chosen else None))
+        return chosen
+
+    def _rank_entry(self, rule: RuleOp, paths: list[str]) -> None:
+        """One ranking over every layer the entry resolved to ("global pruning"). A coupled
+        group is one unit (its channels scored by the sum over members, counted once); each
+        unit's scores are normalised first; a unit never loses more than its cap allows."""
+        p = rule.params
+        units: list[list[_Layer]] = []
+        seen: set[str] = set()
+        for path in paths:
+            if path in seen:
+                continue
+            unit = self._unit(self.layers[path])
+            seen.update(m.path for m in unit)
+            units.append(unit)
+        raw = [self._scores(p["by"], unit, rule.loc) for unit in units]
+        norm = [normalized(s, p["normalize"]) for s in raw]
+        total = sum(len(s) for s in raw)
+        try:
+            k = budget(p, total, where=f"the entry ({len(units)} layer(s))")
+        except RuleError as exc:
+            raise ModelError(f"{rule.loc}: {exc.message}", hint=exc.hint) from None
+        scores = np.concatenate(norm) if norm else np.zeros(0)
+        unit_of = np.concatenate([np.full(len(s), i) for i, s in enumerate(raw)]) if raw \
+            else np.zeros(0, dtype=np.int64)
+        filter_of = np.concatenate([np.arange(len(s)) for s in raw]) if raw \
+            else np.zeros(0, dtype=np.int64)
+        # ties by filter index, lowest first, then by the layer's place in the entry
+        order = rank_order(scores, rule.kind, tiebreak=filter_of * len(units) + unit_of)
+        taken: list[set[int]] = [set() for _ in units]
+        already = [set().union(*(m.selected() for m in unit)) for unit in units]
+        caps = [min(m.cap() for m in unit) for unit in units]
+        bound = [False] * len(units)
+        position = 0
+        cutoff = None
+        for i in order:
+            if position == k:
+                break
+            u, f = int(unit_of[i]), int(filter_of[i])
+            if f not in already[u] and len(already[u] | taken[u]) >= caps[u]:
+                bound[u] = True
+                continue
+            position += 1
+            taken[u].add(f)
+            cutoff = float(scores[i])
+            for m in units[u]:
+                m.ranked.setdefault(f, []).append(
+                    RankPick(rule.loc, position, float(raw[u][f]), float(norm[u][f])))
+        for u, unit in enumerate(units):
+            for m in unit:
+                if m.path in paths:  # a member outside the entry follows by coupling
+                    m.by_rule[rule.loc] = sorted(set(m.by_rule.get(rule.loc, [])) | taken[u])
+                m.rankings.append(Ranking(
+                    rule=rule.loc, order=rule.kind, by=p["by"], across="entry",
+                    normalize=p["normalize"], requested=k, taken=len(taken[u]), cutoff=cutoff,
+                    cap=caps[u], cap_bound=bound[u]))
+
+    # couple, round, guard
+
+    def _couple(self) -> None:
+        """Every member of a coupled group ends with the same filters: union or intersection
+        of what the listed members select; `coupled: error` refuses listed members that differ."""
+        done: set[str] = set()
+        for layer in self.layers.values():
+            if not layer.group or layer.path in done:
+                continue
+            members = [self.layers[m] for m in layer.group]
+            done.update(layer.group)
+            listed = [m for m in members if m.entries]
+            mode = listed[0].options.coupled
+            values = [set(m.final) for m in listed]
+            if mode == "error" and any(v != values[0] for v in values):
+                detail = "; ".join(f"{m.path} ({m.entries[0]}) selects {_short(m.final)}"
+                                   for m in listed)
+                unlisted = [m.path for m in members if not m.entries]
+                came = f" ({', '.join(unlisted)} came with the group)" if unlisted else ""
+                raise ModelError(
+                    f"the layers {', '.join(layer.group)} meet in an Add-type merge and must lose "
+                    f"the same filters, but their rules select different ones: {detail}{came}",
+                    layer=listed[0].path,
+                    hint="set coupled: union or coupled: intersection on the entries")
+            chosen = set(values[0])
+            for v in values[1:]:
+                chosen = chosen | v if mode == "union" else chosen & v
+            if mode == "intersection" and not chosen and any(values):
+                raise ModelError(f"the coupled layers {', '.join(layer.group)} have no filter in "
+                                 f"common to remove (coupled: intersection)", layer=listed[0].path)
+            for m in members:
+                m.final = sorted(chosen)
+
+    def _round_to(self) -> None:
+        """Keep selected filters back, largest l1 norm first (summed over a coupled group's
+        members), until each removing layer's remaining count is a multiple of round_to."""
+        done: set[str] = set()
+        for layer in self.layers.values():
+            step = layer.options.round_to
+            if layer.options.action != "remove" or step <= 1 or layer.path in done:
+                continue
+            unit = self._unit(layer)
+            done.update(m.path for m in unit)
+            chosen = list(layer.final)
+            l1 = {f: sum(float(m.stats["l1"][f]) for m in unit) for f in chosen}
+            kept_back = []
+            while chosen and (layer.n - len(chosen)) % step:
+                f = max(chosen, key=lambda g: (l1[g], -g))
+                chosen.remove(f)
+                kept_back.append(f)
+            for m in unit:
+                m.final = sorted(chosen)
+                m.kept_back = sorted(kept_back)
+
+    def _freeze(self, layer: _Layer) -> LayerSelection:
+        final = set(layer.final)
+        group = set(layer.group) or {layer.path}
+        filters = {}
+        for f in layer.final:
+            # a group member's filter is there because of every member's rules that chose it
+            locs = {loc for m in group for loc, chosen in self.layers[m].by_rule.items()
+                    if f in chosen}
+            filters[f] = tuple(sorted(locs, key=loc_key))
+        keep = sorted(final | set(layer.kept_back))
+        stats = layer.stats if keep else {}
+        return LayerSelection(
+            path=layer.path, class_name=layer.class_name, n_filters=layer.n,
+            options=layer.options, max_fraction=layer.max_fraction,
+            allow_empty_layer=layer.allow_empty_layer, entries=tuple(layer.entries),
+            by_rule={loc: tuple(c) for loc, c in layer.by_rule.items()}, filters=filters,
+            stats={f: {k: float(v[f]) for k, v in stats.items()} for f in keep},
+            group=tuple(layer.group), kept_back=tuple(layer.kept_back),
+            ranked={f: tuple(picks) for f, picks in layer.ranked.items() if f in final},
+            rankings=tuple(layer.rankings))
+
+
+def _across_entry(rule: RuleOp) -> bool:
+    return rule.kind in RANKING_KINDS and rule.params.get("across") == "entry"
+
+
+def _short(filters: list[int]) -> str:
+    from kprune_batch.ranges import compact_ranges
+
+    text = compact_ranges(filters) or "nothing"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _agree(keys: tuple[str, ...], who: list[tuple[str, Options]], where: str,
+           layer: str | None = None, hint: str = "give them the same value") -> None:
+    """The one check that entries sharing a layer or a coupled group set the same options."""
+    for key in keys:
+        values = {}
+        for loc, options in who:
+            values.setdefault(getattr(options, key), loc)
+        if len(values) > 1:
+            (first, a), (second, b) = list(values.items())[:2]
+            raise ModelError(f"{b} sets {key}: {_yaml(second)}, but {a} sets {key}: "
+                             f"{_yaml(first)} {where}", layer=layer, hint=hint)
+
+
+def _yaml(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def loc_key(loc: str) -> list[int]:
+    """Sort key of a spec location: models[0].layers[10] after models[0].layers[9]."""
+    return [int(part.split("]")[0]) for part in loc.split("[")[1:]]
+
+
+def _kernel(weights: Any, path: str, family: Family) -> np.ndarray:
+    variables = weights.variables(path)
+    name = family.kernel_name(variables)
+    if name is not None:
+        return variables[name]
+    raise ModelError(f"has no '{family.kernel_var}' variable (is it built?)", layer=path)
+
+
+def _check_guards(layer: _Layer) -> None:
+    """The guards, on the final selection (after coupling, ranking and round_to)."""
+    count, total = len(layer.final), layer.n
+    if not count:
+        return
+    rules = ", ".join(f"{loc} ({len(chosen)})" for loc, chosen in layer.by_rule.items() if chosen)
+    if not layer.entries or len(layer.group) > 1:
+        others = [m for m in layer.group if m != layer.path]
+        rules = (f"{rules}; " if rules else "") + f"coupled with {', '.join(others)}"
+    if count == total and not layer.allow_empty_layer:
+        raise ModelError(
+            f"the rules would zero all {total} filters of the layer (selected by {rules})",
+            layer=layer.path,
+            hint="if that is intended, set allow_empty_layer: true (and max_fraction: 1.0) on "
+                 "the entry")
+    if count > layer.max_fraction * total + 1e-9:
+        raise ModelError(
+            f"the rules would zero {count} of {total} filters ({100.0 * count / total:.1f}%), "
+            f"more than max_fraction {layer.max_fraction:g} allows "
+            f"({int(layer.max_fraction * total + 1e-9)}); selected by {rules}",
+            layer=layer.path, hint="tighten the rules or raise max_fraction for this entry")
+
+
+def resolve(op: LayerOp, graph: LayerGraph) -> list[str]:
+    """The layer paths a layer entry names (exact name) or matches (glob over convolution layers)."""
+    if op.name is not None:
+        if op.name not in graph.layers:
+            near = difflib.get_close_matches(op.name, list(graph.layers), n=1, cutoff=0.6)
+            hint = f"did you mean '{near[0]}'?" if near else "run 'kprune plan' to list the layers"
+            raise ModelError(f"{op.loc}: no layer named '{op.name}' in the model", hint=hint)
+        node = graph.layers[op.name]
+        if family_of(node.class_name) is None:
+            raise ModelError(f"{op.loc}: layer '{op.name}' is a {node.class_name} layer; only "
+                             f"convolution layers have filters")
+        if op.type is not None and canonical_class(node.class_name) != canonical_class(op.type):
+            raise ModelError(f"{op.loc}: layer '{op.name}' is a {node.class_name}, not a {op.type}")
+        return [op.name]
+    convs = [p for p, n in graph.layers.items() if family_of(n.class_name) is not None]
+    typed = [p for p in convs if op.type is None
+             or canonical_class(graph.layers[p].class_name) == canonical_class(op.type)]
+    found = [p for p in typed if fnmatch.fnmatchcase(p, op.match or "")]
+    if not found:
+        near = difflib.get_close_matches(op.match or "", typed, n=1, cutoff=0.5)
+        hint = f"did you mean '{near[0]}'?" if near else (
+            f"the model's convolution layers are: {', '.join(typed[:8])}"
+            + (" ..." if len(typed) > 8 else "") if typed else "the model has no such layers")
+        kind = f"{op.type} " if op.type else "convolution "
+        raise ModelError(f"{op.loc}: match '{op.match}' matches no {kind}layer", hint=hint)
+    return found

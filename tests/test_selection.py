@@ -1,0 +1,516 @@
+"""The selection stage: ranking rules (per layer, across an entry), bn_gamma, coupling and guards.
+
+Every expected selection is computed here with plain numpy/python from the weights Keras loads
+from the input file, never from kprune's own numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from conftest import _seeded_weights, kprune, layer_weights, write_spec
+
+CONVS = ("conv_a", "conv_b", "conv_c")
+
+
+@pytest.fixture(scope="session")
+def rank_cnn(keras: Any, models_dir: Path) -> Path:
+    """conv_a (10) -> bn_a -> relu -> conv_b (12) -> bn_b -> conv_c (8, no BN) -> gap -> dense.
+    conv_a's filters 2, 5 and 7 have identical kernels (ties by every statistic)."""
+    L = keras.layers
+    i = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(10, 3, padding="same", name="conv_a")(i)
+    x = L.Activation("relu", name="relu_a")(L.BatchNormalization(name="bn_a")(x))
+    x = L.BatchNormalization(name="bn_b")(L.Conv2D(12, 3, padding="same", name="conv_b")(x))
+    x = L.Conv2D(8, 1, name="conv_c")(x)
+    model = keras.Model(i, L.Dense(3, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    _seeded_weights(model, 21)
+    a = model.get_layer("conv_a")
+    kernel = a.kernel.numpy()
+    kernel[..., 5] = kernel[..., 2]
+    kernel[..., 7] = kernel[..., 2]
+    a.kernel.assign(kernel)
+    path = models_dir / "rank.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rank_weights(keras: Any, rank_cnn: Path) -> dict[str, dict[str, np.ndarray]]:
+    return layer_weights(keras, rank_cnn)
+
+
+def l1(kernel: np.ndarray) -> np.ndarray:
+    """Per-filter l1 of a Conv2D kernel (filters on the last axis), in float64."""
+    return np.abs(kernel.astype(np.float64)).reshape(-1, kernel.shape[-1]).sum(axis=0)
+
+
+def smallest(scores: np.ndarray, k: int, largest: bool = False) -> list[int]:
+    """The k smallest (largest) scores, ties by filter index, lowest first: a plain sort."""
+    key = (lambda f: (-scores[f], f)) if largest else (lambda f: (scores[f], f))
+    return sorted(sorted(range(len(scores)), key=key)[:k])
+
+
+def run(folder: Path, text: str, *args: str, code: int = 0) -> tuple[Any, dict[str, Any] | None]:
+    spec = write_spec(folder, text)
+    result = kprune("apply", spec, "--audit-log", folder / "log.json", *args).expect(code)
+    log_file = folder / "log.json"
+    return result, json.loads(log_file.read_text()) if log_file.exists() else None
+
+
+def zeroed_by_layer(log: dict[str, Any], kind: str = "zeroed") -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for record in log[kind]:
+        out.setdefault(record["layer"], []).append(record["filter"])
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def zero_filters_in_file(keras: Any, path: Path) -> dict[str, list[int]]:
+    """Filters whose whole kernel slice is 0 in a written file, per conv layer."""
+    weights = layer_weights(keras, path)
+    return {name: [int(f) for f in np.flatnonzero(
+        ~weights[name]["kernel"].reshape(-1, weights[name]["kernel"].shape[-1]).any(axis=0))]
+        for name in CONVS}
+
+
+# --- per-layer rankings ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rule, expect", [
+    ("smallest: {by: l1, fraction: 0.25}", lambda s, n: smallest(s, math.floor(0.25 * n))),
+    ("largest: {by: l1, count: 3}", lambda s, n: smallest(s, 3, largest=True)),
+    ("smallest: {by: l2, fraction: 0.3}", None),  # checked with l2 below
+])
+def test_per_layer_ranking_matches_numpy(keras: Any, tmp_path: Path, rank_cnn: Path,
+                                         rank_weights: dict, rule: str, expect: Any) -> None:
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - match: "conv_*"
+                rules: [{{{rule}}}]
+        """)
+    want = {}
+    for name in CONVS:
+        kernel = rank_weights[name]["kernel"]
+        n = kernel.shape[-1]
+        if expect is None:
+            l2 = np.sqrt((kernel.astype(np.float64).reshape(-1, n) ** 2).sum(axis=0))
+            want[name] = smallest(l2, math.floor(0.3 * n))
+        else:
+            want[name] = expect(l1(kernel), n)
+    assert zeroed_by_layer(log) == want
+    # the file holds exactly those zeroed kernels, nothing else zero
+    assert zero_filters_in_file(keras, tmp_path / "pruned" / "rank.keras") == want
+
+
+def test_ties_go_to_the_lowest_filter_index(tmp_path: Path, rank_cnn: Path,
+                                            rank_weights: dict) -> None:
+    scores = l1(rank_weights["conv_a"]["kernel"])
+    assert scores[2] == scores[5] == scores[7]
+    # a count that cuts through the tied filters 2, 5, 7 wherever they rank
+    tied_rank = sorted(range(10), key=lambda f: (scores[f], f)).index(2)
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - name: conv_a
+                max_fraction: 1.0
+                rules: [{{smallest: {{by: l1, count: {tied_rank + 2}}}}}]
+        """)
+    chosen = zeroed_by_layer(log)["conv_a"]
+    assert 2 in chosen and 5 in chosen and 7 not in chosen
+
+
+def test_ranking_records_position_score_and_cutoff(tmp_path: Path, rank_cnn: Path,
+                                                   rank_weights: dict) -> None:
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - name: conv_b
+                rules:
+                  - smallest: {{by: l1, count: 4}}
+                  - index: [0, 11]
+        """)
+    scores = l1(rank_weights["conv_b"]["kernel"])
+    order = sorted(range(12), key=lambda f: (scores[f], f))
+    records = {r["filter"]: r for r in log["zeroed"]}
+    assert sorted(records) == sorted(set(order[:4]) | {0, 11})
+    for position, f in enumerate(order[:4], start=1):
+        (pick,) = records[f]["ranking"]
+        assert pick["rule"] == "models[0].layers[0].rules[0]"
+        assert pick["position"] == position
+        assert pick["score"] == pytest.approx(scores[f], rel=1e-12)
+    for f in (0, 11):  # provenance: union of the rules, each filter names every rule choosing it
+        want = ["models[0].layers[0].rules[1]"]
+        if f in order[:4]:
+            want.insert(0, "models[0].layers[0].rules[0]")
+        assert records[f]["rules"] == want
+    (layer,) = log["models"][0]["layers"]
+    (ranking,) = layer["rankings"]
+    assert ranking == {"rule": "models[0].layers[0].rules[0]", "order": "smallest", "by": "l1",
+                       "across": "layer", "normalize": None, "requested": 4, "taken": 4,
+                       "cutoff": pytest.approx(scores[order[3]], rel=1e-12), "cap": None,
+                       "cap_bound": False}
+
+
+def test_count_beyond_the_layer_fails_the_model(tmp_path: Path, rank_cnn: Path,
+                                                small_cnn: Path) -> None:
+    result, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers: [{{name: conv_c, rules: [{{largest: {{by: l2, count: 9}}}}]}}]
+          - path: {small_cnn}
+            layers: [{{name: conv2d, rules: [{{index: [1]}}]}}]
+        """, code=1)
+    assert result.stderr == (
+        "error: model 'rank', layer 'conv_c': models[0].layers[0].rules[0]: count 9 is more "
+        "than the layer has: 8 filters; use a count of at most 8, or a fraction\n")
+    assert [m["status"] for m in log["models"]] == ["failed", "ok"]
+
+
+def test_ranking_beyond_max_fraction_fails_with_the_guard(tmp_path: Path, rank_cnn: Path) -> None:
+    result, _ = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers: [{{name: conv_c, rules: [{{smallest: {{by: l1, fraction: 0.75}}}}]}}]
+        """, code=1)
+    assert result.stderr == (
+        "error: model 'rank', layer 'conv_c': the rules would zero 6 of 8 filters (75.0%), more "
+        "than max_fraction 0.5 allows (4); selected by models[0].layers[0].rules[0] (6); "
+        "tighten the rules or raise max_fraction for this entry\n")
+    assert not (tmp_path / "pruned" / "rank.keras").exists()
+
+
+# --- bn_gamma ----------------------------------------------------------------------------------
+
+def test_bn_gamma_ranks_by_the_batchnorm_follower(tmp_path: Path, rank_cnn: Path,
+                                                  rank_weights: dict) -> None:
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - name: conv_a   # BN reached through nothing: conv_a -> bn_a
+                rules: [{{smallest: {{by: bn_gamma, count: 3}}}}]
+              - name: conv_b
+                rules: [{{bn_gamma: {{below: 0.1}}}}]
+        """)
+    gamma_a = np.abs(rank_weights["bn_a"]["gamma"].astype(np.float64))
+    gamma_b = np.abs(rank_weights["bn_b"]["gamma"].astype(np.float64))
+    assert zeroed_by_layer(log) == {
+        "conv_a": smallest(gamma_a, 3),
+        "conv_b": [int(f) for f in np.flatnonzero(gamma_b < 0.1)],
+    }
+
+
+def test_bn_gamma_without_a_follower_fails_naming_the_layer(tmp_path: Path,
+                                                            rank_cnn: Path) -> None:
+    result, _ = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers: [{{name: conv_c, rules: [{{smallest: {{by: bn_gamma, count: 1}}}}]}}]
+        """, code=1)
+    assert result.stderr == (
+        "error: model 'rank', layer 'conv_c': models[0].layers[0].rules[0]: bn_gamma needs the "
+        "layer's one BatchNormalization follower, but it has no BatchNormalization follower; "
+        "rank this layer by a kernel statistic (l1, l2, ...)\n")
+
+
+# --- one ranking across the entry ----------------------------------------------------------------
+
+def global_expected(weights: dict, names: tuple[str, ...], k: int, normalize: str,
+                    caps: dict[str, int], already: dict[str, set[int]] | None = None
+                    ) -> dict[str, list[int]]:
+    """The contract's global ranking, written out plainly: scores normalised per layer, one
+    list sorted by (score, filter index, layer position); a filter another rule already took
+    costs nothing, any other is skipped when its layer is at its cap."""
+    already = already or {}
+    cands = []
+    for pos, name in enumerate(names):
+        s = l1(weights[name]["kernel"])
+        scale = {"mean": np.mean(np.abs(s)), "max": np.max(np.abs(s)), "none": 1.0}[normalize]
+        cands += [(s[f] / scale, f, pos, name) for f in range(len(s))]
+    taken: dict[str, set[int]] = {n: set() for n in names}
+    count = 0
+    for _score, f, _pos, name in sorted(cands):
+        if count == k:
+            break
+        have = already.get(name, set())
+        if f not in have and len(have | taken[name]) >= caps[name]:
+            continue
+        taken[name].add(f)
+        count += 1
+    return {n: sorted(v | already.get(n, set())) for n, v in taken.items()
+            if v | already.get(n, set())}
+
+
+@pytest.mark.parametrize("normalize", ["mean", "max", "none"])
+def test_global_ranking_with_each_normalisation(tmp_path: Path, rank_cnn: Path,
+                                                rank_weights: dict, normalize: str) -> None:
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - match: "conv_*"
+                rules: [{{smallest: {{by: l1, fraction: 0.3, across: entry,
+                                      normalize: {normalize}}}}}]
+        """)
+    caps = {"conv_a": 5, "conv_b": 6, "conv_c": 4}  # floor(0.5 * n)
+    want = global_expected(rank_weights, CONVS, math.floor(0.3 * 30), normalize, caps)
+    assert zeroed_by_layer(log) == want
+    assert sum(map(len, want.values())) == math.floor(0.3 * 30)
+
+
+def test_global_ranking_skips_past_a_cap_that_binds(tmp_path: Path, rank_cnn: Path,
+                                                    rank_weights: dict) -> None:
+    # normalize: none on raw l1: conv_c's 1x1 kernels (12 weights) have far smaller l1 than the
+    # 3x3 ones, so an uncapped ranking would take all of conv_c first; the cap (0.25 * 8 = 2) binds
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - match: "conv_*"
+                max_fraction: 0.25
+                rules: [{{smallest: {{by: l1, count: 6, across: entry, normalize: none}}}}]
+        """)
+    caps = {"conv_a": 2, "conv_b": 3, "conv_c": 2}
+    want = global_expected(rank_weights, CONVS, 6, "none", caps)
+    assert zeroed_by_layer(log) == want
+    assert len(want["conv_c"]) == 2
+    rankings = {layer["layer"]: layer["rankings"][0] for layer in log["models"][0]["layers"]}
+    assert rankings["conv_c"]["cap_bound"] is True and rankings["conv_c"]["cap"] == 2
+    assert {k: r["taken"] for k, r in rankings.items()} == \
+        {k: len(want.get(k, [])) for k in CONVS}
+    assert all(r["requested"] == 6 for r in rankings.values())
+
+
+def test_global_cap_counts_what_other_rules_took(tmp_path: Path, rank_cnn: Path,
+                                                 rank_weights: dict) -> None:
+    # conv_c may lose 4 of 8; an index rule takes 3 of them first, so the ranking may add only
+    # one filter there that the index rule did not take
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - name: conv_c
+                rules: [{{index: [5, 6, 7]}}]
+              - match: "conv_*"
+                rules: [{{smallest: {{by: l1, count: 8, across: entry, normalize: none}}}}]
+        """)
+    caps = {"conv_a": 5, "conv_b": 6, "conv_c": 4}
+    want = global_expected(rank_weights, CONVS, 8, "none", caps, already={"conv_c": {5, 6, 7}})
+    got = zeroed_by_layer(log)
+    assert got == want
+    assert len(got["conv_c"]) == 4  # the cap bound: 3 by index, 1 more by the ranking
+    s = l1(rank_weights["conv_c"]["kernel"])
+    first_new = next(f for f in sorted(range(8), key=lambda f: (s[f], f)) if f not in (5, 6, 7))
+    assert got["conv_c"] == sorted({5, 6, 7, first_new})
+
+
+def test_global_count_beyond_the_entry_fails(tmp_path: Path, rank_cnn: Path) -> None:
+    result, _ = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - match: "conv_*"
+                rules: [{{smallest: {{by: l1, count: 31, across: entry}}}}]
+        """, code=1)
+    assert result.stderr == (
+        "error: model 'rank': models[0].layers[0].rules[0]: count 31 is more than the entry "
+        "(3 layer(s)) has: 30 filters; use a count of at most 30, or a fraction\n")
+
+
+# --- coupled groups (action: remove) -------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def residual(keras: Any, models_dir: Path) -> Path:
+    """stem -> (bn1, relu) -> c2 -> bn2 -+- add -> relu -> c3 -> bn3 -+- add2 -> gap -> dense
+                              stem -> bns ---+            merged ------+
+    stem, c2 and c3 form one coupled group of 6 channels; `lone` is outside it."""
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    stem = L.Conv2D(6, 1, name="stem")(i)
+    x = L.ReLU()(L.BatchNormalization(name="bn1")(stem))
+    x = L.BatchNormalization(name="bn2")(L.Conv2D(6, 3, padding="same", name="c2")(x))
+    y = L.ReLU(name="merged")(L.Add(name="add")([x, L.BatchNormalization(name="bns")(stem)]))
+    z = L.BatchNormalization(name="bn3")(L.Conv2D(6, 1, name="c3")(y))
+    y2 = L.Add(name="add2")([z, y])
+    w = L.ReLU()(L.BatchNormalization(name="bnl")(L.Conv2D(8, 1, name="lone")(y2)))
+    model = keras.Model(i, L.Dense(2, name="out")(L.GlobalAveragePooling2D()(w)))
+    _seeded_weights(model, 8)
+    path = models_dir / "res.keras"
+    model.save(path)
+    return path
+
+
+def test_ranking_in_a_coupled_group_scores_the_group(keras: Any, tmp_path: Path,
+                                                     residual: Path) -> None:
+    # both listed members rank by the group's summed l1, so coupled: error sees no conflict
+    _, log = run(tmp_path, f"""\
+        version: 1
+        defaults: {{action: remove}}
+        models:
+          - path: {residual}
+            layers:
+              - {{name: c2, rules: [{{smallest: {{by: l1, count: 2}}}}]}}
+              - {{name: c3, rules: [{{smallest: {{by: l1, count: 2}}}}]}}
+        """)
+    w = layer_weights(keras, residual)
+    group = l1(w["stem"]["kernel"]) + l1(w["c2"]["kernel"]) + l1(w["c3"]["kernel"])
+    want = smallest(group, 2)
+    assert zeroed_by_layer(log, "removed") == {"c2": want, "c3": want, "stem": want}
+    out = keras.saving.load_model(tmp_path / "pruned" / "res.keras")
+    kept = [f for f in range(6) if f not in want]
+    np.testing.assert_array_equal(out.get_layer("c3").kernel.numpy(),
+                                  w["c3"]["kernel"][:, :, kept][..., kept])
+
+
+def test_guard_holds_after_coupling(tmp_path: Path, residual: Path) -> None:
+    # each entry alone selects <= half, but the union makes c2, c3 and stem lose 4 of 6
+    result, log = run(tmp_path, f"""\
+        version: 1
+        defaults: {{action: remove, coupled: union}}
+        models:
+          - path: {residual}
+            layers:
+              - {{name: c2, rules: [{{index: [0, 1, 2]}}]}}
+              - {{name: c3, rules: [{{index: [3]}}]}}
+        """, code=1)
+    assert result.stderr == (
+        "error: model 'res', layer 'c2': the rules would zero 4 of 6 filters (66.7%), more than "
+        "max_fraction 0.5 allows (3); selected by models[0].layers[0].rules[0] (3); coupled "
+        "with stem, c3; tighten the rules or raise max_fraction for this entry\n")
+    assert log["models"][0]["status"] == "failed"
+    assert not (tmp_path / "pruned" / "res.keras").exists()
+
+
+def test_unlisted_member_takes_its_own_groups_options(tmp_path: Path, residual: Path) -> None:
+    # `lone` (batchnorm: keep) is listed first; the group's unlisted stem must take the options
+    # of the group's own listed members (batchnorm: neutralize), not those of the first entry
+    result = kprune("plan", write_spec(tmp_path, f"""\
+        version: 1
+        defaults: {{action: remove, coupled: union}}
+        models:
+          - path: {residual}
+            layers:
+              - {{name: lone, batchnorm: keep, max_fraction: 0.9, rules: [{{index: [0]}}]}}
+              - {{name: c2, rules: [{{index: [1]}}]}}
+              - {{name: c3, max_fraction: 0.4, rules: [{{index: [1]}}]}}
+        """), "--format", "json").expect(0)
+    layers = {layer["layer"]: layer for layer in json.loads(result.stdout)["models"][0]["layers"]}
+    assert layers["stem"]["entries"] == []
+    assert layers["stem"]["options"]["batchnorm"] == "neutralize"
+    assert layers["stem"]["max_fraction"] == 0.4  # the smallest of its group's listed members
+    assert layers["lone"]["options"]["batchnorm"] == "keep"
+
+
+def test_group_members_whose_options_differ_are_an_error(tmp_path: Path, residual: Path) -> None:
+    result = kprune("plan", write_spec(tmp_path, f"""\
+        version: 1
+        defaults: {{action: remove}}
+        models:
+          - path: {residual}
+            layers:
+              - {{name: c2, rules: [{{index: [1]}}]}}
+              - {{name: c3, bias: keep, rules: [{{index: [1]}}]}}
+        """)).expect(1)
+    assert result.stderr == (
+        "error: model 'res', layer 'c2': models[0].layers[1] sets bias: keep, but "
+        "models[0].layers[0] sets bias: zero in the coupled group c2, stem, c3; give them the "
+        "same value\n")
+
+
+def test_coupled_error_names_listed_and_unlisted_members(tmp_path: Path, residual: Path) -> None:
+    result = kprune("plan", write_spec(tmp_path, f"""\
+        version: 1
+        defaults: {{action: remove}}
+        models:
+          - path: {residual}
+            layers:
+              - {{name: c2, rules: [{{index: [1]}}]}}
+              - {{name: c3, rules: [{{index: [2]}}]}}
+        """)).expect(1)
+    assert result.stderr == (
+        "error: model 'res', layer 'c2': the layers c2, stem, c3 meet in an Add-type merge and "
+        "must lose the same filters, but their rules select different ones: c2 "
+        "(models[0].layers[0]) selects 1; c3 (models[0].layers[1]) selects 2 (stem came with "
+        "the group); set coupled: union or coupled: intersection on the entries\n")
+
+
+# --- plan and purity -----------------------------------------------------------------------------
+
+NO_TF = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "keras", "jax", "torch"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_plan_shows_rank_and_cutoff_without_tensorflow(tmp_path: Path, rank_cnn: Path,
+                                                       rank_weights: dict) -> None:
+    spec = write_spec(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers: [{{name: conv_b, rules: [{{smallest: {{by: l1, count: 2}}}}]}}]
+        """)
+    code = NO_TF + "from kprune_batch.cli import main\nsys.argv = ['kprune', 'plan', sys.argv[1]]\nmain()\n"
+    proc = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = l1(rank_weights["conv_b"]["kernel"])
+    a, b = sorted(range(12), key=lambda f: (s[f], f))[:2]
+    lines = proc.stdout.splitlines()
+    assert f"    models[0].layers[0].rules[0]: {','.join(map(str, sorted([a, b])))}" in lines
+    assert f"      smallest by l1 (per layer): took 2 of 2, cutoff {s[b]:.6g}" in lines
+    assert f"      ranked: #1 filter {a} ({s[a]:.6g}), #2 filter {b} ({s[b]:.6g})" in lines
+
+
+def test_selection_stage_runs_without_tensorflow(tmp_path: Path, rank_cnn: Path,
+                                                 rank_weights: dict) -> None:
+    spec = write_spec(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers: [{{match: "conv_*", rules: [{{smallest: {{by: l1, fraction: 0.25,
+                                                              across: entry}}}}]}}]
+        """)
+    code = NO_TF + """
+import json
+from kprune_batch.backends.direct import DirectModelWeights
+from kprune_batch.plan import compile_plan
+from kprune_batch.selection import select_model
+from kprune_batch.spec import read_spec
+job = compile_plan(read_spec(sys.argv[1])).jobs[0]
+weights = DirectModelWeights(job.input, job.name)
+print(json.dumps(select_model(job, weights).to_json()))
+assert not any(m.split(".")[0] in ("tensorflow", "keras") for m in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = {layer["layer"]: layer["selected"] for layer in json.loads(proc.stdout)}
+    caps = {"conv_a": 5, "conv_b": 6, "conv_c": 4}
+    want = global_expected(rank_weights, CONVS, math.floor(0.25 * 30), "mean", caps)
+    assert {k: v for k, v in got.items() if v} == want
