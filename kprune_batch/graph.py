@@ -2,14 +2,35 @@
 
 Built from the config alone (Keras's `model.get_config()`, `config.json` in a .keras file, the
 `model_config` attribute of a .h5 file), so it needs neither TensorFlow nor Keras.
+
+A config read from a file may be crafted, so everything the graph (and the direct backend after
+it) relies on is checked here and a malformed config raises ConfigError, one line naming the
+layer; nothing recurses on the file's nesting (a 5,000-deep list must not be a RecursionError).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
+                                   ZERO_PRESERVING_CLASSES, family_of)
+
 MODEL_CLASSES = ("Functional", "Sequential", "Model")
 OUTPUT = "<output>"  # consumer marker: the tensor leaves the top-level model
+MAX_MODEL_NESTING = 64  # models inside models; real ones nest 2 or 3 deep
+
+
+class ConfigError(ValueError):
+    """A model config that no Keras could have written (a crafted or damaged file).
+
+    A ValueError, so the direct backend treats it as "cannot prove this file" (the auto backend
+    then lets Keras decide); the Keras backend builds its graph from Keras's own config.
+    """
+
+    def __init__(self, what: str, layer: str | None = None):
+        where = f"layer '{layer}': " if layer else ""
+        super().__init__(f"the model config is malformed: {where}{what}")
 
 
 @dataclass
@@ -34,30 +55,105 @@ class LayerGraph:
         return list(self.layers)
 
 
-def _is_model(layer: dict[str, Any]) -> bool:
+def _is_model(layer: Any) -> bool:
+    if not isinstance(layer, dict):
+        return False
     cfg = layer.get("config")
     return layer.get("class_name") in MODEL_CLASSES and isinstance(cfg, dict) and "layers" in cfg
 
 
-def _histories(obj: Any) -> Iterator[tuple[str, int]]:
-    """(layer name, tensor index) of every tensor an inbound node consumes, Keras 3 or 2 style."""
-    if isinstance(obj, dict):
-        cfg = obj.get("config")
-        if obj.get("class_name") == "__keras_tensor__" and isinstance(cfg, dict):
-            hist = cfg.get("keras_history")
-            if isinstance(hist, (list, tuple)) and hist:
-                yield str(hist[0]), int(hist[2]) if len(hist) > 2 else 0
-            return
-        for value in obj.values():
-            yield from _histories(value)
-    elif isinstance(obj, (list, tuple)):
-        # Keras 2: [layer_name, node_index, tensor_index, kwargs]
-        if len(obj) >= 3 and isinstance(obj[0], str) and isinstance(obj[1], int) \
-                and isinstance(obj[2], int):
-            yield obj[0], obj[2]
-            return
-        for value in obj:
-            yield from _histories(value)
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _walk(obj: Any) -> Iterator[Any]:
+    """Every dict and list inside `obj`, depth first in document order, without recursion."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, (list, tuple)):
+            yield item
+            stack.extend(reversed(item))
+
+
+def _histories(obj: Any, layer: str | None = None) -> Iterator[tuple[str, int]]:
+    """(layer name, tensor index) of every tensor an inbound node consumes, Keras 3 or 2 style.
+
+    A history whose fields are not a name and indices raises ConfigError (Keras writes
+    keras_history as [layer name, node index, tensor index]: keras/src/ops/node.py)."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            cfg = item.get("config")
+            if item.get("class_name") == "__keras_tensor__" and isinstance(cfg, dict):
+                hist = cfg.get("keras_history")
+                if isinstance(hist, (list, tuple)) and hist:
+                    if not isinstance(hist[0], str) or not all(_is_index(h) for h in hist[1:3]):
+                        raise ConfigError(f"keras_history {_short(hist)} is not [layer name, "
+                                          f"node index, tensor index]", layer)
+                    yield hist[0], hist[2] if len(hist) > 2 else 0
+                continue
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, (list, tuple)):
+            # Keras 2: [layer_name, node_index, tensor_index, kwargs]
+            if len(item) >= 3 and isinstance(item[0], str) and _is_index(item[1]) \
+                    and _is_index(item[2]):
+                yield item[0], item[2]
+                continue
+            stack.extend(reversed(item))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _positive_int(value: Any) -> bool:
+    # below 2^31: a dimension TensorFlow can hold (a larger one cannot be a saved layer's)
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2 ** 31
+
+
+def _check_layer(layer: dict[str, Any], path: str) -> None:
+    """The config fields kprune reads of a convolution or BatchNormalization layer: what Keras's
+    own constructors insist on (keras/src/layers/convolutional/base_conv.py: filters and groups
+    positive integers, filters divisible by groups), so a crafted value fails here, named."""
+    cls, cfg = layer["class_name"], layer["config"]
+    build = layer.get("build_config")
+    if build is not None and not isinstance(build, dict):
+        raise ConfigError(f"build_config is {_short(build)}, not a mapping", path)
+    family = family_of(cls)
+    if family is None and cls not in BATCHNORM_CLASSES:
+        return
+    shape = (build or {}).get("input_shape")
+    if shape is not None and not (isinstance(shape, (list, tuple)) and all(
+            d is None or _is_index(d) for d in shape)):
+        raise ConfigError(f"build_config.input_shape is {_short(shape)}, not a list of sizes",
+                          path)
+    if family is None:
+        return
+    size = cfg.get("kernel_size")
+    if not (_positive_int(size) or isinstance(size, (list, tuple)) and size
+            and all(_positive_int(k) for k in size)):
+        raise ConfigError(f"kernel_size is {_short(size)}, not positive integers below 2^31",
+                          path)
+    keys = ("depth_multiplier",) if family.name in ("depthwise", "separable") else ()
+    if family.name != "depthwise":
+        keys += ("filters",)
+    if family.name == "conv":
+        keys += ("groups",)
+    for key in keys:
+        value = cfg.get(key, None if key == "filters" else 1)
+        if not _positive_int(value):
+            shown = f"{value} (a JSON number too large for a float)" \
+                if isinstance(value, float) and math.isinf(value) else _short(value)
+            raise ConfigError(f"{key} is {shown}, not a positive integer below 2^31", path)
+    if family.name == "conv" and cfg["filters"] % cfg.get("groups", 1):
+        raise ConfigError(f"filters ({cfg['filters']}) is not divisible by groups "
+                          f"({cfg.get('groups', 1)})", path)
 
 
 class _Builder:
@@ -71,27 +167,50 @@ class _Builder:
 
     def model(self, model: dict[str, Any], prefix: str) -> tuple[list[str], list[str]]:
         """Add a (nested) model; return (entry paths per input, exit paths per output)."""
+        if prefix.count("/") > MAX_MODEL_NESTING:
+            raise ConfigError(f"models are nested more than {MAX_MODEL_NESTING} deep")
         cfg = model["config"]
+        if not isinstance(cfg.get("layers"), (list, tuple)):
+            raise ConfigError(f"its layer list is {_short(cfg.get('layers'))}, not a list",
+                              prefix.rstrip("/") or None)
         if model.get("class_name") == "Sequential":
             return self._sequential(cfg, prefix)
         return self._functional(cfg, prefix)
 
-    def _add(self, layer: dict[str, Any], prefix: str, calls: int) -> tuple[list[str], list[str]]:
-        name = layer.get("name") or layer["config"]["name"]
+    def _name(self, layer: Any, prefix: str, index: int) -> str:
+        where = f"layer #{index} of " + (f"'{prefix.rstrip('/')}'" if prefix else "the model")
+        if not isinstance(layer, dict):
+            raise ConfigError(f"{where} is {_short(layer)}, not a layer mapping")
+        cfg = layer.get("config")
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{where}: its config is {_short(cfg)}, not a mapping")
+        name = layer.get("name") or cfg.get("name")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"{where}: its name is {_short(name)}, not a layer name")
+        if not isinstance(layer.get("class_name"), str):
+            raise ConfigError(f"class_name is {_short(layer.get('class_name'))}",
+                              prefix + name)
+        if prefix + name in self.layers:
+            raise ConfigError("two layers have this name (Keras requires unique names)",
+                              prefix + name)
+        return name
+
+    def _add(self, layer: dict[str, Any], name: str, prefix: str,
+             calls: int) -> tuple[list[str], list[str]]:
         path = prefix + name
         if _is_model(layer):
             self.layers[path] = GraphLayer(path, layer["class_name"], layer["config"], calls)
             return self.model(layer, path + "/")
-        build = layer.get("build_config")
-        self.layers[path] = GraphLayer(path, layer["class_name"], layer.get("config", {}), calls,
-                                       build_config=build if isinstance(build, dict) else {})
+        _check_layer(layer, path)
+        self.layers[path] = GraphLayer(path, layer["class_name"], layer["config"], calls,
+                                       build_config=layer.get("build_config") or {})
         return [path], [path]
 
     def _sequential(self, cfg: dict[str, Any], prefix: str) -> tuple[list[str], list[str]]:
         entries: list[str] = []
         previous: list[str] = []
-        for layer in cfg["layers"]:
-            ins, outs = self._add(layer, prefix, 1)
+        for index, layer in enumerate(cfg["layers"]):
+            ins, outs = self._add(layer, self._name(layer, prefix, index), prefix, 1)
             for src in previous:
                 for dst in ins:
                     self.edge(src, dst)
@@ -103,37 +222,72 @@ class _Builder:
 
     def _functional(self, cfg: dict[str, Any], prefix: str) -> tuple[list[str], list[str]]:
         ports: dict[str, tuple[list[str], list[str]]] = {}
-        for layer in cfg["layers"]:
-            name = layer.get("name") or layer["config"]["name"]
-            ports[name] = self._add(layer, prefix, max(1, len(layer.get("inbound_nodes") or [])))
-        for layer in cfg["layers"]:
-            name = layer.get("name") or layer["config"]["name"]
-            for src_name, tensor in _histories(layer.get("inbound_nodes") or []):
+        names = []
+        for index, layer in enumerate(cfg["layers"]):
+            name = self._name(layer, prefix, index)
+            nodes = layer.get("inbound_nodes") or []
+            if not isinstance(nodes, (list, tuple)):
+                raise ConfigError(f"inbound_nodes is {_short(nodes)}, not a list", prefix + name)
+            ports[name] = self._add(layer, name, prefix, max(1, len(nodes)))
+            names.append(name)
+        for layer, name in zip(cfg["layers"], names):
+            for src_name, tensor in _histories(layer.get("inbound_nodes") or [], prefix + name):
+                if src_name not in ports:
+                    raise ConfigError(f"it consumes a tensor of layer '{src_name}', which is not "
+                                      f"in the model", prefix + name)
                 exits = ports[src_name][1]
+                # a nested model has exactly its exits; other layers one output unless their
+                # class may have several (a tensor index is then not checkable from the config)
+                counted = prefix + src_name not in exits or _single_output(
+                    self.layers[prefix + src_name].class_name)
+                if tensor >= len(exits) and counted:
+                    raise ConfigError(f"it consumes output {tensor} of layer '{src_name}', which "
+                                      f"has {len(exits)}", prefix + name)
                 sources = [exits[tensor]] if tensor < len(exits) and len(exits) > 1 else exits
                 for src in sources:
                     for dst in ports[name][0]:
                         self.edge(src, dst)
                         self.layers[dst].sources.append(src)
-        entries = [p for item in _names(cfg.get("input_layers")) for p in ports[item][0]]
-        exits = [p for item in _names(cfg.get("output_layers")) for p in ports[item][1]]
-        return entries, exits
+
+        def ends(key: str, which: int) -> list[str]:
+            out = []
+            for item in _names(cfg.get(key)):
+                if item not in ports:
+                    raise ConfigError(f"{key} names layer '{item}', which is not in the model",
+                                      prefix.rstrip("/") or None)
+                out += ports[item][which]
+            return out
+
+        return ends("input_layers", 0), ends("output_layers", 1)
+
+
+# Built-in classes of CNNs that always return one tensor (an RNN with return_state or an attention
+# layer returning its scores may return several, so a tensor index is checked only for these).
+_SINGLE_OUTPUT = frozenset(BATCHNORM_CLASSES + ACTIVATION_LAYER_CLASSES + ZERO_PRESERVING_CLASSES + (
+    "Dense", "Flatten", "Reshape", "Permute", "Softmax", "Rescaling", "Normalization",
+    "LayerNormalization", "Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum",
+    "Concatenate", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
+    "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D"))
+
+
+def _single_output(class_name: str) -> bool:
+    """Layers with exactly one output tensor (a tensor index above 0 cannot name one of them)."""
+    return family_of(class_name) is not None or class_name in _SINGLE_OUTPUT
 
 
 def _names(spec: Any) -> list[str]:
-    """Layer names in an input_layers/output_layers entry ([name, node, tensor] or a list of them)."""
-    if isinstance(spec, (list, tuple)) and len(spec) >= 1 and isinstance(spec[0], str):
-        return [spec[0]]
-    if isinstance(spec, (list, tuple)):
-        return [name for item in spec for name in _names(item)]
-    return []
+    """Layer names in an input_layers/output_layers entry ([name, node, tensor] or a list of them),
+    in document order."""
+    return [item[0] for item in _walk(spec)
+            if isinstance(item, (list, tuple)) and item and isinstance(item[0], str)]
 
 
 def build_graph(model_config: dict[str, Any]) -> LayerGraph:
-    """The graph of a serialized model ({'class_name': ..., 'config': {...}})."""
+    """The graph of a serialized model ({'class_name': ..., 'config': {...}}); ConfigError if the
+    config is not one Keras could have written."""
     builder = _Builder()
     if not _is_model(model_config):
-        raise ValueError("not a Functional or Sequential model config")
+        raise ConfigError("not a Functional or Sequential model config")
     _, exits = builder.model(model_config, "")
     for path in exits:
         builder.layers[path].consumers.append(OUTPUT)
