@@ -8,30 +8,43 @@ from typing import Callable
 import click
 
 from kprune_batch import __version__
-from kprune_batch.commands import EXIT_FAILED, Result
-from kprune_batch.errors import KpruneError
+from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
+from kprune_batch.errors import KpruneError, SpecError, printable
 from kprune_batch.quiet import set_debug
+
+
+def _echo(line: str, err: bool = False) -> None:
+    # Every element of a Result is one line by contract; a name or path with a newline or an
+    # ANSI escape in it must not print a second line that reads like another error
+    click.echo(printable(line), err=err)
 
 
 def _finish(ctx: click.Context, call: Callable[[], Result]) -> None:
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         result = call()
+    except SpecError as exc:
+        if debug:
+            traceback.print_exc()
+        for line in exc.lines():
+            _echo(line, err=True)
+        ctx.exit(EXIT_INVALID)
     except KpruneError as exc:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {exc.render()}", err=True)
+        _echo(f"error: {exc.render()}", err=True)
         ctx.exit(EXIT_FAILED)
     except Exception as exc:  # a bug: one line, and the traceback only with --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"error: internal error: {type(exc).__name__}: {exc} "
-                   f"(run with --debug for the traceback)", err=True)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        _echo(f"error: internal error: {type(exc).__name__}: {first} "
+              f"(run with --debug for the traceback)", err=True)
         ctx.exit(EXIT_FAILED)
     for line in result.out:
-        click.echo(line)
+        _echo(line)
     for line in result.err:
-        click.echo(line, err=True)
+        _echo(line, err=True)
     ctx.exit(result.return_code)
 
 

@@ -1,14 +1,34 @@
 """The exception hierarchy: library code raises these with structured fields; only the CLI renders text."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# What could end a line or rewrite one on a terminal or in a log viewer: C0 and C1 controls
+# (newline, carriage return, ANSI escapes), DEL, the line and paragraph separators (str.splitlines
+# splits on them too) and the bidirectional overrides ("Trojan source").
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+MAX_SHOWN_PROBLEMS = 30  # per spec file; the rest are counted in one more line
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """`text` as one line that says what it holds: every control character as an escape
+    (a newline as \\n, ESC as \\x1b), so a name with a newline cannot forge a second line."""
+    return _UNPRINTABLE.sub(_escape, text) if _UNPRINTABLE.search(text) else text
 
 
 class KpruneError(Exception):
     """Base class of every error kprune reports to a user (never a bug)."""
 
     def render(self) -> str:
-        return str(self)
+        return printable(str(self))
 
 
 @dataclass(frozen=True, order=True)
@@ -24,8 +44,8 @@ class SpecProblem:
     def render(self) -> str:
         where = f"{self.path}: " if self.path else ""
         if self.line <= 0:  # the file itself (unreadable): no position to give
-            return f"{self.file}: {where}{self.message}"
-        return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
+            return printable(f"{self.file}: {where}{self.message}")
+        return printable(f"{self.file}:{self.line}:{self.col}: {where}{self.message}")
 
 
 class SpecError(KpruneError):
@@ -34,10 +54,20 @@ class SpecError(KpruneError):
     def __init__(self, file: str, problems: list[SpecProblem]):
         self.file = file
         self.problems = sorted(problems)
-        super().__init__("\n".join(p.render() for p in self.problems))
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self, limit: int = MAX_SHOWN_PROBLEMS) -> list[str]:
+        """One line per problem, the first `limit` of them, then one line counting the rest
+        (a 10^6-entry list of wrong values is a screenful, not 10^6 lines)."""
+        shown = [p.render() for p in self.problems[:limit]]
+        rest = len(self.problems) - limit
+        if rest > 0:
+            shown.append(printable(f"... and {rest} more problem{'s' if rest > 1 else ''} in "
+                                   f"{self.file}"))
+        return shown
 
     def render(self) -> str:
-        return "\n".join(p.render() for p in self.problems)
+        return "\n".join(self.lines())
 
 
 class ModelError(KpruneError):
@@ -72,7 +102,7 @@ class ModelError(KpruneError):
             text = f"{self.file}: {text}"
         if self.hint:
             text = f"{text}; {self.hint}"
-        return text
+        return printable(text)
 
 
 class AuditLogError(KpruneError):

@@ -1,13 +1,15 @@
 """Spec files: safe YAML loading with positions, schema and semantic validation, the typed `Spec`."""
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import hashlib
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -58,7 +60,8 @@ class Positions:
 
     values: dict[tuple, tuple[int, int]] = field(default_factory=dict)
     keys: dict[tuple, tuple[int, int]] = field(default_factory=dict)
-    count: int = 0  # values converted so far
+    seen: set[int] = field(default_factory=set)  # id() of every node converted
+    expanded: int = 0  # values converted again, through an alias
 
     def of(self, path: Iterable[Any], key: bool = False) -> tuple[int, int]:
         path = tuple(path)
@@ -85,11 +88,12 @@ def load_yaml(text: str, file: str) -> tuple[Any, Positions, list[SpecProblem]]:
     Duplicate keys, which PyYAML would silently collapse, are errors.
     """
     try:
-        loader = yaml.SafeLoader(text)  # the reader rejects control characters right here
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()
+        with _gc_paused():
+            root, loader = _compose(text)
+    except _TooDeep as exc:
+        line, col = _mark(exc.node)
+        raise SpecError(file, [SpecProblem(line, col, "", f"YAML nesting is deeper than "
+                                                          f"{MAX_DEPTH} levels", file)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -109,8 +113,135 @@ def load_yaml(text: str, file: str) -> tuple[Any, Positions, list[SpecProblem]]:
         raise SpecError(file, [SpecProblem(1, 1, "", "the spec file is empty", file)])
     problems: list[SpecProblem] = []
     positions = Positions()
-    data = _convert(root, (), loader, positions, problems, file, ())
+    with _gc_paused():
+        data = _convert(root, (), loader, positions, problems, file, ())
+    positions.seen.clear()  # only the conversion needs it (a large spec: ~10^5 ids)
     return data, positions, problems
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Building a large tree of new objects triggers the cyclic collector again and again, each
+    pass over every object made so far (a 20,000-model spec: 3.7 s of 4.5 s); nothing here
+    needs it, so it waits until the tree is built."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+_CLoader = getattr(yaml, "CSafeLoader", None)  # libyaml's parser: ~13x PyYAML's on a large spec
+
+
+class _TooDeep(Exception):
+    def __init__(self, node: yaml.Node):
+        self.node = node
+
+
+def _compose(text: str) -> tuple[yaml.Node | None, Any]:
+    """(root node, the loader that made it) of the single document in `text`.
+
+    Events come from libyaml where it is installed (a 20,000-model spec: ~1 s instead of ~15 s
+    of pure-Python parsing); an error is worded by PyYAML's own parser, which reads the text
+    again (errors are rare and this keeps every message as PyYAML words it), as is text with
+    characters PyYAML's reader refuses. Nodes are composed without recursion (PyYAML's composer
+    recurses per level: a few hundred nested brackets were a RecursionError) and no deeper than
+    MAX_DEPTH.
+    """
+    if _CLoader is not None and not yaml.reader.Reader.NON_PRINTABLE.search(text):
+        loader = _CLoader(text)
+        try:
+            return _compose_events(loader), loader
+        except yaml.YAMLError:
+            pass  # read again below, for PyYAML's wording of the error
+        finally:
+            loader.dispose()
+    loader = yaml.SafeLoader(text)  # the reader rejects control characters right here
+    try:
+        return _compose_events(loader), loader
+    finally:
+        loader.dispose()
+
+
+def _compose_events(loader: Any) -> yaml.Node | None:
+    """What yaml.composer.Composer.get_single_node builds (same nodes, tags, anchors and
+    errors), with an explicit stack instead of recursion."""
+    get = loader.get_event
+    get()  # StreamStart
+    if loader.check_event(yaml.StreamEndEvent):
+        get()
+        return None
+    get()  # DocumentStart
+    anchors: dict[str, yaml.Node] = {}
+    stack: list[Any] = []  # the open collections
+    keys: list[Any] = []  # per open collection: a mapping's key waiting for its value
+    root: yaml.Node | None = None
+    resolved: dict[tuple[str, Any], str] = {}
+    scalar_event, alias_event = yaml.ScalarEvent, yaml.AliasEvent
+    ends = (yaml.SequenceEndEvent, yaml.MappingEndEvent)
+    kinds = {yaml.SequenceStartEvent: yaml.SequenceNode, yaml.MappingStartEvent: yaml.MappingNode}
+    ScalarNode, SequenceNode = yaml.ScalarNode, yaml.SequenceNode
+    while root is None or stack:
+        event = get()
+        cls = event.__class__
+        if cls in ends:
+            stack.pop().end_mark = event.end_mark
+            keys.pop()
+            continue
+        if cls is alias_event:
+            if event.anchor not in anchors:
+                raise yaml.composer.ComposerError(None, None, f"found undefined alias "
+                                                  f"{event.anchor!r}", event.start_mark)
+            node = anchors[event.anchor]
+        else:
+            anchor = event.anchor
+            if anchor is not None and anchor in anchors:
+                raise yaml.composer.ComposerError(
+                    f"found duplicate anchor {anchor!r}; first occurrence",
+                    anchors[anchor].start_mark, "second occurrence", event.start_mark)
+            tag = event.tag
+            if cls is scalar_event:
+                if tag is None or tag == "!":  # the same keys recur in every model: resolve once
+                    key = (event.value, event.implicit)
+                    tag = resolved.get(key)
+                    if tag is None:
+                        tag = resolved[key] = loader.resolve(ScalarNode, event.value,
+                                                             event.implicit)
+                node = ScalarNode(tag, event.value, event.start_mark, event.end_mark,
+                                  style=event.style)
+            else:
+                kind = kinds[cls]
+                if tag is None or tag == "!":
+                    tag = loader.resolve(kind, None, event.implicit)
+                node = kind(tag, [], event.start_mark, None, flow_style=event.flow_style)
+            if anchor is not None:
+                anchors[anchor] = node
+        # attach the node to the open collection (or make it the root)
+        if not stack:
+            root = node
+        elif stack[-1].__class__ is SequenceNode:
+            stack[-1].value.append(node)
+        elif keys[-1] is None:
+            keys[-1] = node
+        else:
+            stack[-1].value.append((keys[-1], node))
+            keys[-1] = None
+        if cls is not scalar_event and cls is not alias_event:
+            if len(stack) >= MAX_DEPTH:
+                raise _TooDeep(node)
+            stack.append(node)
+            keys.append(None)
+    get()  # DocumentEnd
+    if not loader.check_event(yaml.StreamEndEvent):
+        event = get()
+        raise yaml.composer.ComposerError("expected a single document in the stream",
+                                          root.start_mark, "but found another document",
+                                          event.start_mark)
+    get()
+    return root
 
 
 def _reader_position(text: str, exc: yaml.YAMLError) -> tuple[int, int]:
@@ -122,11 +253,14 @@ def _reader_position(text: str, exc: yaml.YAMLError) -> tuple[int, int]:
 
 
 MAX_DEPTH = 64  # far deeper than any spec; stops self-referencing aliases
-MAX_NODES = 100_000  # far larger than any spec; stops "billion laughs" alias expansion
+# Values that aliases add beyond their first occurrence (a spec's own values are not counted: a
+# 20,000-model spec is large, not a bomb); stops "billion laughs" alias expansion.
+MAX_EXPANDED = 100_000
 
 
 def _convert(node: yaml.Node, path: tuple, loader: yaml.SafeLoader, positions: Positions,
-             problems: list[SpecProblem], file: str, ancestors: tuple[int, ...]) -> Any:
+             problems: list[SpecProblem], file: str, ancestors: tuple[int, ...],
+             repeat: bool = False) -> Any:
     positions.values[path] = _mark(node)
     if id(node) in ancestors or len(ancestors) > MAX_DEPTH:
         line, col = _mark(node)
@@ -134,14 +268,19 @@ def _convert(node: yaml.Node, path: tuple, loader: yaml.SafeLoader, positions: P
                                     "YAML alias refers to itself (or nesting is too deep)", file))
         return None
     ancestors = ancestors + (id(node),)
-    positions.count += 1
-    if positions.count > MAX_NODES:
-        if positions.count == MAX_NODES + 1:
-            line, col = _mark(node)
-            problems.append(SpecProblem(line, col, json_path(path),
-                                        f"the document expands to more than {MAX_NODES} values "
-                                        f"(an alias bomb?)", file))
-        return None
+    # a node converted before is reached again through an alias (or a '<<' merge): it and
+    # everything below it are expansion
+    repeat = repeat or id(node) in positions.seen
+    positions.seen.add(id(node))
+    if repeat:
+        positions.expanded += 1
+        if positions.expanded > MAX_EXPANDED:
+            if positions.expanded == MAX_EXPANDED + 1:
+                line, col = _mark(node)
+                problems.append(SpecProblem(
+                    line, col, json_path(path), f"following its aliases, the document expands "
+                    f"to more than {MAX_EXPANDED} values (an alias bomb?)", file))
+            return None
     if node.tag not in _STANDARD_TAGS:
         line, col = _mark(node)
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
@@ -175,16 +314,21 @@ def _convert(node: yaml.Node, path: tuple, loader: yaml.SafeLoader, positions: P
             first_seen[key] = _mark(key_node)
             positions.keys[path + (key,)] = _mark(key_node)
             out[key] = _convert(value_node, path + (key,), loader, positions, problems, file,
-                                ancestors)
+                                ancestors, repeat)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(child, path + (i,), loader, positions, problems, file, ancestors)
+        return [_convert(child, path + (i,), loader, positions, problems, file, ancestors, repeat)
                 for i, child in enumerate(node.value)]
     return _scalar(node, loader, path, problems, file)
 
 
+_STR = "tag:yaml.org,2002:str"
+
+
 def _scalar(node: yaml.Node, loader: yaml.SafeLoader, path: tuple, problems: list[SpecProblem],
             file: str) -> Any:
+    if node.tag == _STR:  # what SafeConstructor.construct_yaml_str returns, without its calls
+        return node.value
     try:
         return loader.construct_object(node)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
@@ -283,9 +427,16 @@ def schema_problems(data: Any, positions: Positions, file: str) -> list[SpecProb
     schema = load_schema("spec")
     validator = jsonschema.Draft202012Validator(schema)
     problems = []
-    for error in validator.iter_errors(data):
+    for count, error in enumerate(validator.iter_errors(data)):
+        if count == MAX_SCHEMA_ERRORS:  # 10^6 wrong values: ~25 s just to list them
+            problems.append(SpecProblem(0, 0, "", f"checking stopped after {MAX_SCHEMA_ERRORS} "
+                                                  f"schema errors", file))
+            break
         problems.extend(_explain(error, positions, file))
     return sorted(set(problems))
+
+
+MAX_SCHEMA_ERRORS = 1000
 
 
 def _explain(error: Any, positions: Positions, file: str) -> list[SpecProblem]:

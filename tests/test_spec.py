@@ -227,3 +227,70 @@ def test_schemas_ship_inside_the_wheel(tmp_path: Path) -> None:
                          env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines()[0] == str(tmp_path / "unpacked" / "kprune_batch" / "schema")
+
+
+# --- large but honest specs, and many problems ---------------------------------------------------
+
+def _index_spec(values: str) -> str:
+    return ("version: 1\nmodels:\n  - path: m.keras\n    layers:\n      - name: conv2d\n"
+            f"        rules:\n          - index: [{values}]\n")
+
+
+def test_large_honest_specs_are_not_alias_bombs(tmp_path: Path) -> None:
+    """Only values that aliases add are counted against the expansion bound: 9,000 models or a
+    5,000-entry index list are large, not bombs."""
+    models = "".join(f"  - name: m{i}\n    path: m{i}.keras\n    layers:\n      - name: conv2d\n"
+                     f"        rules: [{{index: [0, 3]}}]\n" for i in range(9000))
+    many = write_spec(tmp_path, "version: 1\nmodels:\n" + models, "many.yaml")
+    long = write_spec(tmp_path, _index_spec(", ".join(map(str, range(5000)))), "long.yaml")
+    result = kprune("validate", many, long).expect(0)
+    assert result.stdout.splitlines() == [f"{many}: ok (9000 model(s), 9000 layer entries)",
+                                          f"{long}: ok (1 model(s), 1 layer entry)"]
+    assert read_spec(long).models[0].layers[0].rules[0].params == list(range(5000))
+
+
+def test_aliases_count_what_they_expand(tmp_path: Path) -> None:
+    # one anchored rule list reused by 2,000 models: 2,000 x 5 values through aliases, accepted
+    models = "".join(f"  - {{name: m{i}, path: m{i}.keras, layers: [{{name: c, rules: *r}}]}}\n"
+                     for i in range(1, 2000))
+    text = ("version: 1\nmodels:\n  - {name: m0, path: m0.keras, layers: [{name: c, rules: "
+            "&r [{index: [0, 1]}]}]}\n" + models)
+    spec = read_spec(write_spec(tmp_path, text))
+    assert [m.layers[0].rules[0].params for m in spec.models] == [[0, 1]] * 2000
+    # the same list behind a 10^6-fold alias tree is refused, once
+    lines = ["a0: &a0 [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    found = [p for p in problems(tmp_path, "\n".join(lines) + "\n") if "alias" in p]
+    # a1..a3 expand 110 + 1,110 + 11,110 values, a4 would add 111,110: it passes the bound in
+    # its 8th alias (the position is the aliased node's own, in a0)
+    assert found == ["1:16: a4[7][8][9][0][2]: following its aliases, the document expands to "
+                     "more than 100000 values (an alias bomb?)"]
+
+
+def test_many_problems_print_a_screenful_and_a_count(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, _index_spec(", ".join(["-1"] * 500)))
+    result = kprune("validate", spec).expect(2)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 31
+    col = len("          - index: [") + 1
+    assert lines[0] == f"{spec}:7:{col}: models[0].layers[0].rules[0].index[0]: -1 is less than " \
+                       f"the minimum of 0"
+    assert lines[29].startswith(f"{spec}:7:{col + 29 * 4}: models[0].layers[0].rules[0].index[29]:")
+    assert lines[30] == f"... and 470 more problems in {spec}"
+
+
+def test_schema_checking_stops_after_a_thousand_errors(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, _index_spec(", ".join(["-1"] * 1500)))
+    with pytest.raises(SpecError) as info:
+        read_spec(spec)
+    assert len(info.value.problems) == 1001
+    assert info.value.lines()[0] == f"{spec}: checking stopped after 1000 schema errors"
+    assert info.value.lines()[-1] == f"... and 971 more problems in {spec}"
+
+
+@pytest.mark.parametrize("depth", [65, 900, 100_000])
+def test_deep_yaml_nesting_is_one_problem(tmp_path: Path, depth: int) -> None:
+    # PyYAML's composer recursed per level: a few hundred brackets were a RecursionError
+    text = "version: 1\nmodels: " + "[" * depth + "]" * depth + "\n"
+    # the top-level mapping is the first level: the 64th bracket is the 65th
+    assert problems(tmp_path, text) == [f"2:{9 + 63}: YAML nesting is deeper than 64 levels"]

@@ -133,7 +133,7 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
         spec = read_spec(spec_file)
         plan = compile_plan(spec, output_dir=output_dir)
     except SpecError as exc:
-        result.err.extend(p.render() for p in exc.problems)
+        result.err.extend(exc.lines())
         result.return_code = EXIT_INVALID
         return result
     run_id = new_run_id()

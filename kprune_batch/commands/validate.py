@@ -12,7 +12,7 @@ def validate(files: list[str]) -> Result:
         try:
             spec = read_spec(file)
         except SpecError as exc:
-            result.err.extend(p.render() for p in exc.problems)
+            result.err.extend(exc.lines())
             result.return_code = EXIT_INVALID
             continue
         layers = sum(len(m.layers) for m in spec.models)
