@@ -117,7 +117,7 @@ def report(log_path: str, fmt: str = "text") -> Result:
         result.return_code = EXIT_FAILED
         return result
     if fmt == "json":
-        result.out.append(json.dumps(summary, indent=2))
+        result.out.extend(json.dumps(summary, indent=2).splitlines())  # one line per element
     elif fmt == "markdown":
         result.out.extend(_markdown(summary))
     else:
