@@ -1,6 +1,7 @@
 """`kprune verify`: passes on a clean run, fails with a clear line after each kind of tampering."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,86 @@ def test_unreadable_log(tmp_path: Path, content: str | None, message: str) -> No
     result = kprune("verify", log).expect(1)
     assert result.stderr.startswith(f"error: {log}: {message}")
     assert len(result.stderr.splitlines()) == 1
+
+
+# --- crafted logs: schema-valid, surprising values -------------------------------------------------
+
+def _crafted(log_path: Path, change: Any, name: str = "crafted.json") -> Path:
+    log = json.loads(log_path.read_text())
+    change(log)
+    out = log_path.parent / name
+    out.write_text(json.dumps(log))
+    return out
+
+
+def _first(log: dict[str, Any]) -> dict[str, Any]:
+    return log["zeroed"][0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda l: _first(l).__setitem__("layer", "ghost"),
+     "zeroed[0].layer: names layer 'ghost', which model 'small' does not list"),
+    (lambda l: _first(l).__setitem__("filter", 8),
+     "zeroed[0].filter: 8 is out of range (layer 'conv2d_1' has 8)"),
+    (lambda l: _first(l).__setitem__("filter", 10 ** 30),
+     f"zeroed[0].filter: {10 ** 30} is out of range (layer 'conv2d_1' has 8)"),
+    (lambda l: _first(l).__setitem__("layer_class", "Dense"),
+     "zeroed[0].layer_class: Dense, but the model lists layer 'conv2d_1' as Conv2D"),
+    (lambda l: _first(l).__setitem__("model", "other"),
+     "zeroed[0].model: a record for model 'other', whose status is failed"),
+    (lambda l: _first(l).__setitem__("model", "nobody"),
+     "zeroed[0].model: names model 'nobody', which the log does not list"),
+    (lambda l: l["zeroed"].append(dict(_first(l))),
+     "zeroed[2]: filter 2 of layer 'conv2d_1' is recorded twice"),
+    (lambda l: l["models"][0]["layers"][0].__setitem__("filters_total", 0),
+     "models[0].layers[0].filters_total: 0 (a layer has at least one filter)"),
+    (lambda l: l["models"][0]["layers"][0]["rules"].__setitem__("x", [99]),
+     "models[0].layers[0].rules['x']: filter 99 is out of range (the layer has 8)"),
+    (lambda l: l["models"].append(dict(l["models"][0])), "models[2].name: model 'small' is "
+                                                         "listed twice"),
+])
+def test_inconsistent_log_is_one_line(run: dict[str, Any], change: Any, message: str) -> None:
+    log = _crafted(run["log"], change)
+    for command in (["verify", log], ["report", log], ["diff", run["log"], log]):
+        result = kprune(*command).expect(1)
+        assert result.stderr == f"error: {log}: not a consistent kprune audit log: {message}\n"
+        assert result.stdout == ""
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not a JSON audit log (nested too deeply)"),
+    ('{"a": ' + "[" * 900 + "]" * 900 + "}", "not a valid kprune audit log: (root): "),
+    ('{"a": NaN}', "not a JSON audit log (NaN is not a JSON number)"),
+    ('{"a": 1e999}', "not a JSON audit log (1e999 is not a finite number)"),
+    ('{"a": ' + "9" * 5000 + "}", "not a JSON audit log (Exceeds the limit (4300 digits) for "
+                                  "integer string conversion"),
+])
+def test_hostile_json_is_one_line(tmp_path: Path, text: str, message: str) -> None:
+    log = tmp_path / "log.json"
+    log.write_text(text)
+    for command in (["verify", log], ["report", log], ["diff", log, log]):
+        result = kprune(*command).expect(1)
+        assert result.stderr.startswith(f"error: {log}: {message}"), result
+        assert len(result.stderr.splitlines()) == 1 and "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("change, problem", [
+    # consistent in itself, but not with the model files it names: a mismatch, not a crash
+    (lambda l: (l["models"][0]["layers"][0].__setitem__("layer", "ghost"),
+                [r.__setitem__("layer", "ghost") for r in l["zeroed"]]),
+     "the log names layer 'ghost', which the input does not have"),
+    (lambda l: (l["models"][0]["layers"][0].__setitem__("filters_total", 100),
+                _first(l).__setitem__("filter", 50)),
+     "the log names filter 50 of layer 'conv2d_1', which has 8 in the input"),
+    (lambda l: (l["models"][0]["layers"][0].__setitem__("layer_class", "Conv1D"),
+                [r.__setitem__("layer_class", "Conv1D") for r in l["zeroed"]]),
+     "the log says layer 'conv2d_1' is a Conv1D, the input's is a Conv2D"),
+    (lambda l: _first(l)["batchnorm"][0].__setitem__("variable", "nope"),
+     "the log edits bn/nope[2], which the input does not have"),
+])
+def test_log_that_does_not_fit_the_input_is_a_mismatch(run: dict[str, Any], change: Any,
+                                                       problem: str) -> None:
+    log = _crafted(run["log"], change)
+    result = kprune("verify", log).expect(1)
+    assert f"MISMATCH small: {problem}" in result.stdout.splitlines(), result
+    assert result.stderr == ""

@@ -10,7 +10,7 @@ import numpy as np
 from kprune_batch.audit import read_log
 from kprune_batch.commands import EXIT_FAILED, Result
 from kprune_batch.errors import AuditLogError, KpruneError
-from kprune_batch.families import family_of
+from kprune_batch.families import canonical_class, family_of
 from kprune_batch.files import sha256_file
 from kprune_batch.graph import MODEL_CLASSES
 
@@ -28,7 +28,7 @@ def verify(log_path: str, probe: bool = False, loader: Loader = _keras_loader) -
     try:
         log = read_log(log_path)
     except AuditLogError as exc:
-        result.err.append(f"error: {exc}")
+        result.err.append(f"error: {exc.render()}")
         result.return_code = EXIT_FAILED
         return result
     for model in log["models"]:
@@ -121,12 +121,12 @@ def _after_removal(before: Any, expected: dict[str, dict[str, np.ndarray]],
     """Apply the log's removal to `expected` (the zeroed input's weights): every touched layer
     sliced as recorded, every folded constant added to its consumer's bias. Returns the
     (layer, 'bias') pairs holding a fold (rounded once in float64 -> dtype: compared to 1e-6)."""
-    from kprune_batch.ranges import parse_ranges
+    from kprune_batch.logfacts import ranges_within
     from kprune_batch.removal import add_to_bias, apply_touch, fold_delta
 
     zeroed = {path: dict(v) for path, v in expected.items()}  # fold from the unsliced weights
     for t in removal["touched"]:
-        gone = set(parse_ranges(t["removed"]))
+        gone = set(ranges_within(t["removed"], t["of"]) or ())  # checked by read_log
         apply_touch(t["how"], [i for i in range(t["of"]) if i not in gone], t["layer_class"],
                     before.graph.layers[t["layer"]].config, expected[t["layer"]])
     folded = set()
@@ -144,10 +144,63 @@ def _after_removal(before: Any, expected: dict[str, dict[str, np.ndarray]],
     return folded
 
 
+def _log_problems(before: Any, records: list[dict[str, Any]],
+                  removal: dict[str, Any] | None) -> list[str]:
+    """Where the log's records name what the input does not have (a crafted or mixed-up log):
+    each is a mismatch, and the edits are not applied (they could not be)."""
+    layers = before.graph.layers
+    problems = []
+    for r in records:
+        node = layers.get(r["layer"])
+        family = family_of(r["layer_class"])
+        if node is None or node.class_name in MODEL_CLASSES:
+            problems.append(f"the log names layer '{r['layer']}', which the input does not have")
+            continue
+        if family is None or canonical_class(node.class_name) != canonical_class(r["layer_class"]):
+            problems.append(f"the log says layer '{r['layer']}' is a {r['layer_class']}, the "
+                            f"input's is a {node.class_name}")
+            continue
+        variables = before.variables(r["layer"])
+        kernel = variables.get(family.kernel_name(variables) or family.kernel_var)
+        n = family.n_filters(kernel.shape) if kernel is not None else 0
+        if not r["filter"] < n:
+            problems.append(f"the log names filter {r['filter']} of layer '{r['layer']}', which "
+                            f"has {n} in the input")
+            continue
+        for edit in r.get("batchnorm", []):
+            bn = layers.get(edit["layer"])
+            values = before.variables(edit["layer"]).get(edit["variable"]) \
+                if bn is not None and bn.class_name not in MODEL_CLASSES else None
+            if values is None or not r["filter"] < len(values):
+                problems.append(f"the log edits {edit['layer']}/{edit['variable']}[{r['filter']}], "
+                                f"which the input does not have")
+    if removal:
+        # a channel count is at most the size of the largest variable (a crafted 'of' of 10^15
+        # must not become a list of 10^15 channels)
+        largest = max((v.size for path, node in layers.items() if node.class_name not in
+                       MODEL_CLASSES for v in before.variables(path).values()), default=0)
+        for t in removal["touched"] + removal["folded"]:
+            node = layers.get(t["layer"])
+            if node is None or node.class_name in MODEL_CLASSES:
+                problems.append(f"the log's removal touches layer '{t['layer']}', which the "
+                                f"input does not have")
+            elif t.get("of", 0) > largest:
+                problems.append(f"the log's removal says layer '{t['layer']}' has {t['of']} "
+                                f"channels, more than any variable of the input holds")
+    return problems
+
+
 def _compare(before: Any, after: Any, records: list[dict[str, Any]],
              removal: dict[str, Any] | None = None) -> list[str]:
+    problems = _log_problems(before, records, removal)
+    if problems:
+        return problems
     expected = expected_weights(before, records)
-    folded = _after_removal(before, expected, removal) if removal else set()
+    try:
+        folded = _after_removal(before, expected, removal) if removal else set()
+    except (IndexError, KeyError, ValueError, TypeError) as exc:  # slices or folds the
+        # input's variables cannot take (a crafted touch or fold)
+        return [f"the log's removal does not fit the input's shapes ({_first_line(exc)})"]
     problems = []
     if set(after.graph.layers) != set(before.graph.layers):
         return ["the output's layers differ from the input's"]
@@ -168,6 +221,11 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
             problems.append(_describe(path, name, diff, before.graph.layers[path].class_name,
                                       zeroed))
     return problems
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
