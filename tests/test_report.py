@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -47,11 +48,12 @@ def test_text_report(runs: dict[str, Path]) -> None:
 
 def test_markdown_report_is_a_table(runs: dict[str, Path]) -> None:
     out = kprune("report", runs["old"], "--format", "markdown").expect(0).stdout
-    assert "| model | status | input | output | zeroed |" in out
+    assert "| model | status | input | output | zeroed | removed |" in out
     assert f"| m | ok | `{runs['folder'] / 'm.keras'}` | `{runs['folder'] / 'pruned' / 'm.keras'}` " \
-           f"| 5 |" in out
-    assert "| `conv2d_1` | 0, 3-5 | 4 of 8 (50.0%) | 4/4 | `models[0].layers[0].rules[0]`: 0, 3-5 |" \
-        in out
+           f"| 5 | 0 |" in out
+    assert "| layer | action | filters | count | silent | rules |" in out
+    assert "| `conv2d_1` | zeroed | 0, 3-5 | 4 of 8 (50.0%) | 4/4 | " \
+           "`models[0].layers[0].rules[0]`: 0, 3-5 |" in out
 
 
 def test_json_report(runs: dict[str, Path]) -> None:
@@ -82,3 +84,84 @@ def test_reading_commands_do_not_import_tensorflow(runs: dict[str, Path],
             "print('EXIT', code, 'HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     assert out.stdout.splitlines()[-1] == "EXIT 0 HEAVY []", out.stdout + out.stderr
+
+
+# --- removal runs: report and diff read `removed` as they read `zeroed` ----------------------------
+
+REMOVAL_SPEC = """\
+version: 1
+models:
+  - path: m.keras
+    layers:
+      - {{name: c1, action: remove, rules: [{{index: {c1}}}]}}
+      - {{name: c2, rules: [{{index: {c2}}}]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def removal_runs(tmp_path_factory: pytest.TempPathFactory, keras: Any) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("removal_report")
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(L.Conv2D(8, 3, name="c1")(i)))
+    x = L.Conv2D(4, 3, name="c2")(x)
+    keras.Model(i, L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(x))).save(
+        folder / "m.keras")
+    logs = {}
+    for name, c1, c2 in (("one", [3, 5], [0]), ("two", [3, 6], [0, 1]), ("zero", [3, 6], [0, 1])):
+        text = REMOVAL_SPEC.format(c1=c1, c2=c2)
+        if name == "zero":  # the same selection, zeroed instead of removed
+            text = text.replace("action: remove", "action: zero")
+        spec = write_spec(folder, text, f"{name}.yaml")
+        kprune("apply", spec, "--audit-log", folder / f"{name}.json", "--output-dir",
+               folder / name).expect(0)
+        logs[name] = folder / f"{name}.json"
+    return logs
+
+
+def test_report_shows_removed_filters(removal_runs: dict[str, Path]) -> None:
+    log = json.loads(removal_runs["one"].read_text())
+    removal = log["models"][0]["removal"]
+    lines = kprune("report", removal_runs["one"]).expect(0).stdout.splitlines()
+    assert "  c1: removed 3, 5 (2 of 8, 25.0%)" in lines
+    assert "  c2: 0 (1 of 4, 25.0%)" in lines
+    assert f"  removal: params {removal['params_before']} -> {removal['params_after']}, MACs " \
+           f"{removal['macs_before']} -> {removal['macs_after']}, probe deviation " \
+           f"{removal['probe_deviation']:.3g}" in lines
+    out = kprune("report", removal_runs["one"], "--format", "markdown").expect(0).stdout
+    assert "| `c1` | removed | 3, 5 | 2 of 8 (25.0%) | 2/2 | `models[0].layers[0].rules[0]`: 3, 5 |" \
+        in out
+    assert " | 1 | 2 |\n" in out  # the model row: 1 zeroed, 2 removed
+    data = json.loads(kprune("report", removal_runs["one"], "--format", "json").expect(0).stdout)
+    (model,) = data["models"]
+    assert (model["zeroed"], model["removed"]) == (1, 2)
+    assert {layer["layer"]: (layer["action"], layer["filters"]) for layer in model["layers"]} == \
+        {"c1": ("remove", [3, 5]), "c2": ("zero", [0])}
+
+
+def test_diff_of_removal_runs(removal_runs: dict[str, Path]) -> None:
+    out = kprune("diff", removal_runs["one"], removal_runs["two"]).expect(0).stdout
+    assert out == "m c1: +6  -5  (2 -> 2 removed)\nm c2: +1  (1 -> 2 zeroed)\n"
+    same = kprune("diff", removal_runs["one"], removal_runs["one"]).expect(0).stdout
+    assert same == "no difference in zeroed or removed filters\n"
+    turned = kprune("diff", removal_runs["zero"], removal_runs["two"]).expect(0).stdout
+    assert turned == "m c1: 3, 6 zeroed -> removed  (2 zeroed, 0 removed -> 0 zeroed, 2 removed)\n"
+
+
+# --- forged lines: names with control characters ---------------------------------------------------
+
+def test_markdown_cells_stay_cells(runs: dict[str, Path], tmp_path: Path) -> None:
+    log = json.loads(runs["old"].read_text())
+    evil = "conv|2d\n| x | y |\x1b[31m`tick`<b>"
+    log["models"][0]["layers"][0]["layer"] = evil
+    for record in log["zeroed"]:
+        if record["layer"] == "conv2d_1":
+            record["layer"] = evil
+    (tmp_path / "log.json").write_text(json.dumps(log))
+    out = kprune("report", tmp_path / "log.json", "--format", "markdown").expect(0).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ``")]
+    assert rows == ["| `` conv\\|2d\\n\\| x \\| y \\|\\x1b[31m`tick`<b> `` | zeroed | 0, 3-5 | 4 of 8 "
+                    "(50.0%) | 4/4 | `models[0].layers[0].rules[0]`: 0, 3-5 |"]
+    assert "\x1b" not in out
+    text = kprune("report", tmp_path / "log.json").expect(0).stdout.splitlines()
+    assert "  conv|2d\\n| x | y |\\x1b[31m`tick`<b>: 0, 3-5 (4 of 8, 50.0%)" in text

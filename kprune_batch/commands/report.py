@@ -2,30 +2,38 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from typing import Any
 
 from kprune_batch.audit import read_log
 from kprune_batch.commands import EXIT_FAILED, Result
-from kprune_batch.errors import AuditLogError
+from kprune_batch.errors import AuditLogError, printable
+from kprune_batch.logfacts import REMOVED, filter_fates
 from kprune_batch.ranges import compact_ranges
 
 
 def summarize(log: dict[str, Any]) -> dict[str, Any]:
-    """The facts a reviewer needs, as plain data (the json format; text and Markdown render it)."""
+    """The facts a reviewer needs, as plain data (the json format; text and Markdown render it).
+
+    What happened to each filter comes from logfacts.filter_fates (zeroed or removed), the
+    reader diff uses too; a layer's `action` is what its filters underwent."""
     git = log["spec"]["git"]
+    fates = filter_fates(log)
     by_layer: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for r in log["zeroed"]:
+    for r in log["zeroed"] + log["removed"]:
         by_layer[(r["model"], r["layer"])].append(r)
     models = []
     for m in log["models"]:
         layers = []
         for sel in m["layers"]:
+            fate = fates.get((m["name"], sel["layer"]), {})
             records = by_layer.get((m["name"], sel["layer"]), [])
-            filters = sorted(r["filter"] for r in records)
+            filters = sorted(fate)
             loud = [r for r in records if not r["silent"]]
             layers.append({
                 "layer": sel["layer"], "layer_class": sel["layer_class"],
+                "action": "remove" if REMOVED in fate.values() else "zero",
                 "filters": filters, "ranges": compact_ranges(filters),
                 "count": len(filters), "total": sel["filters_total"],
                 "percent": round(100.0 * len(filters) / sel["filters_total"], 1),
@@ -34,11 +42,20 @@ def summarize(log: dict[str, Any]) -> dict[str, Any]:
                 "not_silent": [{"filter": r["filter"], "constant": r.get("constant")}
                                for r in loud],
             })
+        removal = m.get("removal")
         models.append({"name": m["name"], "status": m["status"], "error": m["error"],
                        "input": m["input"]["path"],
                        "output": m["output"]["path"] if m["output"] else None,
                        "kept": bool(m["output"]) and m["output"].get("written") is False,
-                       "zeroed": sum(layer["count"] for layer in layers), "layers": layers})
+                       "zeroed": sum(layer["count"] for layer in layers
+                                     if layer["action"] == "zero"),
+                       "removed": sum(layer["count"] for layer in layers
+                                      if layer["action"] == "remove"),
+                       "removal": None if not removal else {
+                           key: removal.get(key) for key in (
+                               "params_before", "params_after", "macs_before", "macs_after",
+                               "probe_deviation", "optimizer_state")},
+                       "layers": layers})
     return {"run_id": log["run_id"], "status": log["status"], "spec": log["spec"]["path"],
             "commit": git.get("commit"), "dirty": git.get("dirty"),
             "git_note": git.get("reason"), "started_at": log["started_at"],
@@ -53,22 +70,40 @@ def _git_line(s: dict[str, Any]) -> str:
     return f"{s['commit'][:12]} ({state}{note})"
 
 
+def _cell(value: Any) -> str:
+    """A value as text on one line: control characters escaped (a newline in a layer name must
+    not end the line and start what reads as another)."""
+    return printable(str(value))
+
+
+def _removal_line(removal: dict[str, Any]) -> str:
+    out = f"params {removal['params_before']} -> {removal['params_after']}, MACs " \
+          f"{removal['macs_before']} -> {removal['macs_after']}"
+    if isinstance(removal["probe_deviation"], (int, float)):
+        out += f", probe deviation {removal['probe_deviation']:.3g}"
+    return out
+
+
 def _text(s: dict[str, Any]) -> list[str]:
-    lines = [f"run {s['run_id']}: {s['status']}", f"spec: {s['spec']} @ {_git_line(s)}",
-             f"tool: kprune {s['tool']['version']}, keras {s['tool']['keras']}, "
-             f"tensorflow {s['tool']['tensorflow']}"]
+    c = _cell
+    lines = [f"run {c(s['run_id'])}: {s['status']}", f"spec: {c(s['spec'])} @ {c(_git_line(s))}",
+             f"tool: kprune {c(s['tool']['version'])}, keras {c(s['tool']['keras'])}, "
+             f"tensorflow {c(s['tool']['tensorflow'])}"]
     for m in s["models"]:
         lines.append("")
         kept = " (already held these bytes: left as it was)" if m["kept"] else ""
-        lines.append(f"model {m['name']}: {m['status']}  {m['input']} -> "
-                     f"{m['output'] or '-'}{kept}")
+        lines.append(f"model {c(m['name'])}: {m['status']}  {c(m['input'])} -> "
+                     f"{c(m['output'] or '-')}{kept}")
         if m["error"]:
-            lines.append(f"  error: {m['error']}")
+            lines.append(f"  error: {c(m['error'])}")
+        if m["removal"]:
+            lines.append(f"  removal: {_removal_line(m['removal'])}")
         for layer in m["layers"]:
-            lines.append(f"  {layer['layer']}: {layer['ranges'] or 'nothing'} ({layer['count']} of "
-                         f"{layer['total']}, {layer['percent']}%)")
+            what = "removed " if layer["action"] == "remove" and layer["count"] else ""
+            lines.append(f"  {c(layer['layer'])}: {what}{layer['ranges'] or 'nothing'} "
+                         f"({layer['count']} of {layer['total']}, {layer['percent']}%)")
             for loc, ranges in layer["rules"].items():
-                lines.append(f"    {loc}: {ranges or 'nothing'}")
+                lines.append(f"    {c(loc)}: {ranges or 'nothing'}")
             if layer["not_silent"]:
                 lines.append("    not silent: " + ", ".join(
                     f"{n['filter']} (constant {n['constant']})" for n in layer["not_silent"]))
@@ -76,36 +111,52 @@ def _text(s: dict[str, Any]) -> list[str]:
 
 
 def _markdown(s: dict[str, Any]) -> list[str]:
-    lines = [f"### kprune run `{s['run_id']}`: **{s['status']}**", "",
-             f"- spec: `{s['spec']}` at `{_git_line(s)}`",
-             f"- kprune {s['tool']['version']}, Keras {s['tool']['keras']}, "
-             f"TensorFlow {s['tool']['tensorflow']}", ""]
-    lines += ["| model | status | input | output | zeroed |", "|---|---|---|---|---|"]
+    lines = [f"### kprune run {_code(s['run_id'])}: **{s['status']}**", "",
+             f"- spec: {_code(s['spec'])} at {_code(_git_line(s))}",
+             f"- kprune {_md(s['tool']['version'])}, Keras {_md(s['tool']['keras'])}, "
+             f"TensorFlow {_md(s['tool']['tensorflow'])}", ""]
+    lines += ["| model | status | input | output | zeroed | removed |", "|---|---|---|---|---|---|"]
     for m in s["models"]:
-        lines.append(f"| {m['name']} | {m['status']} | `{m['input']}` | "
-                     f"{'`' + m['output'] + '`' if m['output'] else '—'}"
-                     f"{' (unchanged)' if m['kept'] else ''} | {m['zeroed']} |")
+        lines.append(f"| {_md(m['name'])} | {m['status']} | {_code(m['input'])} | "
+                     f"{_code(m['output']) if m['output'] else '—'}"
+                     f"{' (unchanged)' if m['kept'] else ''} | {m['zeroed']} | {m['removed']} |")
     for m in s["models"]:
         lines.append("")
-        lines.append(f"#### {m['name']}")
+        lines.append(f"#### {_md(m['name'])}")
         if m["error"]:
             lines += ["", f"> **error:** {_md(m['error'])}"]
             continue
-        lines += ["", "| layer | zeroed filters | count | silent | rules |",
-                  "|---|---|---|---|---|"]
+        if m["removal"]:
+            lines += ["", f"- removal: {_removal_line(m['removal'])}"]
+        lines += ["", "| layer | action | filters | count | silent | rules |",
+                  "|---|---|---|---|---|---|"]
         for layer in m["layers"]:
-            rules = "<br>".join(f"`{loc}`: {r or 'nothing'}" for loc, r in layer["rules"].items())
+            rules = "<br>".join(f"{_code(loc)}: {r or 'nothing'}"
+                                for loc, r in layer["rules"].items())
             silent = f"{layer['silent']}/{layer['count']}"
             if layer["not_silent"]:
                 silent += " (not: " + ", ".join(f"{n['filter']}→{n['constant']}"
                                                 for n in layer["not_silent"]) + ")"
-            lines.append(f"| `{layer['layer']}` | {layer['ranges'] or '—'} | {layer['count']} of "
-                         f"{layer['total']} ({layer['percent']}%) | {silent} | {rules} |")
+            action = "removed" if layer["action"] == "remove" else "zeroed"
+            lines.append(f"| {_code(layer['layer'])} | {action} | {layer['ranges'] or '—'} | "
+                         f"{layer['count']} of {layer['total']} ({layer['percent']}%) | {silent} | "
+                         f"{rules} |")
     return lines
 
 
-def _md(text: str) -> str:
-    return text.replace("|", "\\|")
+def _md(text: Any) -> str:
+    """Plain text in a Markdown table cell: one line, no cell break, no HTML."""
+    return (_cell(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("|", "\\|"))
+
+
+def _code(text: Any) -> str:
+    """A name or path as a code span in a table cell: a fence longer than any backtick run in
+    it (CommonMark), pipes escaped (GFM splits cells before reading code spans)."""
+    value = _cell(text).replace("|", "\\|")
+    run = max((len(r) for r in re.findall("`+", value)), default=0)
+    pad = " " if run else ""  # a span may not start or end with its own fence's character
+    return f"{'`' * (run + 1)}{pad}{value}{pad}{'`' * (run + 1)}"
 
 
 def report(log_path: str, fmt: str = "text") -> Result:
@@ -113,7 +164,7 @@ def report(log_path: str, fmt: str = "text") -> Result:
     try:
         summary = summarize(read_log(log_path))
     except AuditLogError as exc:
-        result.err.append(f"error: {exc}")
+        result.err.append(f"error: {exc.render()}")
         result.return_code = EXIT_FAILED
         return result
     if fmt == "json":
