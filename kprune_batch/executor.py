@@ -131,6 +131,9 @@ def edit_model(job: ModelJob, weights: ModelWeights,
                 "notes": fate.notes,
                 **({"group": list(sel.group)} if len(sel.group) > 1 else {}),
             })
+        # done with this layer's input values (channel_fate reads only BatchNorm layers'):
+        # keeping every kernel until the end would double the peak memory of a large edit
+        original.pop(sel.path, None)
     for (layer, variable), value in pending_bn.items():
         weights.assign(layer, variable, value)
     return records

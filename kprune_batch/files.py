@@ -189,6 +189,7 @@ def _patched_pass(src: str, patches: list[tuple[int, bytes]],
     import queue
     import threading
 
+    # distinct offsets in real edits, so the data (memoryviews there) is never compared
     patches = sorted(patches)
     sha_in, sha_out = hashlib.sha256(), hashlib.sha256()
     crc = [0]

@@ -144,7 +144,9 @@ class _Layer:
     path: str
     class_name: str
     family: Family
-    kernel: np.ndarray
+    n: int
+    stats: dict[str, np.ndarray]  # kernel statistics of every filter (float64)
+    weights: Any  # the model's weights: kernels are read again when a rule needs the slices
     options: Options
     max_fraction: float
     allow_empty_layer: bool
@@ -155,21 +157,11 @@ class _Layer:
     rankings: list[Ranking] = field(default_factory=list)
     final: list[int] = field(default_factory=list)
     kept_back: list[int] = field(default_factory=list)
-    _stats: dict[str, np.ndarray] | None = None
-
-    @property
-    def n(self) -> int:
-        return self.family.n_filters(self.kernel.shape)
 
     @property
     def slices(self) -> np.ndarray:
-        return self.family.filter_view(self.kernel)
-
-    @property
-    def stats(self) -> dict[str, np.ndarray]:
-        if self._stats is None:
-            self._stats = filter_stats(self.slices)
-        return self._stats
+        # not kept: holding every kernel of a ResNet50 would double the run's peak memory
+        return self.family.filter_view(_kernel(self.weights, self.path, self.family))
 
     def selected(self) -> set[int]:
         return {f for chosen in self.by_rule.values() for f in chosen}
@@ -222,8 +214,11 @@ class _Stage:
         node = self.graph.layers[path]
         family = family_of(node.class_name)
         assert family is not None
+        kernel = _kernel(self.weights, path, family)
         return _Layer(path=path, class_name=node.class_name, family=family,
-                      kernel=_kernel(self.weights, path, family), options=options,
+                      n=family.n_filters(kernel.shape),
+                      stats=filter_stats(family.filter_view(kernel)), weights=self.weights,
+                      options=options,
                       max_fraction=options.max_fraction,
                       allow_empty_layer=options.allow_empty_layer, entries=entries)
 
@@ -277,7 +272,7 @@ class _Stage:
                 if by == "bn_gamma":
                     total += self._bn_gamma(layer, loc)
                 else:
-                    check_finite(by, layer.slices)
+                    check_finite(by, None, layer.stats)
                     total += layer.stats[by]
             except RuleError as exc:
                 raise ModelError(f"{loc}: {exc.message}", layer=layer.path, hint=exc.hint) from None
@@ -324,7 +319,7 @@ class _Stage:
             elif rule.kind == "bn_gamma":
                 chosen = threshold(self._bn_gamma(layer, rule.loc), params)
             elif rule.kind in STAT_KINDS:
-                check_finite(rule.kind, layer.slices)
+                check_finite(rule.kind, None, layer.stats)
                 chosen = threshold(layer.stats[rule.kind], params)
             else:
                 chosen = select(rule.kind, params, layer.slices)
@@ -466,7 +461,7 @@ class _Stage:
                     if f in chosen}
             filters[f] = tuple(sorted(locs, key=loc_key))
         keep = sorted(final | set(layer.kept_back))
-        stats = layer.stats if keep else {}
+        stats = layer.stats
         return LayerSelection(
             path=layer.path, class_name=layer.class_name, n_filters=layer.n,
             options=layer.options, max_fraction=layer.max_fraction,

@@ -482,7 +482,9 @@ def test_plan_shows_rank_and_cutoff_without_tensorflow(tmp_path: Path, rank_cnn:
     s = l1(rank_weights["conv_b"]["kernel"])
     a, b = sorted(range(12), key=lambda f: (s[f], f))[:2]
     lines = proc.stdout.splitlines()
-    assert f"    models[0].layers[0].rules[0]: {','.join(map(str, sorted([a, b])))}" in lines
+    lo, hi = sorted([a, b])
+    ranges = f"{lo}-{hi}" if hi == lo + 1 else f"{lo},{hi}"  # the plan's compact range format
+    assert f"    models[0].layers[0].rules[0]: {ranges}" in lines
     assert f"      smallest by l1 (per layer): took 2 of 2, cutoff {s[b]:.6g}" in lines
     assert f"      ranked: #1 filter {a} ({s[a]:.6g}), #2 filter {b} ({s[b]:.6g})" in lines
 

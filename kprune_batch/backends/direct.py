@@ -632,7 +632,8 @@ class DirectModelWeights:
             ds = self._h5[path]
             dcpl = ds.id.get_create_plist()
             offset = ds.id.get_offset()
-            data = np.ascontiguousarray(value, dtype=ds.dtype).tobytes()
+            # a view, not a copy: a ranking over every conv edits ~all of a file's kernels
+            data = memoryview(np.ascontiguousarray(value, dtype=ds.dtype)).cast("B")
             if (ds.chunks is not None or dcpl.get_nfilters() or offset is None
                     or ds.id.get_storage_size() != len(data)):
                 return None
@@ -661,13 +662,15 @@ class DirectModelWeights:
             central = _central_entry_offset(fh, info.filename.encode())
         if central is None:
             return None
-        spans, file_patches = [], []
+        file_patches = []
+        new_crc = info.CRC
         with open(self.path, "rb") as fh:
-            for offset, data in patches:
+            for offset, data in patches:  # one span's old bytes at a time (not all at once)
                 fh.seek(data_start + offset)
-                spans.append((offset, fh.read(len(data)), data))
+                new_crc = patched_crc32(new_crc, info.file_size,
+                                        [(offset, fh.read(len(data)), data)])
                 file_patches.append((data_start + offset, data))
-        crc = struct.pack("<I", patched_crc32(info.CRC, info.file_size, spans))
+        crc = struct.pack("<I", new_crc)
         file_patches += [(info.header_offset + 14, crc), (central + 16, crc)]
         return file_patches, (data_start, info.file_size, info.CRC)
 

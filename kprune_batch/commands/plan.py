@@ -38,8 +38,9 @@ def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto) -> Resul
                 result.out.append("  removal touches:")
                 result.out.extend(f"    {describe(t)}" for t in outcome.touched)
     if fmt == "json":
-        result.out.append(json.dumps({"plan": compiled.to_json(), "plan_sha256": compiled.sha256,
-                                      "models": models}, indent=2))
+        # one Result line per text line: the CLI escapes control characters in each line
+        result.out.extend(json.dumps({"plan": compiled.to_json(), "plan_sha256": compiled.sha256,
+                                      "models": models}, indent=2).splitlines())
     return result
 
 
