@@ -466,7 +466,8 @@ class _Stage:
             path=layer.path, class_name=layer.class_name, n_filters=layer.n,
             options=layer.options, max_fraction=layer.max_fraction,
             allow_empty_layer=layer.allow_empty_layer, entries=tuple(layer.entries),
-            by_rule={loc: tuple(c) for loc, c in layer.by_rule.items()}, filters=filters,
+            by_rule={loc: tuple(layer.by_rule[loc]) for loc in sorted(layer.by_rule, key=loc_key)},
+            filters=filters,
             stats={f: {k: float(v[f]) for k, v in stats.items()} for f in keep},
             group=tuple(layer.group), kept_back=tuple(layer.kept_back),
             ranked={f: tuple(picks) for f, picks in layer.ranked.items() if f in final},
@@ -519,7 +520,8 @@ def _check_guards(layer: _Layer) -> None:
     count, total = len(layer.final), layer.n
     if not count:
         return
-    rules = ", ".join(f"{loc} ({len(chosen)})" for loc, chosen in layer.by_rule.items() if chosen)
+    rules = ", ".join(f"{loc} ({len(layer.by_rule[loc])})"
+                      for loc in sorted(layer.by_rule, key=loc_key) if layer.by_rule[loc])
     if not layer.entries or len(layer.group) > 1:
         others = [m for m in layer.group if m != layer.path]
         rules = (f"{rules}; " if rules else "") + f"coupled with {', '.join(others)}"

@@ -516,3 +516,26 @@ assert not any(m.split(".")[0] in ("tensorflow", "keras") for m in sys.modules)
     caps = {"conv_a": 5, "conv_b": 6, "conv_c": 4}
     want = global_expected(rank_weights, CONVS, math.floor(0.25 * 30), "mean", caps)
     assert {k: v for k, v in got.items() if v} == want
+
+
+def test_both_backends_select_the_same(tmp_path: Path, rank_cnn: Path) -> None:
+    # the stage reads weights only through ModelWeights: Keras-loaded and file-read weights
+    # must give the same final selection, rankings and picks
+    spec = write_spec(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {rank_cnn}
+            layers:
+              - match: "conv_[ab]"
+                rules: [{{largest: {{by: bn_gamma, count: 1}}}}]
+              - match: "conv_*"
+                rules:
+                  - smallest: {{by: l1, fraction: 0.3, across: entry}}
+                  - sign: {{element: [0, 0, 0], zero: zero}}
+        """)
+    plans = {}
+    for backend in ("direct", "keras"):
+        out = kprune("plan", spec, "--format", "json", "--backend", backend).expect(0)
+        plans[backend] = json.loads(out.stdout)["models"][0]["layers"]
+    assert plans["direct"] == plans["keras"]
+    assert sum(len(layer["selected"]) for layer in plans["direct"]) >= 9  # floor(0.3 * 30)
