@@ -75,8 +75,10 @@ def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
     return wall, rss_kb / 1024.0
 
 
-def build(cache: Path, env: dict[str, str]) -> dict[str, Path]:
-    paths = {name: cache / f"{name}.keras" for name in ("ResNet50", "VGG16")}
+def build(cache: Path, env: dict[str, str],
+          names: tuple[str, ...] = ("ResNet50", "VGG16")) -> dict[str, Path]:
+    """keras.applications models (weights=None, 224x224) saved once into the cache folder."""
+    paths = {name: cache / f"{name}.keras" for name in names}
     missing = [n for n, p in paths.items() if not p.exists()]
     if missing:
         for name in missing:

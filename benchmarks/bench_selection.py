@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backends import COPY, measure  # noqa: E402  (one measuring harness for all benchmarks)
+from bench_backends import COPY, build, measure  # noqa: E402  (one harness for all benchmarks)
 
 USUAL = textwrap.dedent("""\
     import sys
@@ -52,17 +52,6 @@ USUAL = textwrap.dedent("""\
 MODELS = ("ResNet50", "MobileNetV2", "EfficientNetB0")
 
 
-def build(cache: Path, env: dict[str, str]) -> dict[str, Path]:
-    paths = {name: cache / f"{name}.keras" for name in MODELS}
-    for name, path in paths.items():
-        if not path.exists():
-            subprocess.run([sys.executable, "-c",
-                            f"import keras; keras.applications.{name}(weights=None)"
-                            f".save({str(path)!r})"], check=True, env=env,
-                           stderr=subprocess.DEVNULL)
-    return paths
-
-
 def spec_text(path: Path, across: str) -> str:
     rule = "{smallest: {by: l1, fraction: 0.25" + (", across: entry" if across == "entry" else "")
     return (f"version: 1\noutput_dir: out\nmodels:\n  - path: {path}\n"
@@ -77,7 +66,7 @@ def main() -> None:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    models = build(cache, env)
+    models = build(cache, env, MODELS)
     kprune = [sys.executable, "-m", "kprune_batch"]
     rows = []
     for name, path in models.items():
