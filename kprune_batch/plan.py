@@ -56,6 +56,8 @@ class ModelJob:
     output: str  # absolute path
     format: str  # "keras" or "h5": the output keeps the input's format
     ops: tuple[LayerOp, ...]
+    sha256: str | None = None  # models[].sha256: the input must have this hash (pinned)
+    path_in_spec: str = ""  # the input's `path` as the spec writes it (for messages)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def compile_plan(spec: Spec, output_dir: str | None = None) -> Plan:
                 rules=tuple(RuleOp(r.loc, r.kind, _freeze(r.params)) for r in entry.rules)))
         jobs.append(ModelJob(loc=model.loc, name=model.name, input=model.path,
                              output=spec.output_path(model, out_dir),
-                             format=model_format(model.path), ops=tuple(ops)))
+                             format=model_format(model.path), ops=tuple(ops),
+                             sha256=model.sha256, path_in_spec=model.path_in_spec))
     return Plan(version=PLAN_VERSION, spec_path=os.path.abspath(spec.file),
                 spec_sha256=spec.sha256, output_dir=out_dir, jobs=tuple(jobs))
 

@@ -372,6 +372,8 @@ class ModelSpec:
     path: str  # absolute, resolved against the spec's folder
     output: str | None  # as written (relative to output_dir), None for the default
     layers: tuple[LayerEntry, ...]
+    sha256: str | None = None  # models[].sha256 (lower case): the file the spec was written for
+    path_in_spec: str = ""  # `path` as written, for messages about the file
 
 
 @dataclass(frozen=True)
@@ -640,7 +642,9 @@ def _build(data: dict[str, Any], positions: Positions, file: str, sha256: str) -
         models.append(ModelSpec(
             loc=json_path(mpath), line=line, col=col, name=model_name(model),
             path=os.path.normpath(os.path.join(folder, model["path"])),
-            output=model.get("output"), layers=tuple(layers)))
+            output=model.get("output"), layers=tuple(layers),
+            sha256=model["sha256"].lower() if "sha256" in model else None,
+            path_in_spec=model["path"]))
     return Spec(file=file, folder=folder, sha256=sha256, version=int(data["version"]),
                 output_dir=os.path.normpath(os.path.join(folder, data.get("output_dir",
                                                                           DEFAULT_OUTPUT_DIR))),
