@@ -180,6 +180,7 @@ class _Stage:
         self.layers: dict[str, _Layer] = {}
         self.resolved: list[tuple[LayerOp, list[str]]] = []
         self._bn: dict[str, np.ndarray] = {}
+        self._group_errors: dict[str, ModelError] = {}
 
     def run(self) -> ModelSelection:
         for op in self.job.ops:
@@ -203,6 +204,9 @@ class _Stage:
         for layer in self.layers.values():
             layer.final = sorted(layer.selected())
         self._couple()
+        for path, exc in self._group_errors.items():
+            if self.layers[path].final:
+                raise exc
         self._round_to()
         for layer in self.layers.values():
             _check_guards(layer)
@@ -243,7 +247,13 @@ class _Stage:
             layer = self.layers[path]
             if layer.options.action != "remove" or path in done:
                 continue
-            members, _merges = coupled_group(self.graph, path)
+            try:
+                members, _merges = coupled_group(self.graph, path)
+            except ModelError as exc:
+                # e.g. its channels meet a depthwise layer's: only an error if the layer ends up
+                # losing filters (a removal entry whose rules select nothing stays harmless)
+                self._group_errors[path] = exc
+                continue
             done.update(members)
             if len(members) == 1:
                 continue

@@ -539,3 +539,23 @@ def test_both_backends_select_the_same(tmp_path: Path, rank_cnn: Path) -> None:
         plans[backend] = json.loads(out.stdout)["models"][0]["layers"]
     assert plans["direct"] == plans["keras"]
     assert sum(len(layer["selected"]) for layer in plans["direct"]) >= 9  # floor(0.3 * 30)
+
+
+def test_a_group_that_cannot_be_removed_only_fails_a_selection(keras: Any,
+                                                               tmp_path: Path) -> None:
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 1, name="c1")(i)
+    y = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(L.Add(name="add")([x, y])))
+    _seeded_weights(model, 3)
+    model.save(tmp_path / "dw.keras")
+    spec = "version: 1\nmodels:\n  - path: dw.keras\n    layers: [{name: c1, action: remove, " \
+           "rules: [{index: %s}]}]\n"
+    write_spec(tmp_path, spec % "[0]")
+    assert kprune("plan", tmp_path / "spec.yaml").expect(1).stderr == (
+        "error: model 'dw', layer 'dw': its channels meet those of 'c1' in Add 'add', and "
+        "filters of a DepthwiseConv2D layer cannot be removed\n")
+    # the same entry whose rule selects nothing is harmless
+    write_spec(tmp_path, spec.replace("{index: %s}", "{l1: {below: -1}}"))
+    kprune("plan", tmp_path / "spec.yaml").expect(0)
