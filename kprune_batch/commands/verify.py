@@ -150,6 +150,13 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
     each is a mismatch, and the edits are not applied (they could not be)."""
     layers = before.graph.layers
     problems = []
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}  # one read per layer (13k records)
+
+    def shapes_of(path: str) -> dict[str, tuple[int, ...]]:
+        if path not in shapes:
+            shapes[path] = {k: v.shape for k, v in before.variables(path).items()}
+        return shapes[path]
+
     for r in records:
         node = layers.get(r["layer"])
         family = family_of(r["layer_class"])
@@ -160,25 +167,26 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
             problems.append(f"the log says layer '{r['layer']}' is a {r['layer_class']}, the "
                             f"input's is a {node.class_name}")
             continue
-        variables = before.variables(r["layer"])
+        variables = shapes_of(r["layer"])
         kernel = variables.get(family.kernel_name(variables) or family.kernel_var)
-        n = family.n_filters(kernel.shape) if kernel is not None else 0
+        n = family.n_filters(kernel) if kernel is not None else 0
         if not r["filter"] < n:
             problems.append(f"the log names filter {r['filter']} of layer '{r['layer']}', which "
                             f"has {n} in the input")
             continue
         for edit in r.get("batchnorm", []):
             bn = layers.get(edit["layer"])
-            values = before.variables(edit["layer"]).get(edit["variable"]) \
+            shape = shapes_of(edit["layer"]).get(edit["variable"]) \
                 if bn is not None and bn.class_name not in MODEL_CLASSES else None
-            if values is None or not r["filter"] < len(values):
+            if not shape or not r["filter"] < shape[0]:
                 problems.append(f"the log edits {edit['layer']}/{edit['variable']}[{r['filter']}], "
                                 f"which the input does not have")
     if removal:
         # a channel count is at most the size of the largest variable (a crafted 'of' of 10^15
         # must not become a list of 10^15 channels)
-        largest = max((v.size for path, node in layers.items() if node.class_name not in
-                       MODEL_CLASSES for v in before.variables(path).values()), default=0)
+        largest = max((int(np.prod(shape)) for path, node in layers.items()
+                       if node.class_name not in MODEL_CLASSES
+                       for shape in shapes_of(path).values()), default=0)
         for t in removal["touched"] + removal["folded"]:
             node = layers.get(t["layer"])
             if node is None or node.class_name in MODEL_CLASSES:
