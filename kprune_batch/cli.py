@@ -101,17 +101,22 @@ def plan(ctx: click.Context, spec: str, fmt: str, backend: str) -> None:
               help="Run a seeded probe batch and measure every zeroed channel.")
 @click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Process models in this many worker processes.")
+@click.option("--shard", metavar="K/N|auto",
+              help="Process only shard K of N (the models at 0-based spec position i with "
+                   "i mod N = K-1); auto: K from JOB_COMPLETION_INDEX (a Kubernetes Indexed "
+                   "Job's, 0-based), N from KPRUNE_SHARD_COUNT.")
 @BACKEND_OPTION
 @click.pass_context
 def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str | None,
-          fail_fast: bool, probe: bool, jobs: int, backend: str) -> None:
+          fail_fast: bool, probe: bool, jobs: int, shard: str | None, backend: str) -> None:
     """Zero the filters the spec selects; write edited models and an audit log."""
     from kprune_batch.commands.apply import apply as run
     from kprune_batch.executor import OPENERS
 
     _finish(ctx, lambda: run(spec, audit_log=audit_log, output_dir=output_dir,
                              fail_fast=fail_fast, probe=probe, jobs=jobs,
-                             progress=sys.stderr.isatty(), opener=OPENERS[backend]))
+                             progress=sys.stderr.isatty(), opener=OPENERS[backend],
+                             shard=shard))
 
 
 @cli.command()
@@ -146,6 +151,16 @@ def diff(ctx: click.Context, old: str, new: str) -> None:
     from kprune_batch.commands.diff import diff as run
 
     _finish(ctx, lambda: run(old, new))
+
+
+@cli.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.pass_context
+def pin(ctx: click.Context, specs: tuple[str, ...]) -> None:
+    """Write each model file's current sha256 into the spec (nothing else in it changes)."""
+    from kprune_batch.commands.pin import pin as run
+
+    _finish(ctx, lambda: run(list(specs)))
 
 
 def main() -> None:
