@@ -183,3 +183,20 @@ def test_newlines_in_names_and_paths_cannot_forge_error_lines(keras: Any, tmp_pa
     bad = write_spec(folder, "version: 2\nmodels: []\n", "bad.yaml")
     lines = kprune("validate", bad).expect(2).stderr.splitlines()
     assert lines and all(line.startswith(f"{where}/bad.yaml:") for line in lines)
+
+
+def test_crafted_legacy_h5_config_fails_its_model(tmp_path: Path, small_cnn_h5: Path) -> None:
+    import h5py
+
+    model = tmp_path / "g.h5"
+    model.write_bytes(small_cnn_h5.read_bytes())
+    with h5py.File(model, "r+") as h5:
+        raw = h5.attrs["model_config"]
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        h5.attrs["model_config"] = set_config("conv2d", "filters", 0)(text)
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: g.h5\n    layers: "
+                                "[{name: conv2d, rules: [{index: [0]}]}]\n")
+    result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(1)
+    assert result.stderr == (f"error: {model}: model 'g': {MALFORMED}layer 'conv2d': filters is 0, "
+                             f"not a positive integer below 2^31\n")
+    assert json.loads((tmp_path / "log.json").read_text())["models"][0]["status"] == "failed"
