@@ -4,10 +4,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import stat
 import sys
-from typing import Any, Iterator
+import time
+from typing import Any, Iterator, Mapping
 
 from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new_run_id,
                                 run_status, tool_versions, utc_now, write_log)
@@ -16,7 +18,7 @@ from kprune_batch.errors import AuditLogError, OutputError, SpecError
 from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ModelOutcome,
                                    Opener, open_auto, run_job)
 from kprune_batch.files import file_kind, remove_stale_temps
-from kprune_batch.plan import Plan, compile_plan
+from kprune_batch.plan import ModelJob, Plan, compile_plan
 from kprune_batch.spec import read_spec
 
 LOCK_NAME = ".kprune.lock"
@@ -47,9 +49,9 @@ class _Stop:
 
 
 @contextlib.contextmanager
-def _lock(path: str) -> Iterator[bool]:
-    """An exclusive lock on kprune's lock file `path` (so two runs never interleave writes);
-    yields False if another run holds it. OutputError if something else lies at `path`.
+def _lock_file(path: str) -> Iterator[int]:
+    """The open descriptor of kprune's lock file `path`, proven a regular file with no other
+    name. OutputError if something else lies at `path`.
 
     The file may be there from an earlier run (it is bookkeeping, and stays). It is opened
     without following a link (O_NOFOLLOW) or waiting on a FIFO (O_NONBLOCK), and written (our
@@ -80,16 +82,76 @@ def _lock(path: str) -> Iterator[bool]:
         if st.st_nlink != 1:
             raise OutputError(f"the lock file {path} has another name too (a hard link to "
                               f"another file); remove it and run again")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield True
+        yield fd
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, how: int) -> bool:
+    """Take flock `how` without waiting; False if another run's lock is in the way."""
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _note(fd: int, text: str) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, text.encode(), 0)
+
+
+@contextlib.contextmanager
+def _lock(path: str) -> Iterator[bool]:
+    """An exclusive lock on kprune's lock file `path` (so two runs never interleave writes);
+    yields False if another run holds it. OutputError if something else lies at `path`."""
+    with _lock_file(path) as fd:
+        if not _flock(fd, fcntl.LOCK_EX):
+            yield False
+            return
+        _note(fd, f"{os.getpid()}\n")
+        yield True
+
+
+# How long a shard run retries the folder lock: a shard that starts a group of shards holds
+# it exclusively for the few microseconds it takes to write the count (see _join_shards).
+SHARD_PATIENCE = 1.0
+_COUNT_NOTE = re.compile(r"\d+ shards of (\d+)\n")
+
+
+@contextlib.contextmanager
+def _shared_lock(path: str, count: int) -> Iterator[int | None]:
+    """The folder lock `path` held *shared* with the other shards of a run split in `count`
+    shards: yields None, or when that is refused, the shard count of the run in the way (0: an
+    unsharded run, which holds the lock exclusively).
+
+    Shards of different counts must not overlap (model 0 is in shard 1 of every count), so the
+    lock file says which count its current holders use. Only an exclusive holder writes it:
+    the first shard of a group takes the lock exclusively, writes the count and converts to
+    shared; later shards take it shared and read the count. flock(2) converts by dropping the
+    lock first, so another run can slip in between: the count is read again once shared.
+    """
+    with _lock_file(path) as fd:
+        deadline = time.monotonic() + SHARD_PATIENCE
+        while True:
+            if _flock(fd, fcntl.LOCK_EX):
+                _note(fd, f"{os.getpid()} shards of {count}\n")
+                held = _flock(fd, fcntl.LOCK_SH)
+            else:
+                held = _flock(fd, fcntl.LOCK_SH)
+            if held:
+                note = _COUNT_NOTE.fullmatch(os.pread(fd, 64, 0).decode("ascii", "replace"))
+                other = int(note.group(1)) if note else 0
+                if other == count:
+                    yield None
+                    return
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            else:
+                other = 0  # held exclusively: an unsharded run (or a group's first shard)
+            if time.monotonic() >= deadline:
+                yield other
+                return
+            time.sleep(0.02)
 
 
 def _hold(stack: contextlib.ExitStack, path: str, busy: str) -> str | None:
@@ -102,19 +164,90 @@ def _hold(stack: contextlib.ExitStack, path: str, busy: str) -> str | None:
         return str(exc)
 
 
+def shard_lock_path(output_dir: str, shard: tuple[int, int]) -> str:
+    """The lock that keeps two runs of one shard of `output_dir` from interleaving."""
+    return os.path.join(output_dir, f".kprune.shard-{shard[0]}-of-{shard[1]}.lock")
+
+
+def hold_folder_locks(stack: contextlib.ExitStack, output_dir: str,
+                      shard: tuple[int, int] | None) -> str | None:
+    """Take the locks a run on `output_dir` holds until it ends (None), or say why not.
+
+    An unsharded run takes the folder lock exclusively: it excludes every other run. A shard
+    K/N takes it shared (with the other shards of N only, see _shared_lock), so that the
+    shards of one run write side by side, and its own shard lock exclusively, so that two
+    runs of one shard never interleave. OSError if a lock file cannot be created at all.
+    """
+    lock = os.path.join(output_dir, LOCK_NAME)
+    busy = f"another kprune apply is writing to {output_dir} (lock {lock}); run again when " \
+           f"it has finished"
+    if shard is None:
+        return _hold(stack, lock, busy)
+    try:
+        other = stack.enter_context(_shared_lock(lock, shard[1]))
+    except OutputError as exc:
+        return str(exc)
+    if other is not None:
+        return busy if other == 0 else (
+            f"shards of another count (K/{other}) are writing to {output_dir} (lock {lock}); "
+            f"the shards of one run share one count: run again when they have finished")
+    own = shard_lock_path(output_dir, shard)
+    return _hold(stack, own, f"another kprune apply of shard {shard[0]}/{shard[1]} is "
+                             f"writing to {output_dir} (lock {own}); run again when it has "
+                             f"finished")
+
+
+SHARD_COUNT_ENV = "KPRUNE_SHARD_COUNT"
+INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in each pod of an Indexed Job, 0-based
+_SHARD = re.compile(r"([0-9]{1,9})/([0-9]{1,9})")
+
+
+def parse_shard(text: str, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """--shard K/N as (K, N), 1 <= K <= N; 'auto' reads a Kubernetes Indexed Job's
+    JOB_COMPLETION_INDEX (0-based: K = index + 1) and KPRUNE_SHARD_COUNT (Kubernetes does not
+    export the completion count: the manifest sets it). ValueError with one line otherwise."""
+    if text == "auto":
+        index, count = environ.get(INDEX_ENV), environ.get(SHARD_COUNT_ENV)
+        for name, value in ((INDEX_ENV, index), (SHARD_COUNT_ENV, count)):
+            if value is None:
+                raise ValueError(f"--shard auto needs the environment variable {name} (set by "
+                                 f"a Kubernetes Indexed Job, and {SHARD_COUNT_ENV} by its "
+                                 f"manifest)")
+            if not value.isascii() or not value.isdigit() or len(value) > 9:
+                raise ValueError(f"--shard auto: {name} is {value!r}, not a whole number")
+        k, n = int(index) + 1, int(count)  # type: ignore[arg-type]
+        if not 1 <= k <= n:
+            raise ValueError(f"--shard auto: {INDEX_ENV} {index} is not below {SHARD_COUNT_ENV} "
+                             f"{count}")
+        return k, n
+    match = _SHARD.fullmatch(text)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise ValueError(f"--shard {text!r}: expected K/N with 1 <= K <= N (e.g. 2/8), or auto")
+    return int(match.group(1)), int(match.group(2))
+
+
+def shard_jobs(plan: Plan, shard: tuple[int, int] | None) -> list[ModelJob]:
+    """The models of shard K/N: those at 0-based spec position i with i mod N == K - 1."""
+    if shard is None:
+        return list(plan.jobs)
+    return [job for i, job in enumerate(plan.jobs) if i % shard[1] == shard[0] - 1]
+
+
 def log_lock_path(log_path: str) -> str:
     """The lock beside an --audit-log that keeps two runs from writing the same log."""
     return os.path.join(os.path.dirname(log_path), f".{os.path.basename(log_path)}{LOCK_NAME}")
 
 
-def _log_clash(log_path: str, plan: Plan) -> str | None:
+def _log_clash(log_path: str, plan: Plan, shard: tuple[int, int] | None) -> str | None:
     """What `log_path` would overwrite among the files of the run (None: nothing), by resolved
-    path or by inode: the spec, every model's input and output, the folder's lock."""
+    path or by inode: the spec, every model's input and output, the folder's locks."""
     files = [("the spec file", plan.spec_path)]
     for job in plan.jobs:
         files += [(f"the input of model '{job.name}'", job.input),
                   (f"the output of model '{job.name}'", job.output)]
     files.append(("the lock file", os.path.join(plan.output_dir, LOCK_NAME)))
+    if shard is not None:
+        files.append(("the shard's lock file", shard_lock_path(plan.output_dir, shard)))
     for what, path in files:
         if os.path.realpath(path) == os.path.realpath(log_path):
             return f"{what} ({path})"
@@ -126,9 +259,16 @@ def _log_clash(log_path: str, plan: Plan) -> str | None:
 
 def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None = None,
           fail_fast: bool = False, probe: bool = False, opener: Opener = open_auto,
-          jobs: int = 1, progress: bool = False) -> Result:
+          jobs: int = 1, progress: bool = False, shard: str | None = None) -> Result:
+    """`shard`: 'K/N' or 'auto' (see parse_shard); None runs every model."""
     result = Result()
     started = utc_now()
+    try:
+        part = None if shard is None else parse_shard(shard)
+    except ValueError as exc:  # a usage error: exit 2, nothing opened, no log
+        result.err.append(f"error: {exc}")
+        result.return_code = EXIT_INVALID
+        return result
     try:
         spec = read_spec(spec_file)
         plan = compile_plan(spec, output_dir=output_dir)
@@ -139,7 +279,7 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
     run_id = new_run_id()
     default_log = os.path.join(plan.output_dir, "audit", f"{run_id}.json")
     log_path = os.path.abspath(audit_log) if audit_log else default_log
-    if audit_log and (clash := _log_clash(log_path, plan)):
+    if audit_log and (clash := _log_clash(log_path, plan, part)):
         # an invalid command line, refused before anything is opened, like click's usage
         # errors (exit 2, no log: the path given for it is the problem)
         result.err.append(f"error: --audit-log {log_path} is {clash}; kprune never writes a "
@@ -159,12 +299,10 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
                 refusal = f"cannot write audit log {log_path}: {exc.strerror}"
             if refusal:  # never replace a log another run writes; this run's goes to its own
                 log_path = default_log
+        todo = shard_jobs(plan, part)
         if refusal is None:
-            lock = os.path.join(plan.output_dir, LOCK_NAME)
             try:
-                refusal = _hold(stack, lock, f"another kprune apply is writing to "
-                                             f"{plan.output_dir} (lock {lock}); run again when "
-                                             f"it has finished")
+                refusal = hold_folder_locks(stack, plan.output_dir, part)
             except OSError as exc:
                 result.err.append(f"error: cannot use output folder {plan.output_dir}: "
                                   f"{exc.strerror}")
@@ -173,14 +311,17 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
         if refusal:
             result.err.append(f"error: {refusal}")
             outcomes = [ModelOutcome(job=j, status=STATUS_SKIPPED, error=refusal)
-                        for j in plan.jobs]
+                        for j in todo]
         else:
             reads = [plan.spec_path] + [j.input for j in plan.jobs]
-            for job in plan.jobs:  # a SIGKILLed earlier run may have left temp files behind
+            # a SIGKILLed earlier run may have left temp files behind; only this shard's
+            # outputs are looked at (the other shards' runs may be writing theirs right now)
+            for job in todo:
                 remove_stale_temps(job.output, keep=reads)
             with stop.installed():
-                outcomes = _run_all(plan, stop, opener, probe, fail_fast, jobs, progress)
-        log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, stop.signal)
+                outcomes = _run_all(todo, stop, opener, probe, fail_fast, jobs, progress)
+        log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, stop.signal,
+                        shard=part)
         try:
             write_log(log_path, log)
         except (OSError, AuditLogError) as exc:
@@ -213,10 +354,10 @@ def _skip_reason(stop: _Stop, fail_fast: bool, done: list[ModelOutcome]) -> str 
     return None
 
 
-def _run_all(plan: Plan, stop: _Stop, opener: Opener, probe: bool, fail_fast: bool,
+def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fail_fast: bool,
              jobs: int, progress: bool) -> list[ModelOutcome]:
     """Run the jobs in spec order (or `jobs` worker processes); outcomes in spec order."""
-    total = len(plan.jobs)
+    total = len(todo)
     done: dict[int, ModelOutcome] = {}
 
     def report(outcome: ModelOutcome) -> None:
@@ -225,7 +366,7 @@ def _run_all(plan: Plan, stop: _Stop, opener: Opener, probe: bool, fail_fast: bo
             sys.stderr.flush()
 
     if jobs <= 1 or total <= 1:
-        for i, job in enumerate(plan.jobs):
+        for i, job in enumerate(todo):
             reason = _skip_reason(stop, fail_fast, list(done.values()))
             done[i] = (ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason) if reason
                        else run_job(job, opener=opener, probe=probe))
@@ -239,7 +380,7 @@ def _run_all(plan: Plan, stop: _Stop, opener: Opener, probe: bool, fail_fast: bo
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
                                                     initializer=_worker_init) as pool:
             pending: dict[concurrent.futures.Future[ModelOutcome], int] = {}
-            queue = list(enumerate(plan.jobs))
+            queue = list(enumerate(todo))
             while queue or pending:
                 while queue and len(pending) < jobs and not _skip_reason(
                         stop, fail_fast, list(done.values())):
@@ -254,8 +395,8 @@ def _run_all(plan: Plan, stop: _Stop, opener: Opener, probe: bool, fail_fast: bo
                     try:
                         done[i] = future.result()
                     except Exception as exc:  # the worker process died (killed, out of memory)
-                        done[i] = ModelOutcome(job=plan.jobs[i], status=STATUS_FAILED,
-                                               error=f"model '{plan.jobs[i].name}': the worker "
+                        done[i] = ModelOutcome(job=todo[i], status=STATUS_FAILED,
+                                               error=f"model '{todo[i].name}': the worker "
                                                      f"process failed ({type(exc).__name__})")
                     report(done[i])
             for i, job in queue:
@@ -274,8 +415,9 @@ def _worker_init() -> None:
 
 def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
               outcomes: list[ModelOutcome], fail_fast: bool, probe: bool,
-              interrupted: str | None) -> dict[str, Any]:
-    """The audit log document of one run (schema/audit.schema.json)."""
+              interrupted: str | None, shard: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The audit log document of one run (schema/audit.schema.json); `outcomes` those of the
+    run's models (a shard's), in spec order."""
     log: dict[str, Any] = {
         "version": AUDIT_VERSION,
         "run_id": run_id,
@@ -307,4 +449,6 @@ def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
     }
     if interrupted:
         log["interrupted"] = interrupted
+    if shard is not None:
+        log["shard"] = {"index": shard[0], "count": shard[1]}
     return log
