@@ -21,6 +21,8 @@ class Family:
     kernel_var: str  # the Keras 3 variable name (layer.weights[i].name)
     legacy_kernel_vars: tuple[str, ...]  # names a Keras 2 / legacy .h5 file may use
     description: str
+    # how a removal slices this family where it consumes removed channels (removal.Touch.how)
+    input_touch: str = "inputs"
 
     @property
     def kernel_names(self) -> tuple[str, ...]:
@@ -61,6 +63,64 @@ class Family:
             return np.moveaxis(kernel, -2, 0)
         return np.moveaxis(kernel, -1, 0)
 
+    def slice_axes(self, class_name: str) -> int | None:
+        """Axes of one filter slice, from the class name's rank: the spatial axes, plus the
+        input-channel axis except for depthwise slices (see filter_view)."""
+        digits = [c for c in canonical_class(class_name) if c.isdigit()]
+        if not digits:
+            return None
+        rank = int(digits[0])
+        return rank if self.name == "depthwise" else rank + 1
+
+    def variable_names(self, config: dict[str, Any]) -> list[str]:
+        """The layer's variables in creation order (build() in keras/src/layers/convolutional/;
+        = vars/0, vars/1, ... in a .keras file)."""
+        bias = ["bias"] if bool(config.get("use_bias", True)) else []
+        if self.name == "separable":
+            return ["depthwise_kernel", "pointwise_kernel"] + bias
+        return ["kernel"] + bias
+
+    def expected_shapes(self, config: dict[str, Any], c: int) -> dict[str, tuple[int, ...]]:
+        """Shapes each variable must have for `c` input channels (the build() methods)."""
+        k = tuple(int(v) for v in config["kernel_size"])
+        if self.name == "depthwise":
+            mult = int(config.get("depth_multiplier", 1))
+            return {"kernel": k + (c, mult), "bias": (c * mult,)}
+        filters = int(config["filters"])
+        if self.name == "separable":
+            mult = int(config.get("depth_multiplier", 1))
+            return {"depthwise_kernel": k + (c, mult),
+                    "pointwise_kernel": (1,) * len(k) + (c * mult, filters), "bias": (filters,)}
+        if self.name == "conv_transpose":
+            return {"kernel": k + (filters, c), "bias": (filters,)}
+        groups = int(config.get("groups", 1))
+        return {"kernel": k + (c // groups, filters), "bias": (filters,)}
+
+    def stored_input_channels(self, first: tuple[int, ...], config: dict[str, Any]) -> int | None:
+        """Input channels implied by the stored shape of the first variable (the kernel)."""
+        if len(first) < 2:
+            return None
+        if self.name == "conv_transpose":
+            return first[-1]
+        return first[-2] * (int(config.get("groups", 1)) if self.name == "conv" else 1)
+
+    def slice_inputs(self, variables: dict[str, np.ndarray], keep: list[int],
+                     config: dict[str, Any]) -> None:
+        """Keep only input channels `keep` of a layer that consumes removed channels (in place).
+        A depthwise layer's own outputs c*mult..c*mult+mult-1 go with its input channel c."""
+        mult = int(config.get("depth_multiplier", 1))
+        expanded = [c * mult + m for c in keep for m in range(mult)]
+        kernel = self.kernel_name(variables) or self.kernel_var
+        if self.name == "conv_transpose":  # kernel (*k, filters, in): inputs on the last axis
+            variables[kernel] = variables[kernel][..., keep]
+        elif self.name == "separable":
+            variables["depthwise_kernel"] = variables["depthwise_kernel"][..., keep, :]
+            variables[kernel] = variables[kernel][..., expanded, :]
+        else:  # conv (*k, in, filters) and depthwise (*k, in, mult)
+            variables[kernel] = variables[kernel][..., keep, :]
+            if self.name == "depthwise" and "bias" in variables:
+                variables["bias"] = variables["bias"][expanded]
+
     def zeroed(self, kernel: np.ndarray, filters: list[int]) -> np.ndarray:
         """A copy of `kernel` with the given filters' slices set to 0 (nothing else touched)."""
         out = np.array(kernel, copy=True, order="C")
@@ -74,12 +134,14 @@ FAMILIES: tuple[Family, ...] = (
     Family("conv", ("Conv1D", "Conv2D", "Conv3D"), "kernel", ("kernel",),
            "kernel, filter axis -1"),
     Family("conv_transpose", ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"), "kernel",
-           ("kernel",), "kernel, filter axis -2"),
+           ("kernel",), "kernel, filter axis -2", "transpose_inputs"),
     Family("depthwise", ("DepthwiseConv1D", "DepthwiseConv2D"), "kernel",
-           ("depthwise_kernel", "kernel"), "depthwise kernel (..., in, mult), channel c*mult+m"),
+           ("depthwise_kernel", "kernel"), "depthwise kernel (..., in, mult), channel c*mult+m",
+           "depthwise"),
     Family("separable", ("SeparableConv1D", "SeparableConv2D"), "pointwise_kernel",
-           ("pointwise_kernel",), "pointwise_kernel, filter axis -1"),
+           ("pointwise_kernel",), "pointwise_kernel, filter axis -1", "separable_inputs"),
 )
+INPUT_TOUCHES = tuple(sorted({fam.input_touch for fam in FAMILIES}))
 
 _BY_CLASS = {cls: fam for fam in FAMILIES for cls in fam.classes}
 # Keras keeps these aliases (keras/src/layers/__init__.py); configs normally hold the canonical name.
@@ -100,6 +162,57 @@ def family_of(class_name: str) -> Family | None:
 
 def canonical_class(class_name: str) -> str:
     return _ALIASES.get(class_name, class_name)
+
+
+# --- every layer kprune edits: variables and the shapes they must have -----------------------
+
+
+def variable_names(class_name: str, config: dict[str, Any]) -> list[str] | None:
+    """A convolution's or BatchNormalization's variables in creation order, or None."""
+    family = family_of(class_name)
+    if family is not None:
+        return family.variable_names(config)
+    if canonical_class(class_name) in BATCHNORM_CLASSES:
+        return ((["gamma"] if config.get("scale", True) else [])
+                + (["beta"] if config.get("center", True) else [])
+                + ["moving_mean", "moving_variance"])
+    return None
+
+
+def input_channels(class_name: str, config: dict[str, Any], build: dict[str, Any],
+                   stored: dict[str, tuple[int, ...]]) -> int | None:
+    """The layer's input channels: from its build shape, else (legacy .h5 configs carry no
+    build_config) from the stored first variable, which the other shapes must then agree with."""
+    shape = build.get("input_shape")
+    cls = canonical_class(class_name)
+    if isinstance(shape, list) and shape:
+        if cls in BATCHNORM_CLASSES:
+            axis = config.get("axis", -1)
+            axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+            value = shape[axis] if isinstance(axis, int) and -len(shape) <= axis < len(shape) \
+                else None
+        else:
+            value = shape[1] if config.get("data_format") == "channels_first" else shape[-1]
+        return None if value is None else int(value)
+    first = next(iter(stored.values()), None)
+    if first is None or len(first) < 1:
+        return None
+    if cls in BATCHNORM_CLASSES:
+        return first[0]
+    family = family_of(cls)
+    return None if family is None else family.stored_input_channels(first, config)
+
+
+def expected_shapes(class_name: str, config: dict[str, Any], build: dict[str, Any],
+                    stored: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
+    """Shapes each variable must have, from the layer config and its input channels."""
+    c = input_channels(class_name, config, build, stored)
+    if c is None:
+        return None
+    if canonical_class(class_name) in BATCHNORM_CLASSES:
+        return {k: (c,) for k in ("gamma", "beta", "moving_mean", "moving_variance")}
+    family = family_of(class_name)
+    return None if family is None else family.expected_shapes(config, c)
 
 
 # --- what follows a layer -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from kprune_batch.errors import ModelError
-from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
+from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES, INPUT_TOUCHES,
                                    ZERO_PRESERVING_CLASSES, family_of)
 from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
 from kprune_batch.ranges import compact_ranges
@@ -290,8 +290,6 @@ def apply_touch(how: str, keep: list[int], class_name: str, config: dict,
                 variables: dict[str, np.ndarray]) -> None:
     """Slice one layer's variables (by name, as Keras names them) as a Touch says; shared with
     `kprune verify`, which rebuilds the expected output from the log."""
-    mult = int(config.get("depth_multiplier", 1))
-    expanded = [c * mult + m for c in keep for m in range(mult)]
     kernel = _kernel_var(class_name, variables)
     if how == "filters":
         variables[kernel] = variables[kernel][..., keep]
@@ -300,15 +298,10 @@ def apply_touch(how: str, keep: list[int], class_name: str, config: dict,
     elif how == "batchnorm":
         for name in variables:
             variables[name] = variables[name][keep]
-    elif how in ("inputs", "depthwise"):
-        variables[kernel] = variables[kernel][..., keep, :]
-        if how == "depthwise" and "bias" in variables:
-            variables["bias"] = variables["bias"][expanded]
-    elif how == "transpose_inputs":
-        variables[kernel] = variables[kernel][..., keep]
-    elif how == "separable_inputs":
-        variables["depthwise_kernel"] = variables["depthwise_kernel"][..., keep, :]
-        variables[kernel] = variables[kernel][..., expanded, :]
+    elif how in INPUT_TOUCHES:  # the family table knows where each family keeps its inputs
+        family = family_of(class_name)
+        assert family is not None and family.input_touch == how
+        family.slice_inputs(variables, keep, config)
     elif how == "rows":
         variables[kernel] = variables[kernel][keep]
 
@@ -456,21 +449,15 @@ def _propagate(walk: _Walk, src: str, flow: _Flow) -> None:
         elif family_of(cls) is not None:
             fam = family_of(cls)
             assert fam is not None
-            if fam.name == "conv":
-                if int(node.config.get("groups", 1)) != 1:
-                    raise ModelError("a grouped convolution consumes the channels", layer=consumer)
-                walk.touch(consumer, "inputs", keep, n)
-                walk.plan.sinks[consumer] = _Sink("conv", flow.dropped(), axis, flow.origins)
-            elif fam.name == "conv_transpose":
-                walk.touch(consumer, "transpose_inputs", keep, n)
-                walk.plan.sinks[consumer] = _Sink("transpose", flow.dropped(), axis, flow.origins)
-            elif fam.name == "separable":
-                walk.touch(consumer, "separable_inputs", keep, n)
-                walk.plan.sinks[consumer] = _Sink("separable", flow.dropped(), axis, flow.origins)
+            if fam.name == "conv" and int(node.config.get("groups", 1)) != 1:
+                raise ModelError("a grouped convolution consumes the channels", layer=consumer)
+            walk.touch(consumer, fam.input_touch, keep, n)
+            if fam.name != "depthwise":
+                sink = {"conv": "conv", "conv_transpose": "transpose"}.get(fam.name, fam.name)
+                walk.plan.sinks[consumer] = _Sink(sink, flow.dropped(), axis, flow.origins)
             else:  # depthwise: its own channels c*mult..c*mult+mult-1 go too; whatever constant
                 # they carry (its bias, say) is measured and folded where they end
                 mult = int(node.config.get("depth_multiplier", 1))
-                walk.touch(consumer, "depthwise", keep, n)
                 _propagate(walk, consumer, _Flow([c * mult + m for c in keep for m in range(mult)],
                                                  n * mult, flow.origins, flow.data_format))
         else:

@@ -514,23 +514,13 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
                             f"fraction must be a number greater than 0 and at most 1, got "
                             f"{fraction!r}")
                 if kind == "sign" and cls is not None and family_of(cls) is not None:
-                    axes = _slice_axes(cls)
+                    axes = family_of(cls).slice_axes(cls)  # type: ignore[union-attr]
                     if axes is not None and len(params["element"]) != axes:
                         add(rpath + ("element",),
                             f"a {cls} filter slice has {axes} axes, but element has "
                             f"{len(params['element'])} number(s)")
     problems.extend(_path_problems(data, positions, file))
     return problems
-
-
-def _slice_axes(cls: str) -> int | None:
-    """Axes of one filter slice for a class: spatial dims (+1 input-channel axis unless depthwise)."""
-    fam = family_of(cls)
-    digits = [c for c in cls if c.isdigit()]
-    if fam is None or not digits:
-        return None
-    rank = int(digits[0])
-    return rank if fam.name == "depthwise" else rank + 1
 
 
 def _spec_folder(file: str) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 
 from kprune_batch.crc import patched_crc32
 from kprune_batch.errors import ModelError
-from kprune_batch.families import BATCHNORM_CLASSES, canonical_class, family_of
+from kprune_batch.families import expected_shapes, variable_names
 from kprune_batch.files import CorruptInput, copy_patched, patched_equals
 from kprune_batch.graph import MODEL_CLASSES, ConfigError, build_graph
 
@@ -125,77 +125,6 @@ def _unique(name: str, used: dict[str, int]) -> str:
         return f"{name}_{used[name]}"
     used[name] = 0
     return name
-
-
-def _variable_names(class_name: str, config: dict[str, Any]) -> list[str] | None:
-    """The layer's variables in creation order (= vars/0, vars/1, ... in a .keras file)."""
-    cls = canonical_class(class_name)
-    family = family_of(cls)
-    use_bias = bool(config.get("use_bias", True))
-    if family is not None and family.name == "separable":
-        return ["depthwise_kernel", "pointwise_kernel"] + (["bias"] if use_bias else [])
-    if family is not None:
-        return ["kernel"] + (["bias"] if use_bias else [])
-    if cls in BATCHNORM_CLASSES:
-        return ((["gamma"] if config.get("scale", True) else [])
-                + (["beta"] if config.get("center", True) else [])
-                + ["moving_mean", "moving_variance"])
-    return None
-
-
-def _input_channels(class_name: str, config: dict[str, Any], build: dict[str, Any],
-                    stored: dict[str, tuple[int, ...]]) -> int | None:
-    """The layer's input channels: from its build shape, else (legacy .h5 configs carry no
-    build_config) from the stored first variable, which the other shapes must then agree with."""
-    shape = build.get("input_shape")
-    cls = canonical_class(class_name)
-    if isinstance(shape, list) and shape:
-        if cls in BATCHNORM_CLASSES:
-            axis = config.get("axis", -1)
-            axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
-            value = shape[axis] if isinstance(axis, int) and -len(shape) <= axis < len(shape) \
-                else None
-        else:
-            value = shape[1] if config.get("data_format") == "channels_first" else shape[-1]
-        return None if value is None else int(value)
-    first = next(iter(stored.values()), None)
-    family = family_of(cls)
-    if first is None or len(first) < 1:
-        return None
-    if cls in BATCHNORM_CLASSES:
-        return first[0]
-    if family is None or len(first) < 2:
-        return None
-    if family.name == "conv_transpose":
-        return first[-1]
-    return first[-2] * (int(config.get("groups", 1)) if family.name == "conv" else 1)
-
-
-def _expected_shapes(class_name: str, config: dict[str, Any], build: dict[str, Any],
-                     stored: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]] | None:
-    """Shapes each variable must have, from the layer config and its input channels."""
-    c = _input_channels(class_name, config, build, stored)
-    if c is None:
-        return None
-    cls = canonical_class(class_name)
-    if cls in BATCHNORM_CLASSES:
-        return {k: (c,) for k in ("gamma", "beta", "moving_mean", "moving_variance")}
-    family = family_of(cls)
-    if family is None:
-        return None
-    k = tuple(int(v) for v in config["kernel_size"])
-    if family.name == "depthwise":
-        mult = int(config.get("depth_multiplier", 1))
-        return {"kernel": k + (c, mult), "bias": (c * mult,)}
-    filters = int(config["filters"])
-    if family.name == "separable":
-        mult = int(config.get("depth_multiplier", 1))
-        return {"depthwise_kernel": k + (c, mult), "pointwise_kernel": (1,) * len(k) + (
-            c * mult, filters), "bias": (filters,)}
-    if family.name == "conv_transpose":
-        return {"kernel": k + (filters, c), "bias": (filters,)}
-    groups = int(config.get("groups", 1))
-    return {"kernel": k + (c // groups, filters), "bias": (filters,)}
 
 
 def _config_problems(model_config: dict[str, Any]) -> None:
@@ -401,7 +330,7 @@ class DirectModelWeights:
                 if layer.get("class_name") in MODEL_CLASSES:
                     walk(layer, f"{prefix}{name}/", where)
                     continue
-                names = _variable_names(layer["class_name"], layer.get("config", {}))
+                names = variable_names(layer["class_name"], layer.get("config", {}))
                 if names is None:
                     continue
                 count = len(group["vars"])
@@ -431,7 +360,7 @@ class DirectModelWeights:
         self._check_h5_order(config, root)
         mapping: dict[str, dict[str, str]] = {}
         for path, node in self.graph.layers.items():
-            names = _variable_names(node.class_name, node.config)
+            names = variable_names(node.class_name, node.config)
             if names is None:
                 continue
             group = root.get(path)
@@ -555,7 +484,7 @@ class DirectModelWeights:
                 raise DirectBackendUnsupported(f"{where}: {name} is stored as {ds.dtype}, Keras "
                                                f"loads it into a {variable} variable")
             shapes[name] = tuple(int(d) for d in ds.shape)
-        expected = _expected_shapes(class_name, config, build, shapes)
+        expected = expected_shapes(class_name, config, build, shapes)
         if expected is None:
             raise DirectBackendUnsupported(f"{where}: cannot tell the input channels")
         for name, shape in shapes.items():
