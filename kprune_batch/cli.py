@@ -78,16 +78,21 @@ def validate(ctx: click.Context, specs: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]),
+              default="text", show_default=True, help="markdown: with --base only.")
+@click.option("--base", metavar="REV",
+              help="Compare with the spec as committed at this git revision (both planned "
+                   "against the current model files).")
 @BACKEND_OPTION
 @click.pass_context
-def plan(ctx: click.Context, spec: str, fmt: str, backend: str) -> None:
+def plan(ctx: click.Context, spec: str, fmt: str, base: str | None, backend: str) -> None:
     """Show which filters each rule would zero; reads models, writes nothing."""
     from kprune_batch.commands.plan import plan as run
     from kprune_batch.executor import OPENERS
 
-    _finish(ctx, lambda: run(spec, fmt, opener=OPENERS[backend]))
+    if fmt == "markdown" and base is None:
+        raise click.UsageError("--format markdown shows a spec change: give --base REV")
+    _finish(ctx, lambda: run(spec, fmt, opener=OPENERS[backend], base=base))
 
 
 @cli.command()
@@ -161,6 +166,18 @@ def pin(ctx: click.Context, specs: tuple[str, ...]) -> None:
     from kprune_batch.commands.pin import pin as run
 
     _finish(ctx, lambda: run(list(specs)))
+
+
+@cli.command()
+@click.argument("logs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the merged audit log.")
+@click.pass_context
+def merge(ctx: click.Context, logs: tuple[str, ...], output: str) -> None:
+    """One audit log from the shard logs of one run (apply --shard K/N, every K once)."""
+    from kprune_batch.commands.merge import merge as run
+
+    _finish(ctx, lambda: run(list(logs), output))
 
 
 def main() -> None:
