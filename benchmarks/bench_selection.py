@@ -52,9 +52,9 @@ MODELS = ("ResNet50", "MobileNetV2", "EfficientNetB0")
 
 
 def spec_text(path: Path, across: str) -> str:
-    rule = "{smallest: {by: l1, fraction: 0.25" + (", across: entry" if across == "entry" else "")
+    extra = ", across: entry" if across == "entry" else ""
     return (f"version: 1\noutput_dir: out\nmodels:\n  - path: {path}\n"
-            f"    layers: [{{match: '*', rules: [{rule}}}]}}]\n")
+            f"    layers: [{{match: '*', rules: [{{smallest: {{by: l1, fraction: 0.25{extra}}}}}]}}]\n")
 
 
 def main() -> None:
