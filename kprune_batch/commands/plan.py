@@ -12,7 +12,12 @@ from kprune_batch.selection import LayerSelection
 from kprune_batch.spec import read_spec
 
 
-def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto) -> Result:
+def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto,
+         base: str | None = None) -> Result:
+    if base is not None:  # the plan of a spec change: the spec at `base` against the work tree
+        from kprune_batch.commands.plan_diff import plan_diff
+
+        return plan_diff(spec_file, base, fmt, opener=opener)
     result = Result()
     try:
         compiled = compile_plan(read_spec(spec_file))
