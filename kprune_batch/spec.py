@@ -397,7 +397,11 @@ def read_spec(file: str | os.PathLike[str]) -> Spec:
     """Read, parse and validate a spec file; raise SpecError with every problem found."""
     file = str(file)
     try:
-        raw = Path(file).read_bytes()
+        # a regular file only, read no further than its size: a FIFO or /dev/zero given as a
+        # spec (a git hook runs validate unattended) must not hang
+        from kprune_batch.files import read_regular
+
+        raw = read_regular(file)
     except OSError as exc:
         raise SpecError(file, [SpecProblem(0, 0, "", f"cannot read spec file: {exc.strerror}",
                                            file)]) from None

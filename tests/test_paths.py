@@ -323,3 +323,13 @@ def test_verify_never_hangs_on_a_file_the_log_names(tmp_path: Path, small_cnn: P
     result = kprune("verify", tmp_path / "log.json", timeout=60).expect(1)
     assert result.stdout == (f"MISMATCH m: output file {out} cannot be read: it is {what}, "
                              f"not a regular file\n")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link to /dev/zero"])
+def test_odd_spec_path_is_one_line(tmp_path: Path, kind: str) -> None:
+    """validate runs in git hooks: a FIFO or /dev/zero given as the spec must not hang it."""
+    what = _odd(kind, tmp_path / "spec.yaml")
+    for command in ("validate", "plan", "apply"):
+        result = kprune(command, tmp_path / "spec.yaml", timeout=60).expect(2)
+        assert result.stderr == (f"{tmp_path / 'spec.yaml'}: cannot read spec file: it is "
+                                 f"{what}, not a regular file\n")

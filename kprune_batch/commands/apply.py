@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new_run_id,
                                 run_status, tool_versions, utc_now, write_log)
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Result
-from kprune_batch.errors import AuditLogError, OutputError, SpecError
+from kprune_batch.errors import AuditLogError, OutputError, SpecError, printable
 from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ModelOutcome,
                                    Opener, open_auto, run_job)
 from kprune_batch.files import file_kind, remove_stale_temps
@@ -362,7 +362,8 @@ def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fai
 
     def report(outcome: ModelOutcome) -> None:
         if progress:
-            sys.stderr.write(f"\r[{len(done)}/{total}] {outcome.job.name}: {outcome.status}\033[K")
+            name = printable(outcome.job.name)  # a name cannot forge terminal output either
+            sys.stderr.write(f"\r[{len(done)}/{total}] {name}: {outcome.status}\033[K")
             sys.stderr.flush()
 
     if jobs <= 1 or total <= 1:
