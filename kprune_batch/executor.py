@@ -37,6 +37,7 @@ class ModelOutcome:
     removed: list[dict[str, Any]] = field(default_factory=list)
     removal: dict[str, Any] | None = None
     touched: list[dict[str, Any]] = field(default_factory=list)  # plan only: Touch.to_json()
+    impact: dict[str, Any] | None = None  # measured on the samples (also when a guard failed)
     written: bool = True  # False: the output already held exactly these bytes and was kept
 
 
@@ -152,7 +153,15 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         weights = opener(job)
         outcome.backend = weights.backend
         outcome.backend_note = getattr(weights, "fallback_reason", None)
-        selection = select_model(job, weights)
+        measurer = None
+        if job.samples is not None:
+            # Keras only now: a model without samples never needs TensorFlow for this
+            from kprune_batch.impact import Measurer
+
+            measurer = Measurer(job)  # checks the samples before anything is selected
+        selection = select_model(job, weights,
+                                 data=measurer.data_statistics if measurer else None,
+                                 measure_all=not write)
         outcome.layers = list(selection.layers)
         removing = list(selection.removing)
         if not write:
@@ -188,6 +197,14 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
                     outcome.static_check = static_check(tmp, job, outcome.zeroed, weights)
 
                 checks.append(static)
+        if measurer is not None:
+            def impact_check(tmp: str) -> None:
+                from kprune_batch.impact import check_guards
+
+                outcome.impact = measurer.impact(tmp)  # the written file, before the rename
+                check_guards(outcome.impact, job.impact, job.name)
+
+            checks.append(impact_check)
 
         def input_unchanged(_tmp: str) -> None:
             # a stat comparison instead of hashing the input again (0.4 s for 550 MB)

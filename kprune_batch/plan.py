@@ -49,6 +49,18 @@ class LayerOp:
 
 
 @dataclass(frozen=True)
+class ImpactGuards:
+    """A model's effective impact guards (its own keys over defaults.impact); None: not set."""
+
+    max_relative_diff: float | None = None
+    min_agreement: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def to_json(self) -> dict[str, float | None]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ModelJob:
     loc: str  # models[i]
     name: str
@@ -56,6 +68,8 @@ class ModelJob:
     output: str  # absolute path
     format: str  # "keras" or "h5": the output keeps the input's format
     ops: tuple[LayerOp, ...]
+    samples: str | None = None  # absolute path of the samples file (.npy or .npz)
+    impact: ImpactGuards = ImpactGuards()
     sha256: str | None = None  # models[].sha256: the input must have this hash (pinned)
     path_in_spec: str = ""  # the input's `path` as the spec writes it (for messages)
 
@@ -103,7 +117,10 @@ def compile_plan(spec: Spec, output_dir: str | None = None) -> Plan:
         jobs.append(ModelJob(loc=model.loc, name=model.name, input=model.path,
                              output=spec.output_path(model, out_dir),
                              format=model_format(model.path), ops=tuple(ops),
-                             sha256=model.sha256, path_in_spec=model.path_in_spec))
+                             sha256=model.sha256, path_in_spec=model.path_in_spec,
+                             samples=model.samples,
+                             impact=ImpactGuards(**{k: None if v is None else float(v)
+                                                    for k, v in model.impact})))
     return Plan(version=PLAN_VERSION, spec_path=os.path.abspath(spec.file),
                 spec_sha256=spec.sha256, output_dir=out_dir, jobs=tuple(jobs))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -18,8 +18,15 @@ from kprune_batch.errors import ModelError
 from kprune_batch.families import Family, canonical_class, family_of
 from kprune_batch.graph import LayerGraph
 from kprune_batch.plan import LayerOp, ModelJob, Options, RuleOp
-from kprune_batch.rules import (RANKING_KINDS, STAT_KINDS, RuleError, budget, check_finite,
-                                filter_stats, normalized, rank_order, select, threshold)
+from kprune_batch.rules import (DATA_KINDS, RANKING_KINDS, STAT_KINDS, RuleError, budget,
+                                check_finite, filter_stats, normalized, rank_order, select,
+                                threshold)
+
+# Data statistics of layers, measured on the model's samples by the executor's provider
+# (impact.Measurer.data_statistics, which needs TensorFlow): called once per model with every
+# layer path that needs them; returns {path: {"at": measured layer, "samples": count,
+# "apoz": (n,), "activation_mean": (n,)}}.
+DataProvider = Callable[[LayerGraph, Iterable[str]], Mapping[str, Mapping[str, Any]]]
 
 # Options every layer of one coupled group must share (they decide how the group's channels are
 # edited and coupled); `approximate` and `max_fraction` stay per layer.
@@ -87,6 +94,8 @@ class LayerSelection:
     kept_back: tuple[int, ...] = ()  # selected but kept for round_to
     ranked: Mapping[int, tuple[RankPick, ...]] = field(default_factory=dict)
     rankings: tuple[Ranking, ...] = ()
+    # data statistics of every filter, where measured: {"at", "samples", "apoz", "activation_mean"}
+    data: Mapping[str, Any] | None = None
 
     @property
     def family(self) -> Family:
@@ -112,6 +121,9 @@ class LayerSelection:
             out["group"] = list(self.group)
         if self.kept_back:
             out["kept_back"] = list(self.kept_back)
+        if self.data is not None:
+            out["data_statistics"] = {"at": self.data["at"], "samples": self.data["samples"],
+                                      **{k: [float(v) for v in self.data[k]] for k in DATA_KINDS}}
         return out
 
 
@@ -127,11 +139,15 @@ class ModelSelection:
         return [s.to_json() for s in self.layers]
 
 
-def select_model(job: ModelJob, weights: Any) -> ModelSelection:
+def select_model(job: ModelJob, weights: Any, data: DataProvider | None = None,
+                 measure_all: bool = False) -> ModelSelection:
     """Evaluate every rule of `job` on the input model's weights and return the final, guarded
-    selection of every layer (ModelError naming the model and layer for anything wrong)."""
+    selection of every layer (ModelError naming the model and layer for anything wrong).
+
+    `data` measures data statistics (apoz, activation_mean) on the samples: for the layers whose
+    rules use them, or with `measure_all` for every layer (plan shows them)."""
     try:
-        return _Stage(job, weights).run()
+        return _Stage(job, weights, data, measure_all).run()
     except ModelError as exc:
         raise exc if exc.model else exc.for_model(job.name) from None
 
@@ -173,13 +189,17 @@ class _Layer:
 
 
 class _Stage:
-    def __init__(self, job: ModelJob, weights: Any):
+    def __init__(self, job: ModelJob, weights: Any, data: DataProvider | None = None,
+                 measure_all: bool = False):
         self.job = job
         self.weights = weights
         self.graph: LayerGraph = weights.graph
         self.layers: dict[str, _Layer] = {}
         self.resolved: list[tuple[LayerOp, list[str]]] = []
         self._bn: dict[str, np.ndarray] = {}
+        self._provider = data
+        self._measure_all = measure_all
+        self._data: Mapping[str, Mapping[str, Any]] = {}
         self._group_errors: dict[str, ModelError] = {}
 
     def run(self) -> ModelSelection:
@@ -189,6 +209,7 @@ class _Stage:
             for path in paths:
                 self._add_entry(op, path)
         self._form_groups()
+        self._measure()
         # Rules that look at one layer first, then rankings across entries in spec order: a
         # global ranking's cap counts what the other rules already took, so it never pushes a
         # layer past its guard.
@@ -267,6 +288,33 @@ class _Stage:
                     self.layers[m].allow_empty_layer = all(x.allow_empty_layer for x in listed)
                 self.layers[m].group = list(members)
 
+    def _measure(self) -> None:
+        """Data statistics of every layer a data rule looks at (a ranking unit's coupled members
+        too), in one call of the provider: one pass of the input model over the samples."""
+        # plan measures every layer where it can (it shows them); apply only what rules use
+        wanted = list(self.layers) if self._measure_all and self._provider else []
+        for op, paths in self.resolved:
+            for rule in op.rules:
+                if rule.kind in DATA_KINDS or (rule.kind in RANKING_KINDS
+                                               and rule.params["by"] in DATA_KINDS):
+                    for path in paths:
+                        wanted += [m.path for m in self._unit(self.layers[path])]
+        if not wanted:
+            return
+        if self._provider is None:
+            raise ModelError("data statistics (apoz, activation_mean) need the model's samples, "
+                             "and it has none", hint="give the model 'samples'")
+        self._data = self._provider(self.graph, list(dict.fromkeys(wanted)))
+
+    def _data_stat(self, kind: str, layer: _Layer) -> np.ndarray:
+        values = np.asarray(self._data[layer.path][kind], dtype=np.float64)
+        if values.shape != (layer.n,):
+            raise ModelError(f"{kind} was measured on {values.size} channels at "
+                             f"'{self._data[layer.path]['at']}', but the layer has {layer.n} "
+                             f"filters", layer=layer.path,
+                             hint="use a kernel statistic for this layer")
+        return values
+
     # rules
 
     def _unit(self, layer: _Layer) -> list[_Layer]:
@@ -281,6 +329,8 @@ class _Stage:
             try:
                 if by == "bn_gamma":
                     total += self._bn_gamma(layer, loc)
+                elif by in DATA_KINDS:
+                    total += self._data_stat(by, layer)
                 else:
                     check_finite(by, None, layer.stats)
                     total += layer.stats[by]
@@ -328,6 +378,8 @@ class _Stage:
                 chosen = self._rank_layer(rule, layer)
             elif rule.kind == "bn_gamma":
                 chosen = threshold(self._bn_gamma(layer, rule.loc), params)
+            elif rule.kind in DATA_KINDS:
+                chosen = threshold(self._data_stat(rule.kind, layer), params)
             elif rule.kind in STAT_KINDS:
                 check_finite(rule.kind, None, layer.stats)
                 chosen = threshold(layer.stats[rule.kind], params)
@@ -471,7 +523,10 @@ class _Stage:
                     if f in chosen}
             filters[f] = tuple(sorted(locs, key=loc_key))
         keep = sorted(final | set(layer.kept_back))
-        stats = layer.stats
+        data = self._data.get(layer.path)
+        # a filter's record carries its data statistics where they were measured
+        stats = {**layer.stats, **({k: self._data_stat(k, layer) for k in DATA_KINDS}
+                                   if data is not None else {})}
         return LayerSelection(
             path=layer.path, class_name=layer.class_name, n_filters=layer.n,
             options=layer.options, max_fraction=layer.max_fraction,
@@ -481,7 +536,7 @@ class _Stage:
             stats={f: {k: float(v[f]) for k, v in stats.items()} for f in keep},
             group=tuple(layer.group), kept_back=tuple(layer.kept_back),
             ranked={f: tuple(picks) for f, picks in layer.ranked.items() if f in final},
-            rankings=tuple(layer.rankings))
+            rankings=tuple(layer.rankings), data=data)
 
 
 def _across_entry(rule: RuleOp) -> bool:

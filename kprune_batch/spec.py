@@ -372,6 +372,9 @@ class ModelSpec:
     path: str  # absolute, resolved against the spec's folder
     output: str | None  # as written (relative to output_dir), None for the default
     layers: tuple[LayerEntry, ...]
+    samples: str | None = None  # absolute, resolved against the spec's folder
+    # effective impact guards: the model's own keys over defaults.impact (None: switched off)
+    impact: tuple[tuple[str, Any], ...] = ()
     sha256: str | None = None  # models[].sha256 (lower case): the file the spec was written for
     path_in_spec: str = ""  # `path` as written, for messages about the file
 
@@ -495,6 +498,7 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
                 f"max_fraction must be a number from 0 to 1, got {value!r}")
 
     finite_fraction(("defaults",), data.get("defaults") or {})
+    problems.extend(_impact_problems(data, positions, file))
     for i, model in enumerate(data["models"]):
         for j, entry in enumerate(model["layers"]):
             finite_fraction(("models", i, "layers", j), entry)
@@ -524,6 +528,51 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
                             f"a {cls} filter slice has {axes} axes, but element has "
                             f"{len(params['element'])} number(s)")
     problems.extend(_path_problems(data, positions, file))
+    return problems
+
+
+IMPACT_GUARDS = ("max_relative_diff", "min_agreement", "max_accuracy_drop")
+
+
+def _impact_problems(data: dict[str, Any], positions: Positions, file: str) -> list[SpecProblem]:
+    """Impact guards and data statistics need `samples`: a guard left set (after defaults.impact,
+    key by key) or a rule using apoz/activation_mean on a model without samples is an error."""
+    from kprune_batch.rules import DATA_KINDS
+
+    problems: list[SpecProblem] = []
+
+    def add(path: tuple, message: str) -> None:
+        line, col = positions.of(path)
+        problems.append(SpecProblem(line, col, json_path(path), message, file))
+
+    defaults = (data.get("defaults") or {}).get("impact") or {}
+    for where, guards in [(("defaults", "impact"), defaults)] + [
+            (("models", i, "impact"), m.get("impact") or {}) for i, m in enumerate(data["models"])]:
+        for key, value in guards.items():
+            if value is not None and not math.isfinite(float(value)):  # NaN passes the schema
+                add(where + (key,), f"{key} must be a finite number, got {value!r}")
+    for i, model in enumerate(data["models"]):
+        if "samples" in model:
+            continue
+        own = model.get("impact") or {}
+        effective = {**defaults, **own}
+        set_ = [k for k in IMPACT_GUARDS if effective.get(k) is not None]
+        if set_:
+            where = ("models", i, "impact") if any(own.get(k) is not None for k in set_) \
+                else ("models", i)
+            origin = "" if where[-1] == "impact" else " (from defaults.impact)"
+            add(where, f"impact guard(s) {', '.join(set_)}{origin} need the model's samples, "
+                       f"but it has none: give 'samples' (a .npy or .npz file), or set the "
+                       f"guard to null for this model")
+        for j, entry in enumerate(model["layers"]):
+            for k, rule in enumerate(entry["rules"]):
+                (kind, params), = rule.items()
+                stat = kind if kind in DATA_KINDS else (
+                    params.get("by") if isinstance(params, dict) else None)
+                if stat in DATA_KINDS:
+                    add(("models", i, "layers", j, "rules", k, kind),
+                        f"{stat} is measured on the model's samples, but it has none: give "
+                        f"'samples' (a .npy or .npz file) or rank by a kernel statistic")
     return problems
 
 
@@ -614,6 +663,7 @@ def _build(data: dict[str, Any], positions: Positions, file: str, sha256: str) -
     folder = _spec_folder(file)
     defaults = dict(OPTION_DEFAULTS)
     defaults.update(data.get("defaults") or {})
+    impact_defaults = defaults.pop("impact", None) or {}
     models = []
     for i, model in enumerate(data["models"]):
         layers = []
@@ -635,6 +685,9 @@ def _build(data: dict[str, Any], positions: Positions, file: str, sha256: str) -
         line, col = positions.of(mpath)
         models.append(ModelSpec(
             loc=json_path(mpath), line=line, col=col, name=model_name(model),
+            samples=(os.path.normpath(os.path.join(folder, model["samples"]))
+                     if "samples" in model else None),
+            impact=tuple(sorted({**impact_defaults, **(model.get("impact") or {})}.items())),
             path=os.path.normpath(os.path.join(folder, model["path"])),
             output=model.get("output"), layers=tuple(layers),
             sha256=model["sha256"].lower() if "sha256" in model else None,

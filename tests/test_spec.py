@@ -78,8 +78,8 @@ def test_all_errors_of_a_file_at_once_sorted_by_position(tmp_path: Path) -> None
         "11:17: models[0].layers[0].rules[1].l2: give exactly one of 'below' or 'above'",
         "12:43: models[0].layers[0].rules[2].sign.zero: 'neg' is not one of ['negative', "
         "'positive', 'zero', 'nonnegative', 'nonpositive']",
-        "13:13: models[0].layers[0].rules[3].foo: unknown key 'foo' (allowed: abs_mean, bn_gamma, "
-        "index, l1, l2, largest, mean, sign, smallest)",
+        "13:13: models[0].layers[0].rules[3].foo: unknown key 'foo' (allowed: abs_mean, "
+        "activation_mean, apoz, bn_gamma, index, l1, l2, largest, mean, sign, smallest)",
     ]
 
 

@@ -444,6 +444,8 @@ def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
             "probe": o.probe if o.status == STATUS_OK else "skipped",
             "static_check": o.static_check if o.status == STATUS_OK else "skipped",
             "removal": o.removal if o.status == STATUS_OK else None,
+            # also for a model its guards failed: what the edit did is what the reviewer needs
+            "impact": o.impact,
         } for o in outcomes],
         "zeroed": [record for o in outcomes if o.status == STATUS_OK for record in o.zeroed],
         "removed": [record for o in outcomes if o.status == STATUS_OK for record in o.removed],
