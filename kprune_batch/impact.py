@@ -57,6 +57,14 @@ def measure_point(graph: LayerGraph, path: str) -> str:
             return current
 
 
+def _point(graph: LayerGraph, path: str) -> str:
+    at = measure_point(graph, path)
+    if "/" in at:
+        raise ModelError("data statistics of a layer inside a nested model are not supported",
+                         layer=path, hint="use a kernel statistic for this layer")
+    return at
+
+
 def model_inputs(model: Any) -> list[InputSpec]:
     """The model's inputs as its config declares them (name, shape without the batch axis)."""
     return [InputSpec(str(t.name), tuple(None if d is None else int(d)
@@ -128,19 +136,23 @@ class Measurer:
 
     # data statistics
 
-    def data_statistics(self, graph: LayerGraph, paths: Iterable[str]
-                        ) -> dict[str, dict[str, Any]]:
-        """{layer: {"at": measured layer, "apoz": (n,), "activation_mean": (n,)}} for `paths`,
-        from one pass of the input model over the samples (inference mode)."""
+    def data_statistics(self, graph: LayerGraph, paths: Iterable[str],
+                        optional: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+        """{layer: {"at": measured layer, "samples": count, "apoz": (n,), "activation_mean":
+        (n,)}} for `paths` and for those `optional` layers that can be measured (plan shows
+        them), from one pass of the input model over the samples (inference mode)."""
         from kprune_batch.quiet import native_stderr_silenced
 
-        paths = list(dict.fromkeys(paths))
-        points = {p: measure_point(graph, p) for p in paths}
-        for path, at in points.items():
-            if "/" in at:
-                raise ModelError("data statistics of a layer inside a nested model are not "
-                                 "supported", layer=path,
-                                 hint="use a kernel statistic for this layer")
+        points: dict[str, str] = {}
+        for path in paths:
+            points[path] = _point(graph, path)
+        for path in optional:
+            if path not in points:
+                try:
+                    points[path] = _point(graph, path)
+                except ModelError:
+                    continue  # a shared or nested layer: nothing to show, nothing asked for
+        paths = list(points)
         tensors = sorted(set(points.values()))
         if not tensors:
             return {}
@@ -314,3 +326,22 @@ def _load(keras: Any, path: str, model: str, what: str) -> Any:
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise ModelError(f"Keras could not load the {what} to measure impact ({first})",
                          model=model, file=path) from exc
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line of an impact record: accuracy, agreement and differences (apply, report)."""
+    parts = []
+    if record.get("accuracy_before") is not None:
+        parts.append(f"accuracy {_pct(record['accuracy_before'])} -> "
+                     f"{_pct(record['accuracy_after'])}")
+    if record.get("agreement") is not None:
+        parts.append(f"agreement {_pct(record['agreement'])}")
+    relative = record.get("relative_diff")
+    parts.append(f"max |diff| {record['max_abs_diff']:.3g} (relative "
+                 f"{'undefined' if relative is None else format(relative, '.3g')}), "
+                 f"mean |diff| {record['mean_abs_diff']:.3g}")
+    return f"{record['samples']['count']} samples: " + ", ".join(parts)
+
+
+def _pct(share: float) -> str:
+    return f"{100.0 * share:.1f}%"

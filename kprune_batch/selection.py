@@ -24,9 +24,10 @@ from kprune_batch.rules import (DATA_KINDS, RANKING_KINDS, STAT_KINDS, RuleError
 
 # Data statistics of layers, measured on the model's samples by the executor's provider
 # (impact.Measurer.data_statistics, which needs TensorFlow): called once per model with every
-# layer path that needs them; returns {path: {"at": measured layer, "samples": count,
-# "apoz": (n,), "activation_mean": (n,)}}.
-DataProvider = Callable[[LayerGraph, Iterable[str]], Mapping[str, Mapping[str, Any]]]
+# layer path that needs them, and the layers to measure only where they can be (plan); returns
+# {path: {"at": measured layer, "samples": count, "apoz": (n,), "activation_mean": (n,)}}.
+DataProvider = Callable[[LayerGraph, Iterable[str], Iterable[str]],
+                        Mapping[str, Mapping[str, Any]]]
 
 # Options every layer of one coupled group must share (they decide how the group's channels are
 # edited and coupled); `approximate` and `max_fraction` stay per layer.
@@ -291,20 +292,22 @@ class _Stage:
     def _measure(self) -> None:
         """Data statistics of every layer a data rule looks at (a ranking unit's coupled members
         too), in one call of the provider: one pass of the input model over the samples."""
-        # plan measures every layer where it can (it shows them); apply only what rules use
-        wanted = list(self.layers) if self._measure_all and self._provider else []
+        wanted: list[str] = []
         for op, paths in self.resolved:
             for rule in op.rules:
                 if rule.kind in DATA_KINDS or (rule.kind in RANKING_KINDS
                                                and rule.params["by"] in DATA_KINDS):
                     for path in paths:
                         wanted += [m.path for m in self._unit(self.layers[path])]
-        if not wanted:
-            return
+        # plan measures every layer it can too (it shows them); apply only what rules use
+        optional = list(self.layers) if self._measure_all else []
         if self._provider is None:
-            raise ModelError("data statistics (apoz, activation_mean) need the model's samples, "
-                             "and it has none", hint="give the model 'samples'")
-        self._data = self._provider(self.graph, list(dict.fromkeys(wanted)))
+            if wanted:
+                raise ModelError("data statistics (apoz, activation_mean) need the model's "
+                                 "samples, and it has none", hint="give the model 'samples'")
+            return
+        if wanted or optional:
+            self._data = self._provider(self.graph, list(dict.fromkeys(wanted)), optional)
 
     def _data_stat(self, kind: str, layer: _Layer) -> np.ndarray:
         values = np.asarray(self._data[layer.path][kind], dtype=np.float64)

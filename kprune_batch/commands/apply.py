@@ -335,6 +335,10 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             kept = "" if outcome.written else " (unchanged: already held these bytes)"
             result.out.append(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)}{removed} "
                               f"filter(s) in {layers} layer(s) -> {outcome.job.output}{kept}")
+            if outcome.impact is not None:
+                from kprune_batch.impact import describe
+
+                result.out.append(f"        impact on {describe(outcome.impact)}")
         elif outcome.status == STATUS_FAILED:
             result.err.append(f"error: {outcome.error}")
         else:

@@ -64,6 +64,23 @@ def _text(name: str, src: str, dest: str, status: str, layers: list[LayerSelecti
             lines.append(f"    (not listed: follows its coupled group {', '.join(sel.group)})")
         if sel.kept_back:
             lines.append(f"    kept back for round_to: {compact_ranges(list(sel.kept_back))}")
+        lines.extend(_data_lines(sel))
+    return lines
+
+
+def _data_lines(sel: LayerSelection) -> list[str]:
+    """A layer's data statistics (plan with samples): where they were measured, their range over
+    the filters, and the value of each selected filter (the first few)."""
+    if sel.data is None:
+        return []
+    lines = [f"    data statistics on {sel.data['samples']} samples at '{sel.data['at']}':"]
+    for kind in ("apoz", "activation_mean"):
+        values = sel.data[kind]
+        chosen = sorted(sel.filters)
+        shown = ", ".join(f"{f}: {values[f]:.4g}" for f in chosen[:RANKED_SHOWN])
+        more = f", ... {len(chosen) - RANKED_SHOWN} more" if len(chosen) > RANKED_SHOWN else ""
+        lines.append(f"      {kind}: min {min(values):.4g}, mean {sum(values) / len(values):.4g}, "
+                     f"max {max(values):.4g}" + (f"; selected {shown}{more}" if chosen else ""))
     return lines
 
 

@@ -55,7 +55,7 @@ def summarize(log: dict[str, Any]) -> dict[str, Any]:
                            key: removal.get(key) for key in (
                                "params_before", "params_after", "macs_before", "macs_after",
                                "probe_deviation", "optimizer_state")},
-                       "layers": layers})
+                       "layers": layers, "impact": m.get("impact")})
     return {"run_id": log["run_id"], "status": log["status"], "spec": log["spec"]["path"],
             "commit": git.get("commit"), "dirty": git.get("dirty"),
             "git_note": git.get("reason"), "started_at": log["started_at"],
@@ -98,6 +98,8 @@ def _text(s: dict[str, Any]) -> list[str]:
             lines.append(f"  error: {c(m['error'])}")
         if m["removal"]:
             lines.append(f"  removal: {_removal_line(m['removal'])}")
+        if m["impact"]:
+            lines.extend(_impact_text(m["impact"]))
         for layer in m["layers"]:
             what = "removed " if layer["action"] == "remove" and layer["count"] else ""
             lines.append(f"  {c(layer['layer'])}: {what}{layer['ranges'] or 'nothing'} "
@@ -120,6 +122,7 @@ def _markdown(s: dict[str, Any]) -> list[str]:
         lines.append(f"| {_md(m['name'])} | {m['status']} | {_code(m['input'])} | "
                      f"{_code(m['output']) if m['output'] else '—'}"
                      f"{' (unchanged)' if m['kept'] else ''} | {m['zeroed']} | {m['removed']} |")
+    lines.extend(_impact_markdown(s["models"]))
     for m in s["models"]:
         lines.append("")
         lines.append(f"#### {_md(m['name'])}")
@@ -141,6 +144,51 @@ def _markdown(s: dict[str, Any]) -> list[str]:
             lines.append(f"| {_code(layer['layer'])} | {action} | {layer['ranges'] or '—'} | "
                          f"{layer['count']} of {layer['total']} ({layer['percent']}%) | {silent} | "
                          f"{rules} |")
+    return lines
+
+
+def _guards(impact: dict[str, Any]) -> str:
+    set_ = [f"{k} {v:g}" for k, v in impact["guards"].items() if v is not None]
+    return ", ".join(set_) or "none"
+
+
+def _impact_text(impact: dict[str, Any]) -> list[str]:
+    """The impact of the edit on the samples: one line, the file, the guards, each output."""
+    from kprune_batch.impact import describe
+
+    samples = impact["samples"]
+    lines = [f"  impact on {describe(impact)}",
+             f"    samples: {_cell(samples['path'])} (sha256 {samples['sha256'][:12]})",
+             f"    guards: {_guards(impact)}"]
+    for out in impact.get("outputs", []):
+        lines.append(f"    output {_cell(out['name'])}: {describe({**out, 'samples': samples})}")
+    return lines
+
+
+def _num(value: Any, pct: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{100.0 * value:.1f}%" if pct else f"{value:.3g}"
+
+
+def _impact_markdown(models: list[dict[str, Any]]) -> list[str]:
+    """The impact table: a row per model measured on samples (and per output of a model with
+    several), failed models included: a broken guard is why nothing was written."""
+    measured = [m for m in models if m["impact"]]
+    if not measured:
+        return []
+    lines = ["", "| model | samples | max abs diff | mean abs diff | relative diff | agreement | "
+                 "accuracy before | accuracy after | guards |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for m in measured:
+        imp = m["impact"]
+        rows = [(_md(m["name"]), imp)] + [(f"{_md(m['name'])} / {_md(o['name'])}", o)
+                                          for o in imp.get("outputs", [])]
+        for name, r in rows:
+            lines.append(f"| {name} | {imp['samples']['count']} | {_num(r['max_abs_diff'])} | "
+                         f"{_num(r['mean_abs_diff'])} | {_num(r['relative_diff'])} | "
+                         f"{_num(r['agreement'], True)} | {_num(r['accuracy_before'], True)} | "
+                         f"{_num(r['accuracy_after'], True)} | {_md(_guards(imp))} |")
     return lines
 
 
