@@ -63,7 +63,8 @@ class Samples:
 
 
 def _fail(message: str, model: str, path: str, hint: str | None = None) -> ModelError:
-    return ModelError(message, model=model, file=path, hint=hint)
+    del path  # every message names the samples file itself, once
+    return ModelError(message, model=model, hint=hint)
 
 
 def load_samples(path: str, inputs: Sequence[InputSpec], model: str) -> Samples:
@@ -134,11 +135,17 @@ def _load_npz(path: str, model: str, want: str) -> dict[str, np.ndarray]:
 
 
 def _refusal(exc: ValueError, path: str, model: str, want: str) -> ModelError:
-    # numpy (lib/format.py read_array) raises ValueError "Object arrays cannot be loaded when
-    # allow_pickle=False" for dtype object, and ValueError for a broken header
-    if "allow_pickle" in str(exc) or "pickle" in str(exc).lower():
+    # numpy raises ValueError "Object arrays cannot be loaded when allow_pickle=False" for an
+    # array of dtype object (lib/_format_impl.py read_array; "Array can't be memory-mapped:
+    # Python objects in dtype." from open_memmap), "This file contains pickled (object) data"
+    # for a file that is neither .npy nor .npz (lib/_npyio_impl.py load, which would unpickle
+    # it), and ValueError for a broken header
+    if "Object arrays" in str(exc) or "Python objects" in str(exc):
         return _fail(f"samples file {path} holds Python objects (dtype object), which kprune "
                      f"never unpickles; expected numbers {want}", model, path)
+    if "pickled" in str(exc):
+        return _fail(f"samples file {path} is neither .npy nor .npz data (numpy would read it "
+                     f"as a pickle, which kprune never does); expected {want}", model, path)
     return _fail(f"samples file {path} is not a readable numpy file ({_first(exc)}); "
                  f"expected {want}", model, path)
 
