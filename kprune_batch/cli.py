@@ -137,8 +137,9 @@ def verify(ctx: click.Context, audit_log: str, probe: bool) -> None:
 
 @cli.command()
 @click.argument("audit_log", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text",
-              show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]),
+              default="text", show_default=True,
+              help="html: one self-contained review page (print it to a file).")
 @click.pass_context
 def report(ctx: click.Context, audit_log: str, fmt: str) -> None:
     """A human-readable review of a run. Exit 1 if the log is unreadable."""

@@ -208,6 +208,10 @@ def _code(text: Any) -> str:
 
 
 def report(log_path: str, fmt: str = "text") -> Result:
+    if fmt == "html":  # the review page reads the log (and the run's inputs) itself
+        from kprune_batch.commands.review_page import review_page
+
+        return review_page(log_path)
     result = Result()
     try:
         summary = summarize(read_log(log_path))
