@@ -170,7 +170,7 @@ background:#f3f3f3;padding:0 .25em;border-radius:3px;white-space:pre-wrap;word-b
 .meta{color:#555;margin:.2em 0}.status{font-weight:600;padding:0 .4em;border-radius:3px}
 .st-ok{background:#d8f0d8}.st-failed{background:#f8d4d4}.st-partial,.st-skipped{background:#f6e7c1}
 .error{background:#fdecec;border-left:4px solid #d33;padding:.4em .7em;margin:.5em 0}
-.note{color:#666;font-style:italic}.legend span{display:inline-block;margin-right:1.2em}
+.note{color:#666;font-style:italic}.legend>span{display:inline-block;margin-right:1.2em}
 .sw{display:inline-block;width:12px;height:12px;vertical-align:-2px;margin-right:.3em;
 border:1px solid #999}.kept{fill:#dcdcdc}.zeroed{fill:#e4572e}.removed{fill:#6f2dbd}
 .kept-back{fill:#f3c969}.sw.kept{background:#dcdcdc}.sw.zeroed{background:#e4572e}
@@ -261,8 +261,8 @@ def _model(i: int, model: dict[str, Any], log: dict[str, Any],
 
 IMPACT_ROWS = (("max_abs_diff", "max |Δ output|", None),
                ("mean_abs_diff", "mean |Δ output|", None),
-               ("relative_diff", "relative difference", "max_relative_diff"),
-               ("agreement", "argmax agreement", "min_agreement"),
+               ("relative_diff", "relative difference", "max_relative_diff"),  # at most
+               ("agreement", "argmax agreement", "min_agreement"),  # at least
                ("accuracy_before", "accuracy before", None),
                ("accuracy_after", "accuracy after", None))
 
@@ -276,12 +276,14 @@ def _impact(impact: dict[str, Any]) -> list[str]:
            f"(<code>{esc(samples.get('path'))}</code>)</h3>",
            f'<table class="impact"><tr><th>measure</th><th>model</th>{head}<th>allowed</th></tr>']
     for key, label, guard in IMPACT_ROWS:
-        allowed = guards.get(guard) if guard else None
+        allowed = None
+        if guard and guards.get(guard) is not None:
+            allowed = f"{'≤' if guard.startswith('max') else '≥'} {num(guards[guard])}"
         if key == "accuracy_after" and guards.get("max_accuracy_drop") is not None:
             allowed = f"drop ≤ {num(guards['max_accuracy_drop'])}"
         cells = "".join(f"<td>{num(o.get(key))}</td>" for o in outputs)
         out.append(f"<tr><td>{label}</td><td>{num(impact.get(key))}</td>{cells}"
-                   f"<td>{'—' if allowed is None else num(allowed)}</td></tr>")
+                   f"<td>{'—' if allowed is None else allowed}</td></tr>")
     out.append("</table>")
     return out
 
@@ -421,6 +423,7 @@ def _histogram_svg(values: np.ndarray, chosen: set[int], mark: float | None, mar
     if not len(finite):
         return "<figure>"
     low, high = float(finite.min()), float(finite.max())
+    data_low, data_high = low, high
     if mark is not None and math.isfinite(mark):
         low, high = min(low, mark), max(high, mark)
     if high - low <= 0:
@@ -461,10 +464,15 @@ def _histogram_svg(values: np.ndarray, chosen: set[int], mark: float | None, mar
                         f'width="{max(bar_w - 1, 1):.2f}" height="{sh:.2f}"/>' if sh else "")
                      + "</g>")
     parts.append(f'<line class="axis" x1="0" y1="{pad + plot_h}" x2="{w}" y2="{pad + plot_h}"/>')
-    parts.append(f'<text x="0" y="{h - 3}">{num(low)}</text>'
-                 f'<text x="{w}" y="{h - 3}" text-anchor="end">{num(high)}</text>')
+    def at(v: float) -> float:
+        return 1 + (v - low) / (high - low) * (w - 2)
+
+    # the smallest and largest value, where they are (the bins may reach beyond them)
+    parts.append(f'<text x="{at(data_low):.2f}" y="{h - 3}">{num(data_low)}</text>'
+                 f'<text x="{at(data_high):.2f}" y="{h - 3}" text-anchor="end">'
+                 f'{num(data_high)}</text>')
     if mark is not None and math.isfinite(mark):
-        x = 1 + (mark - low) / (high - low) * (w - 2)
+        x = at(mark)
         anchor = "end" if x > w / 2 else "start"
         parts.append(f'<line class="cut" x1="{x:.2f}" y1="{pad - 4}" x2="{x:.2f}" '
                      f'y2="{pad + plot_h}"/><text x="{x:.2f}" y="{pad - 6}" '
