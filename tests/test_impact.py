@@ -319,3 +319,45 @@ def test_guards_and_data_statistics_without_samples_are_spec_errors(tmp_path: Pa
         f"{other}:4:14: models[0].samples: 'e.csv' must be a .npy or .npz samples file path",
         f"{other}:5:29: models[0].impact.min_agreement: 2 is greater than the maximum of 1",
     ]
+
+
+def test_report_shows_the_impact_in_text_and_markdown(run: dict[str, Any]) -> None:
+    log_path = run["folder"] / "log.json"
+    models = run["models"]
+
+    def pct(share: float) -> str:
+        return f"{100.0 * share:.1f}%"
+
+    def line(r: dict[str, Any]) -> str:
+        head = (f"accuracy {pct(r['accuracy_before'])} -> {pct(r['accuracy_after'])}, "
+                if r["accuracy_before"] is not None else "")
+        agreement = f"agreement {pct(r['agreement'])}, " if r["agreement"] is not None else ""
+        return (f"{N} samples: {head}{agreement}max |diff| {r['max_abs_diff']:.3g} (relative "
+                f"{r['relative_diff']:.3g}), mean |diff| {r['mean_abs_diff']:.3g}")
+
+    text = kprune("report", log_path).expect(0).stdout.splitlines()
+    guards = models["guards"]["impact"]
+    # 'zero' made the same edit and measured the same: look in the block of model 'guards'
+    block = next(i for i, t in enumerate(text) if t.startswith("model guards: failed"))
+    at = text.index(f"  impact on {line(guards)}", block)
+    assert text[at - 1] == f"  error: {models['guards']['error']}"
+    assert text[at + 1:at + 3] == [
+        f"    samples: {run['folder'] / 's.npz'} "
+        f"(sha256 {guards['samples']['sha256'][:12]})",
+        "    guards: max_relative_diff 0, min_agreement 1, max_accuracy_drop 0"]
+    two = models["two"]["impact"]
+    at = text.index(f"  impact on {line(two)}")
+    assert text[at + 3:at + 5] == [f"    output {o['name']}: {line(o)}" for o in two["outputs"]]
+    md = kprune("report", log_path, "--format", "markdown").expect(0).stdout.splitlines()
+    head = md.index("| model | samples | max abs diff | mean abs diff | relative diff | "
+                    "agreement | accuracy before | accuracy after | guards |")
+    rows = md[head + 2:head + 2 + 7]
+    r = guards
+    assert rows[2] == (f"| guards | {N} | {r['max_abs_diff']:.3g} | {r['mean_abs_diff']:.3g} | "
+                       f"{r['relative_diff']:.3g} | {pct(r['agreement'])} | 100.0% | "
+                       f"{pct(r['accuracy_after'])} | max_relative_diff 0, min_agreement 1, "
+                       f"max_accuracy_drop 0 |")
+    assert [row.split(" | ")[0] for row in rows] == ["| zero", "| remove", "| guards", "| two",
+                                                     "| two / classes", "| two / score",
+                                                     "| data"]
+    assert rows[5].split(" | ")[5] == "—"  # no agreement for a size-1 output
