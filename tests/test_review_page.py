@@ -234,8 +234,9 @@ def test_the_impact_table_and_an_unreadable_log(tmp_path: Path) -> None:
     page = render(log, Extra())
     rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", page)
     assert rows == [("max |Δ output|", "0.25", "—"), ("mean |Δ output|", "0.01", "—"),
-                    ("relative difference", "0.03", "≤ 0.05"), ("argmax agreement", "0.9844", "—"),
-                    ("accuracy before", "0.9", "—"), ("accuracy after", "0.875", "drop ≤ 0.05")]
+                    ("relative difference", "0.03", "≤ 0.05"),
+                    ("argmax agreement", "0.9844", "—"), ("accuracy before", "0.9", "—"),
+                    ("accuracy after", "0.875", "drop ≤ 0.05")]
     assert "Impact on 64 samples (<code>/s/&lt;calib&gt;.npz</code>)" in page
     log_path.write_text("{")
     out = kprune("report", log_path, "--format", "html").expect(1)

@@ -208,17 +208,19 @@ def _code(text: Any) -> str:
 
 
 def report(log_path: str, fmt: str = "text") -> Result:
-    if fmt == "html":  # the review page reads the log (and the run's inputs) itself
-        from kprune_batch.commands.review_page import review_page
-
-        return review_page(log_path)
     result = Result()
     try:
-        summary = summarize(read_log(log_path))
+        log = read_log(log_path)
     except AuditLogError as exc:
         result.err.append(f"error: {exc.render()}")
         result.return_code = EXIT_FAILED
         return result
+    if fmt == "html":  # the review page (it reads the run's unchanged inputs too)
+        from kprune_batch.commands.review_page import render
+
+        result.out.extend(render(log).splitlines())
+        return result
+    summary = summarize(log)
     if fmt == "json":
         result.out.extend(json.dumps(summary, indent=2).splitlines())  # one line per element
     elif fmt == "markdown":

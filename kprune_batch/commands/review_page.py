@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import html
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from kprune_batch.audit import read_log
-from kprune_batch.commands import EXIT_FAILED, Result
-from kprune_batch.errors import AuditLogError, KpruneError, printable
+from kprune_batch.errors import KpruneError, printable
 from kprune_batch.logfacts import REMOVED, ZEROED, filter_fates
 from kprune_batch.ranges import compact_ranges
 
@@ -34,18 +31,6 @@ DATA_STATS = ("apoz", "activation_mean")
 KEPT, KEPT_BACK = "kept", "kept back"
 STRIP_COLUMNS = 64  # filters per row of a strip
 CELL_W, CELL_H = 11, 18
-
-
-def review_page(log_path: str) -> Result:
-    result = Result()
-    try:
-        log = read_log(log_path)
-    except AuditLogError as exc:
-        result.err.append(f"error: {exc.render()}")
-        result.return_code = EXIT_FAILED
-        return result
-    result.out.extend(render(log).splitlines())
-    return result
 
 
 def esc(value: Any) -> str:
