@@ -361,3 +361,45 @@ def test_report_shows_the_impact_in_text_and_markdown(run: dict[str, Any]) -> No
                                                      "| two / classes", "| two / score",
                                                      "| data"]
     assert rows[5].split(" | ")[5] == "—"  # no agreement for a size-1 output
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "specs" / "examples"
+
+
+def test_the_bundled_example_measures_its_held_out_digits(tmp_path: Path, keras: Any) -> None:
+    import sys
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from make_samples import main as make_samples
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    make_samples(str(tmp_path / "again.npz"))  # the committed file is the split it writes
+    with np.load(EXAMPLES / "digits_samples.npz") as committed, \
+            np.load(tmp_path / "again.npz") as again:
+        assert sorted(committed.files) == ["x", "y"]
+        x, y = committed["x"], committed["y"]
+        assert np.array_equal(x, again["x"]) and np.array_equal(y, again["y"])
+    assert x.shape == (360, 8, 8, 1) and x.dtype == np.float32
+    folder = tmp_path / "examples"
+    shutil.copytree(EXAMPLES, folder, ignore=shutil.ignore_patterns("pruned", "__pycache__"))
+    out = kprune("apply", folder / "digits.yaml", "--audit-log", tmp_path / "log.json").expect(0)
+    (before,) = _predict(keras, folder / "digits.keras", x)
+    (after,) = _predict(keras, folder / "pruned" / "digits.keras", x)
+    m = _metrics(before, after, y)
+    assert m["accuracy_before"] > 0.9  # trained on the other 80 %: accuracy means something
+    assert m["accuracy_before"] - m["accuracy_after"] <= 0.02 and m["agreement"] >= 0.9
+    pct = "{:.1%}".format
+    assert out.stdout.splitlines()[1] == (
+        f"        impact on 360 samples: accuracy {pct(m['accuracy_before'])} -> "
+        f"{pct(m['accuracy_after'])}, agreement {pct(m['agreement'])}, max |diff| "
+        f"{m['max_abs_diff']:.3g} (relative {m['relative_diff']:.3g}), mean |diff| "
+        f"{m['mean_abs_diff']:.3g}")
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["models"][0]["impact"]["guards"] == {
+        "max_relative_diff": None, "min_agreement": 0.9, "max_accuracy_drop": 0.02}
+    # the dead filter the apoz rule finds: zero on (nearly) every position of every sample
+    records = {(r["layer"], r["filter"]): r for r in log["zeroed"]}
+    assert records[("conv3", 20)]["rules"] == ["models[0].layers[1].rules[0]",
+                                               "models[0].layers[2].rules[0]"]
+    assert records[("conv3", 20)]["stats"]["apoz"] > 0.99
