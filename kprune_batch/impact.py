@@ -115,7 +115,8 @@ class _Output:
 
 
 class Measurer:
-    """The samples of one model job and its input model (loaded once, on first use)."""
+    """The samples of one model job, checked against its input model, which is loaded once
+    here and serves both the data statistics and the impact."""
 
     def __init__(self, job: Any):
         self.job = job
