@@ -85,6 +85,15 @@ def test_plan_base_shows_plus_minus_and_options_per_layer(tmp_path: Path) -> Non
     got = {layer["layer"]: (layer["newly_selected"], layer["no_longer_selected"])
            for layer in model["layers"]}
     assert got == expected
+
+    def rules_of(sel: dict[str, Any], f: int) -> list[str]:
+        return [loc for loc, chosen in sel["rules"].items() if f in chosen]
+
+    for layer in model["layers"]:  # why: the work tree's rules for +, those at REV for -
+        name = layer["layer"]
+        assert layer["rules"] == {
+            **{str(f): rules_of(old_sel[name], f) for f in expected[name][1]},
+            **{str(f): rules_of(new_sel[name], f) for f in expected[name][0]}}
     # text: one + and one - line per changed layer, with the counts
     text = kprune("plan", spec, "--base", "HEAD", cwd=tmp_path).expect(0).stdout.splitlines()
     assert text[0] == f"plan of {spec}: HEAD -> work tree"
@@ -93,12 +102,19 @@ def test_plan_base_shows_plus_minus_and_options_per_layer(tmp_path: Path) -> Non
     assert text[1] == f"model digits: changed (+{plus_total} -{minus_total} filters)"
     conv1 = text.index(f"  conv1 (Conv2D, 16 filters): {len(old_sel['conv1']['selected'])} -> "
                        f"{len(new_sel['conv1']['selected'])} of 16 selected")
-    assert text[conv1 + 1:conv1 + 3] == [f"    + {compact_ranges(expected['conv1'][0])}",
-                                         "    - 7"]
+    index_rule = "models[0].layers[0].rules[0]"
+    assert all(rules_of(new_sel["conv1"], f) == [index_rule] for f in expected["conv1"][0])
+    assert text[conv1 + 1:conv1 + 3] == [
+        f"    + {compact_ranges(expected['conv1'][0])} ({index_rule})",
+        f"    - 7 ({index_rule})"]
     # markdown: a table row per changed layer
     md = kprune("plan", spec, "--base", "HEAD", "--format", "markdown").expect(0).stdout
     assert md.splitlines()[0] == f"### kprune plan: `{spec}` at `HEAD` → work tree"
-    assert "| `conv1` | " in md and "| layer | selected | + newly selected |" in md
+    assert "| layer | selected | + newly selected |" in md
+    assert (f"| `conv1` | {len(old_sel['conv1']['selected'])} → "
+            f"{len(new_sel['conv1']['selected'])} of 16 | "
+            f"{compact_ranges(expected['conv1'][0])} (`{index_rule}`) | 7 (`{index_rule}`) | — |"
+            ) in md.splitlines()
 
 
 def test_changed_options_and_removal_touches(tmp_path: Path) -> None:

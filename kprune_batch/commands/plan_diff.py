@@ -44,6 +44,8 @@ class LayerChange:
     after: list[int]
     options: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # key -> (before, after)
     kept_back: tuple[list[int], list[int]] | None = None
+    # filter -> the rules selecting it: in the work tree for a + filter, at REV for a - filter
+    why: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def added(self) -> list[int]:
@@ -57,7 +59,8 @@ class LayerChange:
         out = {"layer": self.layer, "layer_class": self.layer_class,
                "filters_total": self.filters_total, "newly_selected": self.added,
                "no_longer_selected": self.dropped, "before": self.before, "after": self.after,
-               "options": {k: {"before": b, "after": a} for k, (b, a) in self.options.items()}}
+               "options": {k: {"before": b, "after": a} for k, (b, a) in self.options.items()},
+               "rules": {str(f): list(locs) for f, locs in sorted(self.why.items())}}
         if self.kept_back is not None:
             out["kept_back"] = {"before": self.kept_back[0], "after": self.kept_back[1]}
         return out
@@ -237,7 +240,23 @@ def _compare_layer(old: LayerSelection | None, new: LayerSelection | None) -> La
             change.kept_back = (list(old.kept_back), list(new.kept_back))
     if not (change.added or change.dropped or change.options or change.kept_back):
         return None
+    change.why = {**{f: tuple(old.filters[f]) for f in change.dropped if old is not None},
+                  **{f: tuple(new.filters[f]) for f in change.added if new is not None}}
     return change
+
+
+def _because(layer: LayerChange, filters: list[int], code: bool = False) -> str:
+    """'3, 9-10 (models[0].layers[1].rules[0]); 12 (... rules[0], ... rules[1])': the filters
+    grouped by the rules that select them (those of the work tree for +, of REV for -)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for f in filters:
+        groups.setdefault(layer.why.get(f, ()), []).append(f)
+    show = _code if code else _cell
+    parts = []
+    for locs, chosen in groups.items():
+        by = f" ({', '.join(show(loc) for loc in locs)})" if locs else ""
+        parts.append(f"{compact_ranges(chosen)}{by}")
+    return "; ".join(parts)
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -261,9 +280,9 @@ def _text(header: dict[str, Any], changes: list[ModelChange]) -> list[str]:
             lines.append(f"  {c(layer.layer)} ({layer.layer_class}, {layer.filters_total} "
                          f"filters): {_counts(layer)} selected")
             if layer.added:
-                lines.append(f"    + {compact_ranges(layer.added)}")
+                lines.append(f"    + {_because(layer, layer.added)}")
             if layer.dropped:
-                lines.append(f"    - {compact_ranges(layer.dropped)}")
+                lines.append(f"    - {_because(layer, layer.dropped)}")
             for key, (b, a) in layer.options.items():
                 lines.append(f"    {key}: {c(b)} -> {c(a)}")
             if layer.kept_back is not None:
@@ -314,8 +333,9 @@ def _markdown(header: dict[str, Any], changes: list[ModelChange]) -> list[str]:
                         f"kept back: {compact_ranges(layer.kept_back[0]) or 'none'} → "
                         f"{compact_ranges(layer.kept_back[1]) or 'none'}")
                 lines.append(f"| {_code(layer.layer)} | {_counts(layer).replace('->', '→')} | "
-                             f"{compact_ranges(layer.added) or '—'} | "
-                             f"{compact_ranges(layer.dropped) or '—'} | {options or '—'} |")
+                             f"{_because(layer, layer.added, code=True) or '—'} | "
+                             f"{_because(layer, layer.dropped, code=True) or '—'} | "
+                             f"{options or '—'} |")
         if m.touches_added or m.touches_dropped:
             lines += ["", "Removal touches:", ""]
             lines += _fenced("diff", [f"+ {_cell(describe(t))}" for t in m.touches_added]
