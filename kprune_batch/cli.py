@@ -110,10 +110,16 @@ def plan(ctx: click.Context, spec: str, fmt: str, base: str | None, backend: str
               help="Process only shard K of N (the models at 0-based spec position i with "
                    "i mod N = K-1); auto: K from JOB_COMPLETION_INDEX (a Kubernetes Indexed "
                    "Job's, 0-based), N from KPRUNE_SHARD_COUNT.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]",
+              help="Run one Ray task per model on the Ray cluster at ADDRESS (auto, HOST:PORT, "
+                   "ray://HOST:PORT), or on a local Ray when no address follows (needs the "
+                   "extra kprune-batch[ray]; give it after SPEC, or as --ray=ADDRESS).")
 @BACKEND_OPTION
 @click.pass_context
 def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str | None,
-          fail_fast: bool, probe: bool, jobs: int, shard: str | None, backend: str) -> None:
+          fail_fast: bool, probe: bool, jobs: int, shard: str | None, ray_address: str | None,
+          backend: str) -> None:
     """Zero the filters the spec selects; write edited models and an audit log."""
     from kprune_batch.commands.apply import apply as run
     from kprune_batch.executor import OPENERS
@@ -121,7 +127,7 @@ def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str 
     _finish(ctx, lambda: run(spec, audit_log=audit_log, output_dir=output_dir,
                              fail_fast=fail_fast, probe=probe, jobs=jobs,
                              progress=sys.stderr.isatty(), opener=OPENERS[backend],
-                             shard=shard))
+                             shard=shard, ray=ray_address))
 
 
 @cli.command()

@@ -9,7 +9,7 @@ import signal
 import stat
 import sys
 import time
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new_run_id,
                                 run_status, tool_versions, utc_now, write_log)
@@ -21,6 +21,11 @@ from kprune_batch.files import file_kind, remove_stale_temps
 from kprune_batch.plan import ModelJob, Plan, compile_plan
 from kprune_batch.spec import read_spec
 
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from kprune_batch.ray_runner import RaySession
+
 LOCK_NAME = ".kprune.lock"
 
 
@@ -29,11 +34,13 @@ class _Stop:
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.count = 0  # signals received: a second one cancels running Ray tasks
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
         def handler(signum: int, _frame: Any) -> None:
             self.signal = signal.Signals(signum).name
+            self.count += 1
 
         previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -259,16 +266,30 @@ def _log_clash(log_path: str, plan: Plan, shard: tuple[int, int] | None) -> str 
 
 def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None = None,
           fail_fast: bool = False, probe: bool = False, opener: Opener = open_auto,
-          jobs: int = 1, progress: bool = False, shard: str | None = None) -> Result:
-    """`shard`: 'K/N' or 'auto' (see parse_shard); None runs every model."""
+          jobs: int = 1, progress: bool = False, shard: str | None = None,
+          ray: str | None = None) -> Result:
+    """`shard`: 'K/N' or 'auto' (see parse_shard); None runs every model. `ray`: run one Ray
+    task per model on the cluster at that address ('' starts a local Ray); None: no Ray."""
     result = Result()
     started = utc_now()
     try:
         part = None if shard is None else parse_shard(shard)
+        if ray is not None and jobs > 1:
+            raise ValueError("--jobs and --ray do not go together: with --ray, Ray runs as "
+                             "many models at once as its cluster has CPUs")
     except ValueError as exc:  # a usage error: exit 2, nothing opened, no log
         result.err.append(f"error: {exc}")
         result.return_code = EXIT_INVALID
         return result
+    if ray is not None:
+        import importlib.util
+
+        from kprune_batch.ray_runner import EXTRA_HINT
+
+        if importlib.util.find_spec("ray") is None:  # before anything is opened: no log
+            result.err.append(f"error: --ray needs Ray, which is not installed: {EXTRA_HINT}")
+            result.return_code = EXIT_FAILED
+            return result
     try:
         spec = read_spec(spec_file)
         plan = compile_plan(spec, output_dir=output_dir)
@@ -308,6 +329,14 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
                                   f"{exc.strerror}")
                 result.return_code = EXIT_FAILED
                 return result
+        session = None
+        if refusal is None and ray is not None:
+            from kprune_batch.ray_runner import RayUnavailable, ray_session
+
+            try:
+                session = stack.enter_context(ray_session(ray or None))
+            except RayUnavailable as exc:
+                refusal = str(exc)
         if refusal:
             result.err.append(f"error: {refusal}")
             outcomes = [ModelOutcome(job=j, status=STATUS_SKIPPED, error=refusal)
@@ -319,7 +348,8 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             for job in todo:
                 remove_stale_temps(job.output, keep=reads)
             with stop.installed():
-                outcomes = _run_all(todo, stop, opener, probe, fail_fast, jobs, progress)
+                outcomes = _run_all(todo, stop, opener, probe, fail_fast, jobs, progress,
+                                    session)
         log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, stop.signal,
                         shard=part)
         try:
@@ -359,8 +389,9 @@ def _skip_reason(stop: _Stop, fail_fast: bool, done: list[ModelOutcome]) -> str 
 
 
 def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fail_fast: bool,
-             jobs: int, progress: bool) -> list[ModelOutcome]:
-    """Run the jobs in spec order (or `jobs` worker processes); outcomes in spec order."""
+             jobs: int, progress: bool, ray: RaySession | None = None) -> list[ModelOutcome]:
+    """Run the jobs in spec order (or `jobs` worker processes, or one Ray task each);
+    outcomes in spec order."""
     total = len(todo)
     done: dict[int, ModelOutcome] = {}
 
@@ -370,12 +401,15 @@ def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fai
             sys.stderr.write(f"\r[{len(done)}/{total}] {name}: {outcome.status}\033[K")
             sys.stderr.flush()
 
-    if jobs <= 1 or total <= 1:
+    if ray is None and (jobs <= 1 or total <= 1):
         for i, job in enumerate(todo):
             reason = _skip_reason(stop, fail_fast, list(done.values()))
             done[i] = (ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason) if reason
                        else run_job(job, opener=opener, probe=probe))
             report(done[i])
+    elif ray is not None:
+        _run_parallel(todo, done, lambda job: ray.submit(job, opener, probe), ray.width, stop,
+                      fail_fast, report, "the Ray task failed", cancel=ray.cancel)
     else:
         import concurrent.futures  # only batches pay for these imports (~7 ms)
         import multiprocessing
@@ -384,32 +418,55 @@ def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fai
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
                                                     initializer=_worker_init) as pool:
-            pending: dict[concurrent.futures.Future[ModelOutcome], int] = {}
-            queue = list(enumerate(todo))
-            while queue or pending:
-                while queue and len(pending) < jobs and not _skip_reason(
-                        stop, fail_fast, list(done.values())):
-                    i, job = queue.pop(0)
-                    pending[pool.submit(run_job, job, opener, True, probe)] = i
-                if not pending:
-                    break
-                finished, _ = concurrent.futures.wait(
-                    pending, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    i = pending.pop(future)
-                    try:
-                        done[i] = future.result()
-                    except Exception as exc:  # the worker process died (killed, out of memory)
-                        done[i] = ModelOutcome(job=todo[i], status=STATUS_FAILED,
-                                               error=f"model '{todo[i].name}': the worker "
-                                                     f"process failed ({type(exc).__name__})")
-                    report(done[i])
-            for i, job in queue:
-                reason = _skip_reason(stop, fail_fast, list(done.values())) or "not run"
-                done[i] = ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason)
+            _run_parallel(todo, done, lambda job: pool.submit(run_job, job, opener, True, probe),
+                          jobs, stop, fail_fast, report, "the worker process failed")
     if progress:
         sys.stderr.write("\n")
     return [done[i] for i in range(total)]
+
+
+def _run_parallel(todo: list[ModelJob], done: dict[int, ModelOutcome],
+                  submit: Callable[[ModelJob], Future[ModelOutcome]], width: int, stop: _Stop,
+                  fail_fast: bool, report: Callable[[ModelOutcome], None], died: str,
+                  cancel: Callable[[list[Future[ModelOutcome]]], None] | None = None) -> None:
+    """Keep `width` models in flight (worker processes or Ray tasks) until every job of `todo`
+    has its outcome in `done`. A stop request (SIGTERM/SIGINT, or a failure under --fail-fast)
+    hands out no more models and lets the running ones finish, as a serial run finishes its
+    current model; the rest are skipped. A second signal `cancel`s the running ones (Ray)."""
+    import concurrent.futures
+
+    pending: dict[Future[ModelOutcome], int] = {}
+    queue = list(enumerate(todo))
+    cancelled = False
+    while queue or pending:
+        while queue and len(pending) < width and not _skip_reason(
+                stop, fail_fast, list(done.values())):
+            i, job = queue.pop(0)
+            pending[submit(job)] = i
+        if not pending:
+            break
+        if cancel is not None and stop.count > 1 and not cancelled:
+            cancel(list(pending))
+            cancelled = True
+        finished, _ = concurrent.futures.wait(
+            pending, timeout=0.5, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in finished:
+            i = pending.pop(future)
+            try:
+                done[i] = future.result()
+            except Exception as exc:  # the worker died (killed, out of memory) or was cancelled
+                if cancelled:
+                    done[i] = ModelOutcome(job=todo[i], status=STATUS_SKIPPED, error=(
+                        f"cancelled while running by a second {stop.signal}: no output "
+                        f"recorded (a temp file it left is removed by the next run)"))
+                else:
+                    done[i] = ModelOutcome(job=todo[i], status=STATUS_FAILED,
+                                           error=f"model '{todo[i].name}': {died} "
+                                                 f"({type(exc).__name__})")
+            report(done[i])
+    for i, job in queue:
+        reason = _skip_reason(stop, fail_fast, list(done.values())) or "not run"
+        done[i] = ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason)
 
 
 def _worker_init() -> None:
