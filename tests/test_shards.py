@@ -246,3 +246,48 @@ def test_stale_temp_cleanup_touches_only_this_shards_outputs(tmp_path: Path,
     kprune("apply", spec, "--shard", "2/2", "--backend", "direct").expect(0)
     assert theirs.read_bytes() == b"shard 1 writing"
     assert not ours.exists()
+
+
+def test_the_indexed_job_manifest_runs_every_shard_and_merges_them(tmp_path: Path,
+                                                                     small_cnn: Path) -> None:
+    """docs/k8s-indexed-job.yaml: KPRUNE_SHARD_COUNT equals completions in both Jobs, and the
+    pod and merge scripts, run here by sh with /data pointing at a temporary folder and
+    JOB_COMPLETION_INDEX set as Kubernetes sets it, give one merged log of every model."""
+    import os
+
+    import yaml
+
+    from conftest import REPO
+
+    job, merge_job = yaml.safe_load_all((REPO / "docs" / "k8s-indexed-job.yaml").read_text())
+    pod = job["spec"]["template"]["spec"]["containers"][0]
+    merger = merge_job["spec"]["template"]["spec"]["containers"][0]
+    count = job["spec"]["completions"]
+    for container in (pod, merger):
+        assert {e["name"]: e["value"] for e in container["env"]} == \
+            {"KPRUNE_SHARD_COUNT": str(count)}
+    data = tmp_path / "data"
+    (data / "specs").mkdir(parents=True)
+    batch_spec(data / "specs", small_cnn, 2 * count + 1).rename(data / "specs" / "fleet.yaml")
+    bin_dir = tmp_path / "bin"  # `kprune` as the image has it: this checkout's
+    bin_dir.mkdir()
+    (bin_dir / "kprune").write_text(f"#!/bin/sh\nexec {sys.executable} -m kprune_batch \"$@\"\n")
+    (bin_dir / "kprune").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "KPRUNE_SHARD_COUNT": str(count)}
+
+    def sh(script: str, **extra: str) -> None:
+        subprocess.run(["/bin/sh", "-c", script.replace("/data", str(data))], check=True,
+                       env={**env, **extra}, timeout=300, stdin=subprocess.DEVNULL,
+                       capture_output=True)
+
+    procs = [subprocess.Popen(["/bin/sh", "-c", pod["args"][0].replace("/data", str(data))],
+                              env={**env, "JOB_COMPLETION_INDEX": str(i)},
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+             for i in range(count)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * count
+    sh(merger["args"][0])
+    merged = read(data / "logs" / "kprune-nightly" / "merged.json")
+    assert [m["name"] for m in merged["models"]] == [f"m{i}" for i in range(2 * count + 1)]
+    assert merged["status"] == "ok" and len(merged["merged_from"]) == count
+    assert (data / "logs" / "kprune-nightly" / "report.md").read_text().startswith("### kprune")
