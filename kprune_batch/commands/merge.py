@@ -141,6 +141,7 @@ def merge_logs(shards: list[tuple[str, tuple[dict[str, Any], str]]]) -> dict[str
                                      f"{loc}, but the model is at spec position "
                                      f"{position[record['model']]} in shard order")
                 per_model.setdefault(record["model"], []).append(record)
+    order = list(position)  # model names in spec order
     started = min(ordered, key=lambda s: _time(s[0], s[1], "started_at"))[1]
     finished = max(ordered, key=lambda s: _time(s[0], s[1], "finished_at"))[1]
     merged: dict[str, Any] = {
@@ -155,8 +156,8 @@ def merge_logs(shards: list[tuple[str, tuple[dict[str, Any], str]]]) -> dict[str
         "tool": first["tool"],
         "options": first["options"],
         "models": models,
-        "zeroed": [r for m in models for r in records["zeroed"].get(m["name"], [])],  # type: ignore[index]
-        "removed": [r for m in models for r in records["removed"].get(m["name"], [])],  # type: ignore[index]
+        "zeroed": [r for name in order for r in records["zeroed"].get(name, [])],
+        "removed": [r for name in order for r in records["removed"].get(name, [])],
     }
     stops = [f"{log['interrupted']} (shard {k}/{count})"
              for k, (_, log, _) in enumerate(ordered, start=1) if "interrupted" in log]
