@@ -79,12 +79,8 @@ def _zip_layout_problem(path: str, zf: zipfile.ZipFile) -> str | None:
         if names.count(name) > 1:
             return f"the archive has {names.count(name)} entries named {name}"
     with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        tail_len = min(size, 65536 + 22)
-        fh.seek(size - tail_len)
-        tail = fh.read(tail_len)
-        end = tail.rfind(b"PK\x05\x06")
+        size, tail, end = _zip_tail(fh)
+        tail_len = len(tail)
         if end < 0 or end + 22 > len(tail):
             return "the zip end record cannot be read"
         cd_size, cd_offset = struct.unpack("<II", tail[end + 12:end + 20])
@@ -698,14 +694,20 @@ def _member_data_start(path: str, info: zipfile.ZipInfo) -> int | None:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def _central_entry_offset(fh: Any, name: bytes) -> int | None:
-    """File offset of `name`'s central directory header, or None (zip64 or not found)."""
+def _zip_tail(fh: Any) -> tuple[int, bytes, int]:
+    """(file size, the file's last 64 KiB + 22 bytes, index of the end-of-central-directory
+    record in them or -1): the record is within that reach (its comment is at most 64 KiB)."""
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
     tail_len = min(size, 65536 + 22)
     fh.seek(size - tail_len)
     tail = fh.read(tail_len)
-    end = tail.rfind(b"PK\x05\x06")
+    return size, tail, tail.rfind(b"PK\x05\x06")
+
+
+def _central_entry_offset(fh: Any, name: bytes) -> int | None:
+    """File offset of `name`'s central directory header, or None (zip64 or not found)."""
+    _size, tail, end = _zip_tail(fh)
     if end < 0:
         return None
     cd_size, cd_offset = struct.unpack("<II", tail[end + 12:end + 20])
