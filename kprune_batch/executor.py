@@ -16,7 +16,7 @@ from kprune_batch.files import (NotRegularFile, atomic_write, fsync_file, open_r
                                 sha256_file)
 from kprune_batch.plan import ModelJob
 from kprune_batch.selection import LayerSelection, select_model
-from kprune_batch.silence import channel_fate
+from kprune_batch.silence import Fate, channel_fate
 
 STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
 
@@ -105,15 +105,25 @@ def edit_model(job: ModelJob, weights: ModelWeights,
             new_bias = bias.copy()
             new_bias[filters] = 0
             weights.assign(sel.path, "bias", new_bias)
+        neutralize = sel.options.batchnorm == "neutralize"
+        fates: dict[float, Fate] = {}
         for f in filters:
             pre = 0.0 if bias is None or sel.options.bias == "zero" else float(bias[f])
-            fate = channel_fate(weights.graph, sel.path, f, pre,
-                                sel.options.batchnorm == "neutralize", input_variables)
+            if not neutralize:  # a kept BN's statistics differ per channel
+                fate = channel_fate(weights.graph, sel.path, f, pre, False, input_variables)
+            elif pre in fates:
+                fate = fates[pre]
+            else:
+                # neutralising makes the fate depend on the channel's constant only (its edits
+                # are on the channel itself, applied as `f` below): once per layer and constant,
+                # not once per filter
+                fate = fates[pre] = channel_fate(weights.graph, sel.path, f, pre, True,
+                                                 input_variables)
             for edit in fate.edits:
                 key = (edit.layer, edit.variable)
                 if key not in pending_bn:
                     pending_bn[key] = input_variables(edit.layer)[edit.variable].copy()
-                pending_bn[key][edit.channel] = edit.value
+                pending_bn[key][f] = edit.value  # edit.channel is f (or the template's)
             records.append({
                 "model": job.name,
                 "layer": sel.path,
@@ -129,7 +139,7 @@ def edit_model(job: ModelJob, weights: ModelWeights,
                               for e in fate.edits],
                 "silent": fate.silent,
                 "constant": None if fate.silent else fate.constant,
-                "notes": fate.notes,
+                "notes": list(fate.notes),
                 **({"group": list(sel.group)} if len(sel.group) > 1 else {}),
             })
         # done with this layer's input values (channel_fate reads only BatchNorm layers'):
@@ -331,33 +341,44 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
     from kprune_batch.backends.direct import DirectModelWeights
 
     written = DirectModelWeights(path, job.name, layout=layout)
-    cache: dict[str, dict[str, np.ndarray]] = {}
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_layer.setdefault(r["layer"], []).append(r)
+    followers: dict[str, dict[str, np.ndarray]] = {}  # BatchNorm layers: small, several readers
 
-    def variables(layer: str) -> dict[str, np.ndarray]:
-        # once per layer, not per record: a ranking over every conv edits thousands of filters
-        if layer not in cache:
-            cache[layer] = written.variables(layer)
-        return cache[layer]
+    def follower(layer: str) -> dict[str, np.ndarray]:
+        if layer not in followers:
+            followers[layer] = written.variables(layer)
+        return followers[layer]
 
     try:
-        for r in records:
-            family = family_of(r["layer_class"])
+        # once per layer, not per record (a ranking over every conv edits thousands of filters),
+        # and each layer's arrays dropped before the next is read: holding every kernel read
+        # back would add the whole model to the peak memory
+        for layer, layer_records in by_layer.items():
+            family = family_of(layer_records[0]["layer_class"])
             assert family is not None
-            layer_vars = variables(r["layer"])
+            layer_vars = written.variables(layer)
             kernel = layer_vars[family.kernel_name(layer_vars) or family.kernel_var]
-            problems = []
-            if np.any(family.filter_view(kernel)[r["filter"]] != 0):
-                problems.append("kernel slice")
-            if r["bias"] == "zeroed" and layer_vars["bias"][r["filter"]] != 0:
-                problems.append("bias")
-            for edit in r["batchnorm"]:
-                if variables(edit["layer"])[edit["variable"]][r["filter"]] != edit["value"]:
-                    problems.append(f"{edit['layer']}.{edit['variable']}")
-            if problems:
-                raise ModelError(f"the written file does not hold the edit of filter "
-                                 f"{r['filter']} ({', '.join(problems)}); nothing was written",
-                                 model=job.name, layer=r["layer"],
-                                 hint="please report this as a bug, with the audit log")
+            filters = [r["filter"] for r in layer_records]
+            picked = family.filter_view(kernel)[filters]
+            loud_kernel = np.any(picked.reshape(len(filters), -1) != 0, axis=1)
+            bias = layer_vars.get("bias")
+            for i, r in enumerate(layer_records):
+                problems = []
+                if loud_kernel[i]:
+                    problems.append("kernel slice")
+                if r["bias"] == "zeroed" and bias is not None and bias[r["filter"]] != 0:
+                    problems.append("bias")
+                for edit in r["batchnorm"]:
+                    if follower(edit["layer"])[edit["variable"]][r["filter"]] != edit["value"]:
+                        problems.append(f"{edit['layer']}.{edit['variable']}")
+                if problems:
+                    raise ModelError(f"the written file does not hold the edit of filter "
+                                     f"{r['filter']} ({', '.join(problems)}); nothing was written",
+                                     model=job.name, layer=layer,
+                                     hint="please report this as a bug, with the audit log")
+            del layer_vars, kernel, picked, bias
     finally:
         written.close()
     return "ok"

@@ -29,15 +29,24 @@ class RuleError(KpruneError):
 
 
 def filter_stats(slices: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-filter statistics of `slices` (n_filters, ...), computed in float64."""
-    flat = np.asarray(slices, dtype=np.float64).reshape(slices.shape[0], -1)
-    absval = np.abs(flat)
-    return {
-        "mean": flat.mean(axis=1),
-        "abs_mean": absval.mean(axis=1),
-        "l1": absval.sum(axis=1),
-        "l2": np.sqrt((flat * flat).sum(axis=1)),
-    }
+    """Per-filter statistics of `slices` (n_filters, ...), computed in float64.
+
+    `slices` is usually a strided view (Family.filter_view moves the filter axis first): one
+    float64 copy in the kernel's own memory order, reduced over the slice axes in place, is ~5x
+    faster than gathering each filter's slice into a contiguous row first (a ranking over every
+    conv of ResNet50 computes this for 23 M weights).
+    """
+    values = np.asarray(slices)
+    axes = tuple(range(1, values.ndim))
+    size = int(np.prod(values.shape[1:], dtype=np.int64))
+    x = values.astype(np.float64, order="K")  # always a copy: the reductions below work in place
+    total = x.sum(axis=axes)
+    np.abs(x, out=x)
+    l1 = x.sum(axis=axes)
+    np.square(x, out=x)
+    l2 = np.sqrt(x.sum(axis=axes))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a 0-weight slice: mean is NaN, as numpy's
+        return {"mean": total / size, "abs_mean": l1 / size, "l1": l1, "l2": l2}
 
 
 def _nonfinite_filters(slices: np.ndarray) -> list[int]:
