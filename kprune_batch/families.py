@@ -121,9 +121,14 @@ class Family:
             if self.name == "depthwise" and "bias" in variables:
                 variables["bias"] = variables["bias"][expanded]
 
-    def zeroed(self, kernel: np.ndarray, filters: list[int]) -> np.ndarray:
-        """A copy of `kernel` with the given filters' slices set to 0 (nothing else touched)."""
-        out = np.array(kernel, copy=True, order="C")
+    def zeroed(self, kernel: np.ndarray, filters: list[int], in_place: bool = False
+               ) -> np.ndarray:
+        """`kernel` with the given filters' slices set to 0 (nothing else touched): a copy, or
+        with `in_place` `kernel` itself when it is a writable C-contiguous array."""
+        if in_place and kernel.flags.c_contiguous and kernel.flags.writeable:
+            out = kernel
+        else:
+            out = np.array(kernel, copy=True, order="C")
         view = self.filter_view(out)
         if filters:
             view[np.asarray(filters, dtype=np.int64)] = 0
