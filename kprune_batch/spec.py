@@ -7,6 +7,7 @@ import gc
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -84,7 +85,9 @@ def load_yaml(text: str, file: str) -> tuple[Any, Positions, list[SpecProblem]]:
 
     A syntax error or an empty document raises SpecError at once (there is no data to check).
 
-    Only the YAML core tags are accepted (never a Python tag: nothing in a spec can execute).
+    Plain scalars resolve by the YAML 1.2 core schema, as editors and check-jsonschema read
+    them (`yes` is a string, `-4e-3` a number). Only the YAML core tags are accepted (never a
+    Python tag: nothing in a spec can execute).
     Duplicate keys, which PyYAML would silently collapse, are errors.
     """
     try:
@@ -133,7 +136,94 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-_CLoader = getattr(yaml, "CSafeLoader", None)  # libyaml's parser: ~13x PyYAML's on a large spec
+# --- YAML 1.2 core schema -------------------------------------------------------------------------
+# PyYAML resolves plain scalars by YAML 1.1 rules (yes/no/on/off are booleans, 1e5 is a string, 017
+# is octal, 1:30 is sexagesimal); yaml-language-server and check-jsonschema read YAML 1.2, so an
+# editor showed `below: -4e-3` as valid and kprune refused it. Specs are read by the 1.2 core schema
+# (yaml.org/spec/1.2.2, 10.3.2), with PyYAML's parser and its marks (positions) kept. One
+# extension, as PyYAML and ruamel.yaml have it: '<<' merge keys.
+
+_CORE_RESOLVERS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), "~nN"),
+    ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), "tTfF"),
+    ("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+     "-+0123456789"),
+    ("tag:yaml.org,2002:float", re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), "-+.0123456789"),
+    ("tag:yaml.org,2002:merge", re.compile(r"^<<$"), "<"),
+)
+_CORE = {tag: pattern for tag, pattern, _ in _CORE_RESOLVERS}
+
+
+class _CoreResolver(yaml.resolver.BaseResolver):
+    """Plain scalars resolve by the YAML 1.2 core schema (everything else is a string)."""
+
+
+for _tag, _pattern, _first in _CORE_RESOLVERS:
+    _CoreResolver.add_implicit_resolver(_tag, _pattern, list(_first) + ([""] if _tag.endswith(
+        ":null") else []))
+
+
+def _core_int(_loader: Any, node: yaml.ScalarNode) -> int:
+    text = node.value
+    if not _CORE["tag:yaml.org,2002:int"].match(text):  # an explicit !!int on another text
+        raise ValueError(f"not a YAML 1.2 integer: {text!r}")
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)  # 017 is 17: the 1.2 core schema has no C-style octal
+
+
+def _core_float(_loader: Any, node: yaml.ScalarNode) -> float:
+    text = node.value
+    if not (_CORE["tag:yaml.org,2002:float"].match(text)
+            or _CORE["tag:yaml.org,2002:int"].match(text)):
+        raise ValueError(f"not a YAML 1.2 float: {text!r}")
+    if text.lstrip("-+").lower() in (".inf", ".nan"):
+        return float(text.replace(".", "", 1))
+    return float(_core_int(_loader, node)) if text.startswith(("0o", "0x")) else float(text)
+
+
+def _core_bool(_loader: Any, node: yaml.ScalarNode) -> bool:
+    if not _CORE["tag:yaml.org,2002:bool"].match(node.value):
+        raise ValueError(f"not a YAML 1.2 boolean: {node.value!r}")
+    return node.value.lower() == "true"
+
+
+class _CoreConstructor(yaml.constructor.SafeConstructor):
+    """SafeConstructor with the 1.2 core schema's int, float and bool (null is the same)."""
+
+
+for _tag, _construct in (("int", _core_int), ("float", _core_float), ("bool", _core_bool)):
+    _CoreConstructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _construct)
+
+
+class _CoreLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser,
+                  yaml.composer.Composer, _CoreConstructor, _CoreResolver):
+    def __init__(self, stream: str):
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        _CoreConstructor.__init__(self)
+        _CoreResolver.__init__(self)
+
+
+_CParser = getattr(yaml, "CParser", None)  # libyaml's parser: ~13x PyYAML's on a large spec
+_CLoader: Any = None
+if _CParser is not None:
+    class _CoreCLoader(_CParser, _CoreConstructor, _CoreResolver):  # type: ignore[misc, valid-type]
+        def __init__(self, stream: str):
+            _CParser.__init__(self, stream)
+            _CoreConstructor.__init__(self)
+            _CoreResolver.__init__(self)
+
+    _CLoader = _CoreCLoader
+
+
+def plain_is_string(text: str) -> bool:
+    """Whether `text`, written as a plain (unquoted) YAML scalar, reads back as that string."""
+    return _CoreResolver().resolve(yaml.ScalarNode, text, (True, False)) == _STR
 
 
 class _TooDeep(Exception):
@@ -159,7 +249,7 @@ def _compose(text: str) -> tuple[yaml.Node | None, Any]:
             pass  # read again below, for PyYAML's wording of the error
         finally:
             loader.dispose()
-    loader = yaml.SafeLoader(text)  # the reader rejects control characters right here
+    loader = _CoreLoader(text)  # the reader rejects control characters right here
     try:
         return _compose_events(loader), loader
     finally:
