@@ -70,10 +70,24 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.pass_context
 def validate(ctx: click.Context, specs: tuple[str, ...]) -> None:
-    """Check spec files (schema and semantics); opens no model. Exit 0 valid, 2 invalid."""
+    """Check spec files (schema and semantics); opens no model. Exit 0 valid, 2 invalid.
+
+    '-' reads a spec from stdin (relative paths in it start in the current directory)."""
     from kprune_batch.commands.validate import validate as run
 
     _finish(ctx, lambda: run(list(specs)))
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["spec", "audit"]), default="spec")
+@click.option("--path", "path", is_flag=True,
+              help="Print the installed schema file's path (for an editor's modeline) instead.")
+@click.pass_context
+def schema(ctx: click.Context, name: str, path: bool) -> None:
+    """Print the JSON Schema of spec files (or of audit logs) that validate uses."""
+    from kprune_batch.commands.schema import schema as run
+
+    _finish(ctx, lambda: run(name, path=path))
 
 
 @cli.command()

@@ -486,6 +486,10 @@ class Spec:
         return os.path.normpath(os.path.join(base, rel))
 
 
+STDIN = "-"  # the command-line argument that means: read the spec from standard input
+STDIN_NAME = "<stdin>"  # how such a spec is named in messages (Spec.file)
+
+
 def read_spec(file: str | os.PathLike[str]) -> Spec:
     """Read, parse and validate a spec file; raise SpecError with every problem found."""
     file = str(file)
@@ -498,6 +502,20 @@ def read_spec(file: str | os.PathLike[str]) -> Spec:
     except OSError as exc:
         raise SpecError(file, [SpecProblem(0, 0, "", f"cannot read spec file: {exc.strerror}",
                                            file)]) from None
+    return _parse_bytes(raw, file)
+
+
+def read_spec_arg(arg: str) -> Spec:
+    """read_spec, where '-' reads the spec from standard input (named STDIN_NAME in messages;
+    its relative paths start in the current directory)."""
+    if arg != STDIN:
+        return read_spec(arg)
+    import sys
+
+    return _parse_bytes(sys.stdin.buffer.read(), STDIN_NAME)
+
+
+def _parse_bytes(raw: bytes, file: str) -> Spec:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -667,6 +685,8 @@ def _impact_problems(data: dict[str, Any], positions: Positions, file: str) -> l
 
 
 def _spec_folder(file: str) -> str:
+    if file == STDIN_NAME:  # no folder of its own: relative paths start where kprune runs
+        return os.getcwd()
     return os.path.dirname(os.path.abspath(file))
 
 
