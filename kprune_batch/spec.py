@@ -168,7 +168,7 @@ for _tag, _pattern, _first in _CORE_RESOLVERS:
 def _core_int(_loader: Any, node: yaml.ScalarNode) -> int:
     text = node.value
     if not _CORE["tag:yaml.org,2002:int"].match(text):  # an explicit !!int on another text
-        raise ValueError(f"not a YAML 1.2 integer: {text!r}")
+        raise ValueError("not a YAML 1.2 integer: decimal digits, 0o octal or 0x hex")
     if text.startswith(("0o", "0x")):
         return int(text[2:], 8 if text[1] == "o" else 16)
     return int(text, 10)  # 017 is 17: the 1.2 core schema has no C-style octal
@@ -178,7 +178,7 @@ def _core_float(_loader: Any, node: yaml.ScalarNode) -> float:
     text = node.value
     if not (_CORE["tag:yaml.org,2002:float"].match(text)
             or _CORE["tag:yaml.org,2002:int"].match(text)):
-        raise ValueError(f"not a YAML 1.2 float: {text!r}")
+        raise ValueError("not a YAML 1.2 float")
     if text.lstrip("-+").lower() in (".inf", ".nan"):
         return float(text.replace(".", "", 1))
     return float(_core_int(_loader, node)) if text.startswith(("0o", "0x")) else float(text)
@@ -186,7 +186,7 @@ def _core_float(_loader: Any, node: yaml.ScalarNode) -> float:
 
 def _core_bool(_loader: Any, node: yaml.ScalarNode) -> bool:
     if not _CORE["tag:yaml.org,2002:bool"].match(node.value):
-        raise ValueError(f"not a YAML 1.2 boolean: {node.value!r}")
+        raise ValueError("not a YAML 1.2 boolean: true or false")
     return node.value.lower() == "true"
 
 
@@ -423,9 +423,9 @@ def _scalar(node: yaml.Node, loader: yaml.SafeLoader, path: tuple, problems: lis
         return loader.construct_object(node)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
         line, col = _mark(node)
+        why = str(exc) if str(exc).startswith("not a YAML 1.2") else type(exc).__name__
         problems.append(SpecProblem(line, col, json_path(path),
-                                    f"invalid YAML value {node.value!r} ({type(exc).__name__})",
-                                    file))
+                                    f"invalid YAML value {node.value!r} ({why})", file))
         return None
 
 

@@ -44,13 +44,15 @@ class CliResult:
 
 
 def kprune(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict | None = None,
-           timeout: float = 300) -> CliResult:
-    """Run `python -m kprune_batch ARGS` in a subprocess, exactly as a user would."""
+           timeout: float = 300, stdin: str | None = None) -> CliResult:
+    """Run `python -m kprune_batch ARGS` in a subprocess, exactly as a user would (`stdin`: the
+    text piped in; none by default)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
+    feed = {"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}
     proc = subprocess.run([sys.executable, "-m", "kprune_batch", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=full_env,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, **feed)
     return CliResult(proc)
 
 
