@@ -425,3 +425,22 @@ def test_schema_command_prints_the_schema_validate_uses(tmp_path: Path) -> None:
         assert Path(printed.strip()).is_file()
         assert json.loads(kprune("schema", name).expect(0).stdout) == load_schema(name)
     assert kprune("schema", "--path").expect(0).stdout == f"{schema_path('spec')}\n"
+
+
+def test_apply_reads_a_spec_from_stdin_and_logs_it_without_git(tmp_path: Path) -> None:
+    """Relative paths start in the current directory; the log says '-' (there is no file, so no
+    commit to name) and the sha256 of the bytes that ran."""
+    import hashlib
+    import json
+
+    examples = Path(__file__).resolve().parent.parent / "specs" / "examples"
+    text = VALID.replace("models/digits.keras", "digits.keras")
+    kprune("apply", "-", "--backend", "direct", "--output-dir", tmp_path / "out", "--audit-log",
+           tmp_path / "log.json", cwd=examples, stdin=text).expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["spec"] == {"path": "-", "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                           "git": {"commit": None, "dirty": None,
+                                   "reason": "the spec was read from stdin"}}
+    assert log["models"][0]["input"]["path"] == str(examples / "digits.keras")
+    assert (tmp_path / "out" / "digits.keras").is_file()
+    kprune("verify", tmp_path / "log.json").expect(0)
