@@ -645,7 +645,7 @@ IMPACT_GUARDS = ("max_relative_diff", "min_agreement", "max_accuracy_drop")
 def _impact_problems(data: dict[str, Any], positions: Positions, file: str) -> list[SpecProblem]:
     """Impact guards and data statistics need `samples`: a guard left set (after defaults.impact,
     key by key) or a rule using apoz/activation_mean on a model without samples is an error."""
-    from kprune_batch.rules import DATA_KINDS
+    from kprune_batch.rule_kinds import DATA_KINDS
 
     problems: list[SpecProblem] = []
 

@@ -193,7 +193,7 @@ def test_validate_cli_exit_codes_and_no_tensorflow(tmp_path: Path) -> None:
     assert f"{good}: ok (1 model(s), 1 layer entry)" in result.stdout
     code = ("import sys; from kprune_batch.cli import main; sys.argv=['kprune','validate',"
             f"{str(good)!r}]\ntry:\n main()\nexcept SystemExit:\n pass\n"
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','h5py')]\n"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','h5py','numpy')]\n"
             "print('IMPORTED', bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
