@@ -209,7 +209,10 @@ class _CoreLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser,
         _CoreResolver.__init__(self)
 
 
-_CParser = getattr(yaml, "CParser", None)  # libyaml's parser: ~13x PyYAML's on a large spec
+try:  # libyaml's parser: ~13x PyYAML's on a large spec
+    from yaml.cyaml import CParser as _CParser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    _CParser = None
 _CLoader: Any = None
 if _CParser is not None:
     class _CoreCLoader(_CParser, _CoreConstructor, _CoreResolver):  # type: ignore[misc, valid-type]

@@ -325,6 +325,9 @@ def test_yaml_1_2_without_libyaml_reads_the_same() -> None:
     with_libyaml = load_yaml(text, "f.yaml")[0]
     import kprune_batch.spec as spec_module
 
+    import yaml
+
+    assert (spec_module._CLoader is not None) == yaml.__with_libyaml__  # libyaml is used
     saved, spec_module._CLoader = spec_module._CLoader, None
     try:
         assert load_yaml(text, "f.yaml")[0] == with_libyaml == {
