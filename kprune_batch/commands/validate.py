@@ -9,9 +9,9 @@ from kprune_batch.spec import STDIN, read_spec_arg
 def validate(files: list[str]) -> Result:
     """Every problem of every file, file by file in the order given (each file's sorted by
     position); '-' reads one spec from stdin. Exit 2 if any file is invalid."""
-    result = Result()
     if files.count(STDIN) > 1:  # the second read would see an empty stream
         return Result(err=["error: '-' (stdin) can be given only once"], return_code=EXIT_INVALID)
+    result = Result()
     for file in files:
         try:
             spec = read_spec_arg(file)
