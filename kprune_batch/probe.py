@@ -43,14 +43,14 @@ def _values(model: Any, inputs: list[np.ndarray], paths: list[str], training: bo
         if "/" in p:
             head, rest = p.split("/", 1)
             nested[head].append(rest)
-    wanted = [model.get_layer(p).output for p in direct]
+    wanted = [_find(model, p).output for p in direct]
     wanted += [_input_in_parent(model, h) for h in nested]
     extractor = keras.Model(model.inputs, wanted)
     results = extractor(inputs if len(inputs) > 1 else inputs[0], training=training)
     results = list(results) if isinstance(results, (list, tuple)) else [results]
     out = {p: np.asarray(v) for p, v in zip(direct, results, strict=False)}
     for (head, rests), value in zip(nested.items(), results[len(direct):], strict=True):
-        sub = model.get_layer(head)
+        sub = _find(model, head)
         sub_inputs = list(value) if isinstance(value, (list, tuple)) else [np.asarray(value)]
         for rest, v in _values(sub, sub_inputs, rests, training, keras).items():
             out[f"{head}/{rest}"] = v
@@ -112,12 +112,14 @@ def _input_in_parent(model: Any, name: str) -> Any:
     """The tensor of `model`'s own graph that feeds its nested model `name`.
 
     A nested model's `.input` belongs to its inner graph, so it is found from the parent's
-    config instead: the producers named in the nested model's inbound node (Functional), or the
-    previous layer (Sequential).
+    config instead: the producers named in the nested model's inbound node (Functional; a
+    producer may be an operation node, which `get_layer` does not find), or the previous layer
+    (Sequential).
     """
+    from kprune_batch.backends.keras_backend import find_node
     from kprune_batch.graph import _histories
 
-    layer = model.get_layer(name)
+    layer = find_node(model, name)
     if type(model).__name__ == "Sequential":
         index = model.layers.index(layer)
         return model.inputs[0] if index == 0 else model.layers[index - 1].output
@@ -126,14 +128,13 @@ def _input_in_parent(model: Any, name: str) -> Any:
             sources = list(_histories(entry.get("inbound_nodes") or []))
             tensors = []
             for src, tensor in sources:
-                out = model.get_layer(src).output
+                out = find_node(model, src).output
                 tensors.append(out[tensor] if isinstance(out, (list, tuple)) else out)
             return tensors[0] if len(tensors) == 1 else tensors
     raise ValueError(f"no inbound node for nested model {name}")
 
 
 def _find(model: Any, path: str) -> Any:
-    obj = model
-    for part in path.split("/"):
-        obj = obj.get_layer(part)
-    return obj
+    from kprune_batch.backends.keras_backend import find_node
+
+    return find_node(model, path)

@@ -50,6 +50,27 @@ def _refuse_zip_bomb(path: str, model_name: str) -> None:
                          hint="kprune does not read such a file")
 
 
+def find_node(model: Any, path: str) -> Any:
+    """The layer or operation at a graph path ('outer/inner'), as LayerGraph names them.
+
+    `get_layer` searches `model.layers`, which leaves out a Functional's operation nodes
+    (keras/src/models/functional.py `layers` keeps Layer instances only) and a Sequential's
+    InputLayer (keras/src/models/sequential.py `layers` drops `_layers[0]` when it is one);
+    `operations` and `_layers` hold every node the config lists.
+    """
+    obj = model
+    for part in path.split("/"):
+        if type(obj).__name__ == "Sequential":
+            nodes = list(getattr(obj, "_layers", None) or obj.layers)
+        else:
+            nodes = list(getattr(obj, "operations", None) or obj.layers)
+        found = next((n for n in nodes if n.name == part), None)
+        if found is None:
+            raise ValueError(f"no layer or operation named '{part}' in model '{obj.name}'")
+        obj = found
+    return obj
+
+
 class KerasModelWeights:
     """A model loaded with keras.saving.load_model; the reference backend."""
 
@@ -84,10 +105,7 @@ class KerasModelWeights:
                 hint="subclassed models are not supported") from exc
 
     def _layer(self, layer_path: str) -> Any:
-        obj = self.model
-        for part in layer_path.split("/"):
-            obj = obj.get_layer(part)
-        return obj
+        return find_node(self.model, layer_path)
 
     def variables(self, layer_path: str) -> dict[str, np.ndarray]:
         layer = self._layer(layer_path)
