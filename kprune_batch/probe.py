@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from kprune_batch.errors import ModelError
+from kprune_batch.errors import ModelError, first_line
 from kprune_batch.quiet import import_keras, native_stderr_silenced
 
 PROBE_SEED = 0
@@ -71,24 +71,42 @@ def measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[s
         raise
     except Exception as exc:  # a model kprune cannot probe: say so rather than write it unproven
         raise ModelError(f"the probe could not run ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written",
+                         f"{first_line(exc) if str(exc) else ''}); nothing was written",
                          model=model_name, hint="run without --probe to skip the measurement"
                          ) from exc
 
 
 def _measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[str, Any]:
+    from kprune_batch.twin import RAN_ON_TWIN, runnable
+
     keras = import_keras()
     with native_stderr_silenced():
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
         inputs = probe_inputs(model)
+        # where this CPU cannot run channels_first convolutions: the channels_last twin, whose
+        # layers have the same names and report their own channel axis (_channel_axis)
+        model, twin, no_twin = runnable(keras, model)
+        if twin is not None:
+            inputs = twin.to_twin(inputs)
         points: dict[tuple[str, int], list[str]] = {}
         for r in records:
             followers = [e["layer"] for e in r["batchnorm"]] or [r["layer"]]
             points[(r["layer"], r["filter"])] = sorted(set(followers))
         paths = sorted({p for ps in points.values() for p in ps} | {r["layer"] for r in records})
+        done = {"status": "ok", "max_abs": 0.0, "seed": PROBE_SEED}
+        if twin is not None:
+            done["ran_on"] = RAN_ON_TWIN
         if not paths:
-            return {"status": "ok", "max_abs": 0.0, "seed": PROBE_SEED}
-        by_mode = {mode: _values(model, inputs, paths, mode, keras) for mode in (False, True)}
+            return done
+        try:
+            by_mode = {mode: _values(model, inputs, paths, mode, keras) for mode in (False, True)}
+        except Exception as exc:
+            if no_twin is None:
+                raise
+            raise ModelError(f"the probe could not run ({type(exc).__name__}: {first_line(exc)})"
+                             f" and no channels_last twin is provably the same model ({no_twin});"
+                             f" nothing was written", model=model_name,
+                             hint="run without --probe to skip the measurement") from exc
 
     def max_abs(path: str, channel: int) -> float:
         axis = _channel_axis(_find(model, path))
@@ -105,7 +123,7 @@ def _measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[
                 f"probe measured max |activation| {value:.3g} on filter {r['filter']}, which "
                 f"kprune decided is silent; nothing was written for this model", model=model_name,
                 layer=r["layer"], hint="please report this as a bug, with the audit log")
-    return {"status": "ok", "max_abs": worst, "seed": PROBE_SEED}
+    return {**done, "max_abs": worst}
 
 
 def _input_in_parent(model: Any, name: str) -> Any:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from kprune_batch.errors import ModelError
+from kprune_batch.errors import ModelError, first_line
 from kprune_batch.graph import build_graph
 from kprune_batch.quiet import import_keras, native_stderr_silenced
 
@@ -16,8 +16,10 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 def _describe_load_error(exc: BaseException, path: str) -> tuple[str, str | None]:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    lowered = text.lower()
+    # the first line, long lists capped (errors.first_line); the keywords below are read from
+    # the whole text
+    text = f"{type(exc).__name__}: {first_line(exc, limit=10 ** 9)}"
+    lowered = f"{type(exc).__name__}: {exc}".lower()
     if "lambda" in lowered and ("safe_mode" in lowered or "unsafe" in lowered):
         return ("the model contains a Lambda layer, whose Python code Keras refuses to load in safe "
                 "mode; kprune always loads models with safe_mode=True",

@@ -9,7 +9,7 @@ import numpy as np
 
 from kprune_batch.audit import read_log
 from kprune_batch.commands import EXIT_FAILED, Result
-from kprune_batch.errors import AuditLogError, KpruneError
+from kprune_batch.errors import AuditLogError, KpruneError, first_line
 from kprune_batch.families import canonical_class, family_of
 from kprune_batch.files import sha256_file
 
@@ -236,8 +236,7 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
