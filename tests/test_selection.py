@@ -560,3 +560,14 @@ def test_a_group_that_cannot_be_removed_only_fails_a_selection(keras: Any,
     # the same entry whose rule selects nothing is harmless
     write_spec(tmp_path, spec.replace("{index: %s}", "{l1: {below: -1}}"))
     kprune("plan", tmp_path / "spec.yaml").expect(0)
+
+
+def test_group_text_says_who_is_listed_and_caps_long_groups() -> None:
+    from kprune_batch.selection import group_text
+
+    assert group_text(["c2", "stem", "c3"], ["c2", "c3"]) == \
+        "c2, c3 (listed) and stem (came with the group)"
+    members = [f"block{i}_conv" for i in range(12)]
+    assert group_text(members, ["block3_conv"]) == (
+        "block3_conv (listed) and block0_conv, block1_conv, block2_conv, block4_conv, "
+        "block5_conv … and 6 more (came with the group)")

@@ -258,3 +258,52 @@ def test_probe_catches_what_static_analysis_cannot(keras: Any, tmp_path: Path,
         got = np.asarray(run_model(keras, written, x), np.float64)
         assert not got[:, 1].any()
         assert np.abs(got - reference).max() <= 1e-5
+
+
+# --- what the static analysis follows, from the config alone ----------------------------------
+
+def _fate(keras: Any, model: Any, neutralize: bool = True) -> Any:
+    from kprune_batch.graph import build_graph
+    from kprune_batch.silence import channel_fate
+
+    graph = build_graph(keras.saving.serialize_keras_object(model))
+    weights = {layer.name: {v.name: np.asarray(v) for v in layer.weights}
+               for layer in model.layers}
+    return channel_fate(graph, "conv", FILTER, 0.0, neutralize, lambda p: weights[p])
+
+
+def test_an_operation_between_conv_and_batchnorm_is_not_a_follower(keras: Any) -> None:
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="conv")(inputs) * 1.0  # keras.src.ops.numpy.Multiply
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(x))
+    fate = _fate(keras, model)
+    assert (fate.silent, fate.followers, fate.edits) == (True, [], [])
+    assert fate.notes == ["'multiply' is a Keras operation (keras.src.ops.numpy.Multiply), "
+                          "which kprune does not follow: BatchNormalization 'bn' after it is not "
+                          "a follower"]
+
+
+@pytest.mark.parametrize("noise", ["GaussianNoise", "GaussianDropout", "AlphaDropout"])
+@pytest.mark.parametrize("neutralize", [True, False])
+def test_noise_layers_pass_a_channel_to_its_follower(keras: Any, noise: str,
+                                                      neutralize: bool) -> None:
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3))
+    x = getattr(L, noise)(0.1, name="noise")(L.Conv2D(4, 3, name="conv")(inputs))
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(x))
+    _seeded_weights(model, 2)
+    fate = _fate(keras, model, neutralize)
+    assert fate.followers == ["bn"]  # identity at inference, so the BN is still the follower
+    if neutralize:  # gamma = 0: exactly 0 in both modes, whatever the noise did
+        assert fate.silent and {(e.variable, e.value) for e in fate.edits} == {
+            ("gamma", 0.0), ("beta", 0.0)}
+        return
+    bn = model.get_layer("bn")
+    inference = float(bn.beta[FILTER] - bn.gamma[FILTER] * bn.moving_mean[FILTER]
+                      / np.sqrt(float(bn.moving_variance[FILTER]) + bn.epsilon))
+    assert not fate.silent and fate.constant == pytest.approx(inference, rel=1e-6)
+    if noise != "GaussianDropout":  # additive noise or AlphaDropout's shift move a zero channel
+        assert fate.notes == [f"a GaussianNoise or AlphaDropout layer before BatchNormalization "
+                              f"'bn' moves the channel in training mode, where only gamma = 0 "
+                              f"would silence it"]
