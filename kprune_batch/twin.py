@@ -85,8 +85,10 @@ def runnable(keras: Any, model: Any) -> tuple[Any, Twin | None, str | None]:
 
     The model itself where this CPU runs it (or it has no channels_first layer), else its twin
     when provably equivalent, else the model itself with the reason (running it will fail)."""
+    if not cpu_refuses_nchw(keras):  # first: most CPUs, and no serialization for them
+        return model, None, None
     config = keras.saving.serialize_keras_object(model)
-    if not has_channels_first(config) or not cpu_refuses_nchw(keras):
+    if not has_channels_first(config):
         return model, None, None
     try:
         twin = channels_last_twin(keras, model, config)
@@ -132,6 +134,8 @@ def channels_last_twin(keras: Any, model: Any, config: dict[str, Any] | None = N
         if operation_module(layer) is not None or cls in MODEL_CLASSES:
             if any(ins):
                 raise NotProvable(f"'{name}' ({cls}) reads a channels_first tensor")
+            if cls in MODEL_CLASSES and has_channels_first(layer):
+                raise NotProvable(f"nested model '{name}' has channels_first layers")
             transposed[name] = False
             out_layers.append(layer)
             continue

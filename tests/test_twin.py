@@ -146,3 +146,20 @@ def test_cli_proves_on_the_twin_where_nchw_is_refused(keras: Any, cf_file: Path,
         (tmp_path / "as-is" / "zero.keras").read_bytes()
     assert abs(remove_t["removal"]["probe_deviation"] - remove_a["removal"]["probe_deviation"]) \
         <= 1e-5
+
+
+def test_where_no_twin_is_provable_the_model_runs_as_it_is(keras: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from kprune_batch.twin import FORCE_ENV, runnable
+
+    L = keras.layers
+    inner_in = keras.Input((3, 6, 6))
+    inner = keras.Model(inner_in, L.Conv2D(2, 1, data_format="channels_first")(inner_in),
+                        name="inner")
+    i = keras.Input((3, 6, 6))
+    model = keras.Model(i, inner(i))
+    monkeypatch.setenv(FORCE_ENV, "1")
+    run, twin, why = runnable(keras, model)
+    assert (run, twin, why) == (model, None, "nested model 'inner' has channels_first layers")
+    plain = keras.Model(i, L.Conv2D(2, 1, name="cl")(i))  # nothing channels_first: itself
+    assert runnable(keras, plain) == (plain, None, None)
