@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where arrays are handled: `kprune validate` never needs it
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Family:
         call() reshapes the same way), so a C-order reshape of the last two axes gives the channel.
         SeparableConv*: pointwise_kernel (1.., in*mult, filters), filters on axis -1.
         """
+        import numpy as np
+
         if self.name == "depthwise":
             flat = kernel.reshape(kernel.shape[:-2] + (kernel.shape[-2] * kernel.shape[-1],))
             return np.moveaxis(flat, -1, 0)
@@ -125,6 +128,8 @@ class Family:
                ) -> np.ndarray:
         """`kernel` with the given filters' slices set to 0 (nothing else touched): a copy, or
         with `in_place` `kernel` itself when it is a writable C-contiguous array."""
+        import numpy as np
+
         if in_place and kernel.flags.c_contiguous and kernel.flags.writeable:
             out = kernel
         else:
