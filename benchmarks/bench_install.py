@@ -1,0 +1,125 @@
+"""Benchmark: the core install vs `[tensorflow]` (size, time), the pre-commit hook environment, and
+`kprune validate` start-up with and without TensorFlow installed.
+
+Run: python benchmarks/bench_install.py [--runs 5] [--skip-tensorflow] [--skip-hook]
+Each install is a fresh `python3 -m venv` with `pip install --no-cache-dir` of this checkout (pip
+reads wheels wherever its configuration points, a local mirror or PyPI: say which with the
+numbers). Sizes are the venv's growth over an empty venv (du, apparent size of every file). The
+hook is run for real: `pre-commit try-repo <this checkout> kprune-validate --all-files` in a
+temporary git repository holding a spec, a `.pre-commit-config.yaml` and a CI workflow, with a
+fresh PRE_COMMIT_HOME (first run: builds the hook environment; second run: reuses it). The
+checkout's HEAD is what pre-commit installs: commit before running. Prints Markdown for the README.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC = REPO / "specs" / "examples" / "digits.yaml"
+
+
+def du(path: Path) -> int:
+    """Bytes of every regular file under `path` (symlinks not followed)."""
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            full = os.path.join(folder, name)
+            if not os.path.islink(full):
+                total += os.path.getsize(full)
+    return total
+
+
+def timed(cmd: list[str], **kwargs: object) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+    return time.perf_counter() - start
+
+
+def install(root: Path, name: str, target: str) -> dict[str, object]:
+    venv = root / name
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    empty = du(venv)
+    seconds = timed([str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir", target],
+                    cwd=REPO)
+    listed = subprocess.run([str(venv / "bin" / "pip"), "list", "--format", "freeze"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    return {"venv": venv, "seconds": seconds, "bytes": du(venv) - empty,
+            "packages": len(listed)}
+
+
+def startup(venv: Path, runs: int) -> float:
+    """Median wall time of `kprune validate` on the bundled example (one warm-up run first)."""
+    cmd = [str(venv / "bin" / "kprune"), "validate", str(SPEC)]
+    timed(cmd)
+    return statistics.median(timed(cmd) for _ in range(runs))
+
+
+def hook(root: Path, pre_commit: str) -> dict[str, object]:
+    repo = root / "spec-repo"
+    (repo / "specs").mkdir(parents=True)
+    (repo / ".github" / "workflows").mkdir(parents=True)
+    for name in ("digits.yaml", "digits.keras", "digits_samples.npz"):
+        shutil.copy(SPEC.parent / name, repo / "specs" / name)
+    (repo / ".pre-commit-config.yaml").write_text(
+        "repos:\n  - repo: local\n    hooks: []\n")
+    (repo / ".github" / "workflows" / "ci.yml").write_text(
+        "on: push\njobs:\n  t:\n    runs-on: ubuntu-latest\n    steps: [{run: 'true'}]\n")
+    git = ["git", "-c", "user.name=b", "-c", "user.email=b@b", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "specs"], check=True)
+    home = root / "pre-commit-home"
+    env = dict(os.environ, PRE_COMMIT_HOME=str(home))
+    env.pop("PYTHONPATH", None)
+    cmd = [pre_commit, "try-repo", str(REPO), "kprune-validate", "--all-files", "--verbose"]
+    start = time.perf_counter()
+    first = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    again_s = time.perf_counter() - start
+    if first.returncode != 0 or again.returncode != 0:
+        sys.exit(f"pre-commit failed:\n{first.stdout}{first.stderr}\n{again.stdout}")
+    has_tf = any(home.glob("**/site-packages/tensorflow"))
+    return {"first": first_s, "again": again_s, "bytes": du(home), "tensorflow": has_tf,
+            "output": again.stdout}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--skip-tensorflow", action="store_true")
+    parser.add_argument("--skip-hook", action="store_true")
+    parser.add_argument("--pre-commit", default=shutil.which("pre-commit") or "pre-commit")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-install-") as tmp:
+        root = Path(tmp)
+        rows = [("`pip install .` (core)", install(root, "core", "."))]
+        if not args.skip_tensorflow:
+            rows.append(("`pip install '.[tensorflow]'`", install(root, "tf", ".[tensorflow]")))
+        print(f"load average at the start: {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)\n")
+        print("| install | packages | installed size | install time | `kprune validate` "
+              f"start-up (median of {args.runs}) |")
+        print("|---|---|---|---|---|")
+        for label, r in rows:
+            s = startup(r["venv"], args.runs)  # type: ignore[arg-type]
+            print(f"| {label} | {r['packages']} | {r['bytes'] / 1e6:.0f} MB | "
+                  f"{r['seconds']:.1f} s | {s:.3f} s |")
+        if not args.skip_hook:
+            h = hook(root, args.pre_commit)
+            print(f"\npre-commit hook environment (try-repo, fresh PRE_COMMIT_HOME): "
+                  f"{h['bytes'] / 1e6:.0f} MB, first run {h['first']:.1f} s (builds it), "
+                  f"next run {h['again']:.2f} s; TensorFlow in it: {h['tensorflow']}")
+            print("\n" + str(h["output"]).strip())
+
+
+if __name__ == "__main__":
+    main()
