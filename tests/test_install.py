@@ -165,11 +165,18 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
                 max_fraction: 1.0
                 allow_empty_layer: true
         """)
+    spec(tmp_path, "remove.yaml", """
+        version: 1
+        models:
+          - {name: small, path: small.keras,
+             layers: [{name: conv2d, action: remove, rules: [{index: [1, 2]}]}]}
+        """)
     pinned = spec(tmp_path, "pinned.yaml", one.read_text().replace("output_dir: out",
                                                                     "output_dir: out3"))
     cases = [
         ("validate", "one.yaml", "two.yaml"),
         ("plan", "one.yaml", "--backend", "direct"),
+        ("plan", "remove.yaml"),  # a removal is planned from the config: no backend needed
         ("apply", "one.yaml", "--backend", "direct", "--audit-log", "a.json"),
         ("apply", "two.yaml", "--audit-log", "b.json"),  # auto: direct, proven
         ("verify", "a.json"),
@@ -186,16 +193,19 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     ]
     results = run_cases(tmp_path, cases)
     by_case = dict(zip(cases, results, strict=True))
+    out = {case: r["out"] for case, r in by_case.items()}
     for case, r in by_case.items():
         assert r["code"] == 0 and r["attempted"] == [], (case, r)
         assert "error" not in r["err"], (case, r)
 
-    validated = by_case[cases[0]]
+    validated = by_case[("validate", "one.yaml", "two.yaml")]
     assert not validated["numpy"]  # validate came first: nothing had imported numpy yet
     assert validated["out"] == ("one.yaml: ok (1 model(s), 1 layer entry)\n"
                                 "two.yaml: ok (2 model(s), 2 layer entries)\n")
-    assert "conv2d_1 (Conv2D, 8 filters): would zero 0, 3 (2 of 8, 25.0%)" in \
-        by_case[cases[1]]["out"]
+    assert "  conv2d_1 (Conv2D, 8 filters): would zero 0, 3 (2 of 8, 25.0%)\n" in \
+        out[("plan", "one.yaml", "--backend", "direct")]
+    assert "  conv2d (Conv2D, 6 filters): would remove 1-2 (2 of 6, 33.3%)\n" in \
+        out[("plan", "remove.yaml")]
 
     # the written weights, read with h5py here, against the input as Keras loads it
     before = layer_weights(keras, small_cnn)
@@ -205,10 +215,11 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     bias[[0, 3]] = 0
     assert np.array_equal(first["conv2d_1"][0], kernel)
     assert np.array_equal(first["conv2d_1"][1], bias)
+    stored_input = stored_vars(small_cnn)
     for layer, variables in before.items():
         if layer not in ("conv2d_1", "bn"):  # bn: channels 0 and 3 neutralised
             for i, value in enumerate(variables.values()):
-                assert np.array_equal(stored_vars(small_cnn)[layer][i], value)
+                assert np.array_equal(stored_input[layer][i], value)  # the reader reads right
                 assert np.array_equal(first[layer][i], value), layer
     # two.yaml's second model: l1 > 0 selects every filter of conv2d
     other = stored_vars(tmp_path / "out2" / "other.keras")
@@ -222,13 +233,13 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     assert [m["backend"] for m in json.loads((tmp_path / "b.json").read_text())["models"]] == \
         ["direct", "direct"]
 
-    assert by_case[cases[4]]["out"].startswith("ok      small: 2 zeroed filter(s) verified")
-    assert "  conv2d_1: 0, 3 (2 of 8, 25.0%)\n" in by_case[cases[5]]["out"]
-    assert by_case[cases[6]]["out"].startswith("<!DOCTYPE html>")
+    assert out[("verify", "a.json")].startswith("ok      small: 2 zeroed filter(s) verified")
+    assert "  conv2d_1: 0, 3 (2 of 8, 25.0%)\n" in out[("report", "a.json")]
+    assert out[("report", "a.json", "--format", "html")].startswith("<!DOCTYPE html>")
     # a.json zeroed small's 0, 3; b.json small's 3, 5 and all 6 of other's conv2d
-    assert by_case[cases[7]]["out"] == ("model other: status absent -> ok\n"
-                                        "other conv2d: +0-5  (0 -> 6 zeroed)\n"
-                                        "small conv2d_1: +5  -0  (2 -> 2 zeroed)\n")
+    assert out[("diff", "a.json", "b.json")] == ("model other: status absent -> ok\n"
+                                                 "other conv2d: +0-5  (0 -> 6 zeroed)\n"
+                                                 "small conv2d_1: +5  -0  (2 -> 2 zeroed)\n")
     pin = yaml.safe_load((tmp_path / "pinned.yaml").read_text())
     assert pin["models"][0]["sha256"] == hashlib.sha256(small_cnn.read_bytes()).hexdigest()
     merged = json.loads((tmp_path / "merged.json").read_text())
@@ -378,3 +389,37 @@ def test_hook_reads_only_spec_files(path: str, taken: bool) -> None:
     """pre-commit selects a file when re.search(files, path) matches its path relative to the
     repository root, with / separators (pre_commit/commands/run.py, filter_by_include_exclude)."""
     assert bool(re.search(hook_files(), path)) is taken
+
+
+def test_the_hook_runs_for_real_on_specs_only(tmp_path: Path) -> None:
+    """`pre-commit try-repo` of this checkout (its work tree, uncommitted changes included) in a
+    spec repository: the hook environment is built from the core install, a valid spec passes,
+    an invalid one fails with kprune's line, and the YAML that is not a spec (pre-commit's own
+    config, a CI workflow) is never handed to it. Builds the environment: ~20-30 s."""
+    pre_commit = shutil.which("pre-commit")
+    if pre_commit is None:
+        pytest.skip("pre-commit is not installed (the test extra installs it)")
+    repo = tmp_path / "specs-repo"
+    (repo / "specs").mkdir(parents=True)
+    (repo / ".github" / "workflows").mkdir(parents=True)
+    shutil.copy(REPO / "specs/examples/digits.yaml", repo / "specs" / "good.yaml")
+    (repo / "specs" / "bad.yaml").write_text("version: 2\nmodels: []\n")
+    (repo / ".pre-commit-config.yaml").write_text("repos: []\n")
+    (repo / ".github" / "workflows" / "ci.yml").write_text("on: push\njobs: {}\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PRE_COMMIT_HOME"] = str(tmp_path / "pre-commit-home")
+    proc = subprocess.run([pre_commit, "try-repo", str(REPO), "kprune-validate", "--all-files",
+                           "--verbose"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    first = lines.index("- hook id: kprune-validate")
+    body = [line for line in lines[first:] if line and not line.startswith("- ")]
+    # kprune's own lines (pre-commit passes the files in its own order)
+    assert "specs/good.yaml: ok (1 model(s), 3 layer entries)" in body, proc.stdout
+    assert any(line.startswith("specs/bad.yaml:1:10: version: 2 must be the integer 1")
+               for line in body), proc.stdout
+    assert not any(".pre-commit-config" in line or "ci.yml" in line for line in body)
