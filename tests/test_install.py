@@ -51,22 +51,28 @@ import contextlib, io, json, os, sys
 import sitecustomize
 from kprune_batch.cli import main
 
-results = []
-for case in json.loads(sys.argv[1]):
-    out, err = io.StringIO(), io.StringIO()
-    before = len(sitecustomize.ATTEMPTS)
-    sys.argv = ["kprune", *case["args"]]
-    os.chdir(case["cwd"])
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue(),
-                    "attempted": sitecustomize.ATTEMPTS[before:],
-                    "numpy": "numpy" in sys.modules})
-print(json.dumps(results))
+
+def run(cases):
+    results = []
+    for case in cases:
+        out, err = io.StringIO(), io.StringIO()
+        before = len(sitecustomize.ATTEMPTS)
+        sys.argv = ["kprune", *case["args"]]
+        os.chdir(case["cwd"])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+        results.append({"code": code, "out": out.getvalue(), "err": err.getvalue(),
+                        "attempted": sitecustomize.ATTEMPTS[before:],
+                        "numpy": "numpy" in sys.modules})
+    return results
+
+
+if __name__ == "__main__":  # --jobs workers are spawned: they import this file too
+    print(json.dumps(run(json.loads(sys.argv[1]))))
 '''
 
 
@@ -179,6 +185,8 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
         ("plan", "remove.yaml"),  # a removal is planned from the config: no backend needed
         ("apply", "one.yaml", "--backend", "direct", "--audit-log", "a.json"),
         ("apply", "two.yaml", "--audit-log", "b.json"),  # auto: direct, proven
+        # worker processes start with the same PYTHONPATH, so the blocker is theirs too
+        ("apply", "two.yaml", "--jobs", "2", "--audit-log", "j.json", "--output-dir", "jobs"),
         ("verify", "a.json"),
         ("report", "a.json"),
         ("report", "a.json", "--format", "html"),
@@ -230,8 +238,11 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     assert (model["status"], model["backend"], model["static_check"]) == ("ok", "direct", "ok")
     assert model["output"]["sha256"] == hashlib.sha256(
         (tmp_path / "out" / "small.keras").read_bytes()).hexdigest()
-    assert [m["backend"] for m in json.loads((tmp_path / "b.json").read_text())["models"]] == \
-        ["direct", "direct"]
+    for name in ("b.json", "j.json"):
+        assert [(m["status"], m["backend"]) for m in
+                json.loads((tmp_path / name).read_text())["models"]] == [("ok", "direct")] * 2
+    assert (tmp_path / "jobs" / "other.keras").read_bytes() == \
+        (tmp_path / "out2" / "other.keras").read_bytes()
 
     assert out[("verify", "a.json")].startswith("ok      small: 2 zeroed filter(s) verified")
     assert "  conv2d_1: 0, 3 (2 of 8, 25.0%)\n" in out[("report", "a.json")]
