@@ -434,3 +434,25 @@ def test_the_hook_runs_for_real_on_specs_only(tmp_path: Path) -> None:
     assert any(line.startswith("specs/bad.yaml:1:10: version: 2 must be the integer 1")
                for line in body), proc.stdout
     assert not any(".pre-commit-config" in line or "ci.yml" in line for line in body)
+
+
+def test_only_a_missing_framework_reads_as_none_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A framework that is there but broken (a dependency of it missing) is not "none is
+    installed": that import error goes on as it is."""
+    from kprune_batch import quiet
+    from kprune_batch.errors import BackendMissing
+
+    def missing(name: str) -> Any:
+        def fail() -> Any:
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return fail
+
+    monkeypatch.setattr(quiet, "import_keras", missing("jax.numpy"))
+    with pytest.raises(BackendMissing) as caught:
+        quiet.require_keras("--probe", model="m")
+    assert (caught.value.render(), caught.value.missing) == (
+        f"model 'm': --probe needs a Keras backend, and none is installed; {EXTRAS}", "jax")
+    assert caught.value.for_model("n").render().startswith("model 'n': --probe needs")
+    monkeypatch.setattr(quiet, "import_keras", missing("absl.logging"))
+    with pytest.raises(ModuleNotFoundError, match="absl"):
+        quiet.require_keras("--probe", model="m")
