@@ -137,7 +137,7 @@ def spec(folder: Path, name: str, text: str) -> Path:
 
 def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
                                               small_cnn: Path) -> None:
-    """validate, plan and apply (direct and auto), verify, report, diff, pin and merge in a
+    """validate, plan and apply (direct and auto), report, diff, pin and merge in a
     process where tensorflow, keras, jax and torch cannot be imported; models built here."""
     shutil.copy(small_cnn, tmp_path / "small.keras")
     shutil.copy(small_cnn, tmp_path / "other.keras")
@@ -187,7 +187,6 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
         ("apply", "two.yaml", "--audit-log", "b.json"),  # auto: direct, proven
         # worker processes start with the same PYTHONPATH, so the blocker is theirs too
         ("apply", "two.yaml", "--jobs", "2", "--audit-log", "j.json", "--output-dir", "jobs"),
-        ("verify", "a.json"),
         ("report", "a.json"),
         ("report", "a.json", "--format", "html"),
         ("diff", "a.json", "b.json"),
@@ -244,7 +243,6 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     assert (tmp_path / "jobs" / "other.keras").read_bytes() == \
         (tmp_path / "out2" / "other.keras").read_bytes()
 
-    assert out[("verify", "a.json")].startswith("ok      small: 2 zeroed filter(s) verified")
     assert "  conv2d_1: 0, 3 (2 of 8, 25.0%)\n" in out[("report", "a.json")]
     assert out[("report", "a.json", "--format", "html")].startswith("<!DOCTYPE html>")
     # a.json zeroed small's 0, 3; b.json small's 3, 5 and all 6 of other's conv2d
@@ -255,6 +253,25 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     assert pin["models"][0]["sha256"] == hashlib.sha256(small_cnn.read_bytes()).hexdigest()
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert [m["name"] for m in merged["models"]] == ["small", "other"]
+
+
+# verify-direct (issue 17) makes verify read both files without Keras; until it is merged verify
+# loads them with Keras. strict: once it reads them directly this XPASSes, and the mark goes.
+@pytest.mark.xfail(reason="verify loads models with Keras until the verify-direct work lands",
+                   strict=True)
+def test_verify_of_a_direct_run_needs_no_framework(tmp_path: Path, small_cnn: Path) -> None:
+    shutil.copy(small_cnn, tmp_path / "small.keras")
+    spec(tmp_path, "one.yaml", """
+        version: 1
+        models:
+          - {name: small, path: small.keras, layers: [{name: conv2d_1, rules: [{index: [0, 3]}]}]}
+        """)
+    applied, verified = run_cases(tmp_path, [
+        ("apply", "one.yaml", "--backend", "direct", "--audit-log", "a.json"),
+        ("verify", "a.json")])
+    assert applied["code"] == 0, applied
+    assert (verified["code"], verified["attempted"]) == (0, []), verified
+    assert verified["out"].startswith("ok      small: 2 zeroed filter(s) verified"), verified
 
 
 def test_what_needs_a_built_model_fails_in_one_line_naming_the_extras(
