@@ -138,3 +138,22 @@ class AuditLogError(KpruneError):
 
 class OutputError(KpruneError):
     """An output cannot be written (folder missing or read-only, disk full, lock held)."""
+
+
+# The extras that add a Keras backend (pyproject.toml [project.optional-dependencies])
+KERAS_EXTRAS = "pip install 'kprune-batch[tensorflow]' (or [jax], [torch])"
+
+
+class BackendMissing(ModelError):
+    """Something needs a built model (a Keras backend) and no deep-learning framework is
+    installed (the core install has none): the model fails, the batch goes on."""
+
+    def __init__(self, need: str, *, model: str = "", loc: str | None = None,
+                 missing: str = "keras"):
+        self.need = need  # what asked for the backend: "action: remove", "--probe", "samples"...
+        self.missing = missing  # the module that could not be imported
+        super().__init__(f"{need} needs a Keras backend, and none is installed", model=model,
+                         loc=loc, hint=KERAS_EXTRAS)
+
+    def for_model(self, model: str) -> BackendMissing:
+        return BackendMissing(self.need, model=model, loc=self.loc, missing=self.missing)

@@ -44,9 +44,14 @@ class ModelOutcome:
 Opener = Callable[[ModelJob], ModelWeights]
 
 
-def open_keras(job: ModelJob) -> ModelWeights:
-    """Load the model with Keras (safe mode): the reference backend, for every model."""
+def open_keras(job: ModelJob, need: str = "--backend keras", loc: str | None = None
+               ) -> ModelWeights:
+    """Load the model with Keras (safe mode): the reference backend, for every model. `need`
+    and `loc` say what asked for it when no framework is installed (BackendMissing)."""
     from kprune_batch.backends.keras_backend import KerasModelWeights
+    from kprune_batch.quiet import require_keras
+
+    require_keras(need, model=job.name, loc=loc)
 
     return KerasModelWeights(job.input, job.name)
 
@@ -69,7 +74,7 @@ def open_auto(job: ModelJob) -> ModelWeights:
     try:
         return DirectModelWeights(job.input, job.name)
     except DirectBackendUnsupported as exc:
-        weights = open_keras(job)
+        weights = open_keras(job, need=f"this model (the direct backend cannot edit it: {exc})")
         weights.fallback_reason = str(exc)  # type: ignore[attr-defined]
         return weights
 
@@ -194,6 +199,10 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     weights = None
     try:
         _check_input(job)
+        if probe and write:  # before anything is read: the probe runs the written model
+            from kprune_batch.quiet import require_keras
+
+            require_keras("--probe", model=job.name)
         input_stat = _stat_key(job.input)
         if job.sha256 is not None:  # before any backend reads it, so before anything is written
             outcome.input_sha256 = _check_pin(job)
@@ -220,7 +229,9 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         if removing and weights.backend != "keras":
             # removal rebuilds the model from its config: only the Keras backend can
             weights.close()
-            weights = open_keras(job)
+            weights = None  # closed: a failing open_keras must not close it twice
+            weights = open_keras(job, need="action: remove",
+                                 loc=next(iter(removing[0].entries), None))
             outcome.backend = weights.backend
             outcome.backend_note = "action: remove needs the Keras backend"
         records = edit_model(job, weights, outcome.layers,
