@@ -335,7 +335,8 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
                     np.allclose(actual, value, rtol=1e-6, atol=1e-7):
                 continue  # a fold is rounded once in float64 -> dtype: compared to 1e-6
             diff = np.abs(actual.astype(np.float64) - value.astype(np.float64))
-            problems.append(_describe(path, name, diff, node.class_name, zeroed))
+            mapping = (removal or {}).get("mappings", {}).get(path, {}).get("old_to_new")
+            problems.append(_describe(path, name, diff, node.class_name, zeroed, mapping))
         extra = sorted(set(got) - set(want))
         if extra:
             problems.append(f"layer '{path}' has variable(s) the input's has not: "
@@ -387,14 +388,21 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
-              zeroed: set[tuple[str, int]]) -> str:
+              zeroed: set[tuple[str, int]], old_to_new: list[int] | None = None) -> str:
+    """Where a variable differs: the filters of a kernel (by the input's filter numbers, with
+    the output's where a removal renumbered them), else the elements of a vector."""
     family = family_of(class_name)
     where = ""
-    if family is not None and name in family.kernel_names:
+    if not np.any(diff != 0):  # only the bits differ (-0.0 for 0.0): no element to name
+        where = " (bits only)"
+    elif family is not None and name in family.kernel_names:
         per_filter = family.filter_view(diff).reshape(family.n_filters(diff.shape), -1).max(axis=1)
         bad = [int(f) for f in np.flatnonzero(per_filter)]
-        kinds = ["zeroed filter" if (path, f) in zeroed else "untouched filter" for f in bad]
-        where = f" {kinds[0]} {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
+        new_to_old = {to: f for f, to in enumerate(old_to_new or []) if to >= 0}
+        first = new_to_old.get(bad[0], bad[0])
+        kind = "zeroed filter" if (path, first) in zeroed else "untouched filter"
+        where = f" {kind} {first}" + (f" (output's {bad[0]})" if old_to_new else "") + \
+            (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
     elif diff.ndim == 1:
         bad = [int(i) for i in np.flatnonzero(diff)]
         where = f" element {bad[0]}" + (f" (+{len(bad) - 1} more)" if len(bad) > 1 else "")
