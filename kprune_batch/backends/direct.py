@@ -517,9 +517,6 @@ class DirectModelWeights:
         return {name: tuple(int(d) for d in self._h5[path].shape)
                 for name, path in self._stored(layer_path).items()}
 
-    def stored_dtypes(self, layer_path: str) -> dict[str, np.dtype]:
-        return {name: self._h5[path].dtype for name, path in self._stored(layer_path).items()}
-
     def named(self, layer_path: str) -> bool:
         """Whether stored_variables() keys the layer's arrays by Keras variable name."""
         return layer_path in self._datasets or layer_path in self._named_dense()
