@@ -460,3 +460,19 @@ def test_a_moved_run_verifies_with_root(runs: dict[str, Any], tmp_path: Path) ->
         f"{old}/small.keras)",
         f"MISMATCH small: output file {wrong}/direct/small.keras is missing (logged as "
         f"{old}/direct/small.keras)"]
+
+
+@pytest.mark.parametrize("paths, root", [
+    # inputs beside the spec, outputs in its output folder: the spec's folder
+    ([("/r/run/a.keras", "/r/run/pruned/a.keras"), ("/r/run/sub/b.h5", None)], "/r/run"),
+    # outputs written elsewhere: the deepest folder both lie under
+    ([("/data/in/a.keras", "/scratch/out/a.keras")], "/"),
+    ([("/r/x/a.keras", "/r/x/a-pruned.keras")], "/r/x"),
+])
+def test_the_log_root_is_the_common_folder_of_inputs_and_outputs(
+        paths: list[tuple[str, str | None]], root: str) -> None:
+    from kprune_batch.commands.verify import log_root
+
+    log = {"models": [{"input": {"path": i}, "output": {"path": o} if o else None}
+                      for i, o in paths]}
+    assert log_root(log) == root
