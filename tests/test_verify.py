@@ -431,10 +431,15 @@ def test_a_file_the_direct_reader_refuses_is_read_with_keras(runs: dict[str, Any
     log = json.loads((folder / "direct.json").read_text())
     log["models"][0]["output"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (folder / "direct.json").write_text(json.dumps(log))
+    reason = ("read with Keras: the direct reader cannot read the output: cannot confirm where "
+              "layer 'conv2d_1' is stored (/layers/conv2d)")
     result = kprune("verify", folder / "direct.json").expect(0)
-    assert result.stdout.splitlines()[0] == (
-        f"{ZEROED_LINES[0]} (read with Keras: the direct reader cannot read the output: cannot "
-        f"confirm where layer 'conv2d_1' is stored (/layers/conv2d))")
+    assert result.stdout.splitlines() == [f"{ZEROED_LINES[0]} ({reason})", ZEROED_LINES[1]]
+    # without Keras that model cannot be verified: a mismatch saying why, the others verify
+    lines = kprune("verify", folder / "direct.json",
+                   env=runs["no_frameworks"]).expect(1).stdout.splitlines()
+    assert lines[0].startswith("MISMATCH small: cannot open: ") and "keras" in lines[0].lower()
+    assert lines[1:] == [f"note     small: {reason}", ZEROED_LINES[1]]
 
 
 def test_a_moved_run_verifies_with_root(runs: dict[str, Any], tmp_path: Path) -> None:
