@@ -537,7 +537,13 @@ class DirectModelWeights:
             return {}
         group = self._h5[where]
         if not self.path.endswith(".keras"):
-            return {w: f"{where}/{w}" for w in _attr_list(group, "weight_names")}
+            listed = {w: f"{where}/{w}" for w in _attr_list(group, "weight_names")}
+            for w, path in listed.items():
+                if not isinstance(self._h5.get(path), h5py.Dataset):
+                    raise DirectBackendUnsupported(
+                        f"cannot read layer '{layer_path}' of {os.path.basename(self.path)}: "
+                        f"its weight_names list {w}, which the file does not hold")
+            return listed
         found: dict[str, str] = {}
         group.visititems(lambda name, obj: found.__setitem__(name, f"{where}/{name}")
                          if isinstance(obj, h5py.Dataset) else None)
