@@ -10,10 +10,9 @@ import numpy as np
 from kprune_batch.audit import read_log
 from kprune_batch.backends.direct import DirectBackendUnsupported, DirectModelWeights
 from kprune_batch.commands import EXIT_FAILED, Result
-from kprune_batch.errors import AuditLogError, KpruneError
+from kprune_batch.errors import AuditLogError, KpruneError, first_line
 from kprune_batch.families import canonical_class, family_of
 from kprune_batch.files import sha256_file
-from kprune_batch.graph import MODEL_CLASSES
 
 Opener = Callable[[str, str, str], Any]  # (path, model name, role) -> ModelWeights
 
@@ -225,7 +224,7 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
     def layer_fact(layer: str, layer_class: str) -> str | int:
         node = layers.get(layer)
         family = family_of(layer_class)
-        if node is None or node.class_name in MODEL_CLASSES:
+        if node is None or not node.holds_weights:
             return f"the log names layer '{layer}', which the input does not have"
         if family is None or canonical_class(node.class_name) != canonical_class(layer_class):
             return f"the log says layer '{layer}' is a {layer_class}, the input's is a " \
@@ -237,7 +236,7 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
     def channels(layer: str, variable: str) -> int:
         bn = layers.get(layer)
         shape = shapes_of(layer).get(variable) \
-            if bn is not None and bn.class_name not in MODEL_CLASSES else None
+            if bn is not None and bn.holds_weights else None
         return shape[0] if shape else 0
 
     for r in records:
@@ -264,11 +263,11 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
         # a channel count is at most the size of the largest variable (a crafted 'of' of 10^15
         # must not become a list of 10^15 channels)
         largest = max((int(np.prod(shape)) for path, node in layers.items()
-                       if node.class_name not in MODEL_CLASSES
+                       if node.holds_weights
                        for shape in shapes_of(path).values()), default=0)
         for t in removal["touched"] + removal["folded"]:
             node = layers.get(t["layer"])
-            if node is None or node.class_name in MODEL_CLASSES:
+            if node is None or not node.holds_weights:
                 problems.append(f"the log's removal touches layer '{t['layer']}', which the "
                                 f"input does not have")
             elif t.get("of", 0) > largest:
@@ -304,7 +303,7 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
     zeroed = {(r["layer"], r["filter"]) for r in records}
     problems = []
     for path, node in before.graph.layers.items():
-        if node.class_name in MODEL_CLASSES:
+        if not node.holds_weights:
             continue
         want = _stored(before, path)
         _zero(want, own.get(path, []), bn.get(path, []))
@@ -313,8 +312,14 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
                 _remove(want, node, touches.get(path, []), folds.get(path), removal)
             except (IndexError, KeyError, ValueError, TypeError) as exc:  # slices or folds the
                 # input's variables cannot take (a crafted touch or fold)
-                return [f"the log's removal does not fit the input's shapes ({_first_line(exc)})"]
+                return [f"the log's removal does not fit the input's shapes ({first_line(exc)})"]
         got = _stored(after, path)
+        # paired by position, as Keras loads them (saving_lib: vars/0, vars/1, ...): a variable
+        # created without a name is named "variable", "variable_1", ... by a counter of the
+        # process (ConvNeXt's LayerScale), so the second model Keras loads has other names (the
+        # direct reader keys such variables by dataset path, the same in both files)
+        if len(got) == len(want) and set(got) != set(want):
+            got = dict(zip(want, got.values()))
         for name, value in want.items():
             actual = got.get(name)
             if actual is None or actual.shape != value.shape:
@@ -378,11 +383,6 @@ def _remove(variables: dict[str, np.ndarray], node: Any, touches: list[dict[str,
         if kept is not None:
             delta = delta[[c for c, to in enumerate(kept) if to >= 0]]
         add_to_bias(variables, delta, next(iter(variables.values())).dtype)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
