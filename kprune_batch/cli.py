@@ -147,12 +147,15 @@ def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str 
 @cli.command()
 @click.argument("audit_log", type=click.Path(dir_okay=False))
 @click.option("--probe", is_flag=True, help="Also run the probe on each output.")
+@click.option("--root", type=click.Path(file_okay=False),
+              help="Where the run's files are now: replaces the log's root (the longest common "
+                   "directory of its input and output paths) in every path.")
 @click.pass_context
-def verify(ctx: click.Context, audit_log: str, probe: bool) -> None:
+def verify(ctx: click.Context, audit_log: str, probe: bool, root: str | None) -> None:
     """Re-check a run's outputs against its audit log and inputs. Exit 0 ok, 1 mismatch."""
     from kprune_batch.commands.verify import verify as run
 
-    _finish(ctx, lambda: run(audit_log, probe=probe))
+    _finish(ctx, lambda: run(audit_log, probe=probe, root=root))
 
 
 @cli.command()

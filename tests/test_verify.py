@@ -1,14 +1,22 @@
 """`kprune verify`: passes on a clean run, fails with a clear line after each kind of tampering."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import h5py
+import numpy as np
 import pytest
 
-from conftest import kprune, write_spec
+from conftest import REPO, kprune, write_spec
 
 SPEC = """\
 version: 1
@@ -201,6 +209,278 @@ def test_log_that_does_not_fit_the_input_is_a_mismatch(run: dict[str, Any], chan
     result = kprune("verify", log).expect(1)
     assert f"MISMATCH small: {problem}" in result.stdout.splitlines(), result
     assert result.stderr == ""
+
+
+# --- the direct reader: no framework needed; bit flips found; a run moved elsewhere -------------
+
+BLOCKER = """\
+import sys
+
+
+class _NoFrameworks:
+    \"\"\"verify must not need a deep-learning framework: importing one fails in this child.\"\"\"
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("tensorflow", "keras", "jax", "torch"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+
+sys.meta_path.insert(0, _NoFrameworks())
+"""
+
+ZERO_SPEC = """\
+version: 1
+output_dir: {out}
+models:
+  - path: small.keras
+    layers: [{{name: conv2d_1, rules: [{{index: [2, 5]}}]}}]
+  - path: small.h5
+    name: smallh5
+    layers: [{{name: conv2d_1, rules: [{{index: [2, 5]}}]}}]
+"""
+
+REMOVE_SPEC = """\
+version: 1
+output_dir: removed
+models:
+  - path: chain.keras
+    layers:
+      - {name: c1, action: remove, rules: [{index: [3, 11]}]}
+      - {name: c2, rules: [{index: [0]}]}
+  - path: fold.keras
+    layers: [{name: a, action: remove, bias: keep, rules: [{index: [1]}]}]
+"""
+
+ZEROED_LINES = [
+    "ok      small: 2 zeroed filter(s) verified, every other weight equals the input's",
+    "ok      smallh5: 2 zeroed filter(s) verified, every other weight equals the input's",
+]
+REMOVED_LINES = [
+    "ok      chain: 1 zeroed and 2 removed filter(s) verified: every weight equals the input's "
+    "with the logged slices and edits applied",
+    "ok      fold: 0 zeroed and 1 removed filter(s) verified: every weight equals the input's "
+    "with the logged slices, folds and edits applied",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, keras: Any, small_cnn: Path,
+         small_cnn_h5: Path) -> dict[str, Any]:
+    """One folder: the inputs, a direct-backend and a Keras-backend zeroing run of a .keras and
+    a .h5, and a removal run (Keras-written) with BN slices, input slices and a fold."""
+    from conftest import _seeded_weights
+
+    folder = tmp_path_factory.mktemp("direct-verify")
+    shutil.copy(small_cnn, folder / "small.keras")
+    shutil.copy(small_cnn_h5, folder / "small.h5")
+    L = keras.layers
+    i = keras.Input((10, 10, 3))
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(L.Conv2D(16, 3, name="c1")(i)))
+    x = L.GlobalAveragePooling2D(name="gap")(L.Conv2D(8, 3, name="c2")(x))
+    chain = keras.Model(i, L.Dense(2, name="out")(x))
+    _seeded_weights(chain, 5)
+    chain.save(folder / "chain.keras")
+    i = keras.Input((6, 6, 3))
+    # filter 1 of 'a' is removed with its bias kept: the constant bias[1] reaches the Dense
+    # through the Flatten and is folded into the Dense's bias
+    fold = keras.Model(i, L.Dense(2, name="d")(L.Flatten(name="flat")(L.Conv2D(4, 1, name="a")(i))))
+    _seeded_weights(fold, 7)
+    fold.save(folder / "fold.keras")
+    for backend in ("direct", "keras"):
+        spec = write_spec(folder, ZERO_SPEC.format(out=backend), f"{backend}.yaml")
+        kprune("apply", spec, "--backend", backend, "--audit-log",
+               folder / f"{backend}.json").expect(0)
+    spec = write_spec(folder, REMOVE_SPEC, "remove.yaml")
+    kprune("apply", spec, "--audit-log", folder / "remove.json").expect(0)
+    blocker = folder.parent / f"{folder.name}-blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    path = os.pathsep.join([str(blocker), str(REPO)] + [os.environ["PYTHONPATH"]]
+                           * bool(os.environ.get("PYTHONPATH")))
+    return {"folder": folder, "no_frameworks": {"PYTHONPATH": path}}
+
+
+def test_the_blocker_blocks(runs: dict[str, Any]) -> None:
+    for module in ("tensorflow", "keras", "jax", "torch"):
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                              text=True, env={**os.environ, **runs["no_frameworks"]})
+        assert f"ModuleNotFoundError: No module named '{module}' (blocked by the test)" in \
+            proc.stderr
+
+
+@pytest.mark.parametrize("log, lines", [("direct.json", ZEROED_LINES),
+                                        ("keras.json", ZEROED_LINES),
+                                        ("remove.json", REMOVED_LINES)])
+def test_verify_needs_no_framework(runs: dict[str, Any], log: str, lines: list[str]) -> None:
+    result = kprune("verify", runs["folder"] / log, env=runs["no_frameworks"]).expect(0)
+    assert result.stdout.splitlines() == lines
+    assert result.stderr == ""
+
+
+def _copy_run(runs: dict[str, Any], dest: Path) -> Path:
+    """The run's folder copied to `dest`, its logs rewritten to name the copies."""
+    shutil.copytree(runs["folder"], dest)
+    for log in dest.glob("*.json"):
+        log.write_text(log.read_text().replace(str(runs["folder"]), str(dest)))
+    return dest
+
+
+def _group(f: h5py.File, layer: str) -> str:
+    """The HDF5 group Keras stored `layer`'s variables under (its vars carry the layer's name)."""
+    found: list[str] = []
+    f.visititems(lambda name, obj: found.append(name[:-len("/vars")])
+                 if name.endswith("/vars") and obj.attrs.get("name") == layer else None)
+    (group,) = found
+    return group
+
+
+def _edit_weights(path: Path, edit: Any) -> None:
+    """Apply `edit(h5py.File)` to a model's weights: a .h5 in place, a .keras's weights member
+    extracted, edited and zipped back with the other members as they were."""
+    if path.suffix == ".h5":
+        with h5py.File(path, "r+") as f:
+            edit(f)
+        return
+    with zipfile.ZipFile(path) as z:
+        members = [(info, z.read(info)) for info in z.infolist()]
+    weights = path.with_name("weights.h5")
+    weights.write_bytes(dict((i.filename, d) for i, d in members)["model.weights.h5"])
+    with h5py.File(weights, "r+") as f:
+        edit(f)
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in members:
+            z.writestr(info, weights.read_bytes() if info.filename == "model.weights.h5" else data)
+    weights.unlink()
+
+
+def _flip(dataset_of: Any, index: tuple[int, ...], bit: int) -> Any:
+    def edit(f: h5py.File) -> None:
+        ds = f[dataset_of(f)]
+        value = ds[()]
+        value.view(np.uint32)[index] ^= np.uint32(1 << bit)
+        ds[...] = value
+    return edit
+
+
+def _read(path: Path, dataset_of: Any) -> np.ndarray:
+    if path.suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            return f[dataset_of(f)][()]
+    with zipfile.ZipFile(path) as z, h5py.File(io.BytesIO(z.read("model.weights.h5")), "r") as f:
+        return f[dataset_of(f)][()]
+
+
+def _kernel(layer: str) -> Any:
+    return lambda f: f"{_group(f, layer)}/vars/0"
+
+
+@pytest.mark.parametrize("log, model, output, dataset, index, line", [
+    # a zeroed slice no longer zero: bit 30 of 0.0f makes 2.0
+    ("direct.json", "small", "direct/small.keras", _kernel("conv2d_1"), (0, 0, 0, 2),
+     "layer 'conv2d_1' kernel zeroed filter 2: max |difference| 2"),
+    # an untouched weight of the .h5 (the Dense kernel) with its sign flipped
+    ("direct.json", "smallh5", "direct/small.h5", lambda f: "model_weights/logits/logits/kernel",
+     (1, 2), "layer 'logits' kernel: max |difference| {delta}"),
+    ("keras.json", "small", "keras/small.keras", _kernel("conv2d"), (1, 1, 0, 4),
+     "layer 'conv2d' kernel untouched filter 4: max |difference| {delta}"),
+    # a kept slice of the removed model: output filter 3 of c1 is the input's filter 4
+    ("remove.json", "chain", "removed/chain.keras", _kernel("c1"), (0, 1, 2, 3),
+     "layer 'c1' kernel untouched filter 4 (output's 3): max |difference| {delta}"),
+])
+def test_a_flipped_bit_is_found(runs: dict[str, Any], tmp_path: Path, log: str, model: str,
+                                output: str, dataset: Any, index: tuple[int, ...],
+                                line: str) -> None:
+    folder = _copy_run(runs, tmp_path / "copy")
+    path = folder / output
+    bit = 30 if "zeroed" in line else 31
+    _edit_weights(path, _flip(dataset, index, bit))
+    value = float(_read(path, dataset)[index])
+    delta = abs(value - float(np.float32(-value))) if bit == 31 else abs(value)
+    result = kprune("verify", folder / log, env=runs["no_frameworks"]).expect(1)
+    mismatches = [x for x in result.stdout.splitlines() if x.startswith(f"MISMATCH {model}:")]
+    assert mismatches == [
+        f"MISMATCH {model}: output file {path} does not match the sha256 in the log (replaced "
+        f"or modified since the run)",
+        f"MISMATCH {model}: " + line.format(delta=f"{delta:.6g}")]
+
+
+def test_a_changed_fold_is_found(runs: dict[str, Any], tmp_path: Path) -> None:
+    folder = _copy_run(runs, tmp_path / "copy")
+    path = folder / "removed" / "fold.keras"
+    bias = lambda f: f"{_group(f, 'd')}/vars/1"  # noqa: E731
+    was = _read(path, bias)
+
+    def nudge(f: h5py.File) -> None:
+        f[bias(f)][1] = was[1] + np.float32(0.01)
+
+    _edit_weights(path, nudge)
+    delta = float(_read(path, bias)[1]) - float(was[1])
+    result = kprune("verify", folder / "remove.json", env=runs["no_frameworks"]).expect(1)
+    assert f"MISMATCH fold: layer 'd' bias element 1: max |difference| {delta:.6g}" in \
+        result.stdout.splitlines()
+
+
+def test_a_file_the_direct_reader_refuses_is_read_with_keras(runs: dict[str, Any],
+                                                              tmp_path: Path) -> None:
+    """Without the name Keras records beside a layer's variables the direct reader cannot
+    prove where the layer is stored: Keras reads both files, and the model's line says so."""
+    folder = _copy_run(runs, tmp_path / "copy")
+    path = folder / "direct" / "small.keras"
+    _edit_weights(path, lambda f: f[f"{_group(f, 'conv2d_1')}/vars"].attrs.__delitem__("name"))
+    log = json.loads((folder / "direct.json").read_text())
+    log["models"][0]["output"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "direct.json").write_text(json.dumps(log))
+    reason = ("read with Keras: the direct reader cannot read the output: cannot confirm where "
+              "layer 'conv2d_1' is stored (/layers/conv2d)")
+    result = kprune("verify", folder / "direct.json").expect(0)
+    assert result.stdout.splitlines() == [f"{ZEROED_LINES[0]} ({reason})", ZEROED_LINES[1]]
+    # without Keras that model cannot be verified: a mismatch saying why, the others verify
+    lines = kprune("verify", folder / "direct.json",
+                   env=runs["no_frameworks"]).expect(1).stdout.splitlines()
+    assert lines[0].startswith("MISMATCH small: cannot open: ") and "keras" in lines[0].lower()
+    assert lines[1:] == [f"note     small: {reason}", ZEROED_LINES[1]]
+
+
+def test_a_moved_run_verifies_with_root(runs: dict[str, Any], tmp_path: Path) -> None:
+    """The log's root is the longest common folder of its inputs and outputs (here the run's
+    folder, which holds the inputs and the outputs' folders); --root names where it is now."""
+    old = _copy_run(runs, tmp_path / "old")
+    new = tmp_path / "moved" / "run"
+    new.parent.mkdir()
+    old.rename(new)
+    missing = kprune("verify", new / "direct.json", env=runs["no_frameworks"]).expect(1)
+    assert missing.stdout.splitlines()[0] == f"MISMATCH small: input file {old}/small.keras is missing"
+    for root, cwd in ((new, None), (Path("run"), new.parent)):  # a relative root: from the cwd
+        result = kprune("verify", new / "direct.json", "--root", root, cwd=cwd,
+                        env=runs["no_frameworks"]).expect(0)
+        assert result.stdout.splitlines() == [f"root    {old} -> {new}"] + ZEROED_LINES
+    result = kprune("verify", new / "remove.json", "--root", new,
+                    env=runs["no_frameworks"]).expect(0)
+    assert result.stdout.splitlines() == [f"root    {old} -> {new}"] + REMOVED_LINES
+    wrong = tmp_path / "elsewhere"
+    result = kprune("verify", new / "direct.json", "--root", wrong).expect(1)
+    assert result.stdout.splitlines()[1:3] == [
+        f"MISMATCH small: input file {wrong}/small.keras is missing (logged as "
+        f"{old}/small.keras)",
+        f"MISMATCH small: output file {wrong}/direct/small.keras is missing (logged as "
+        f"{old}/direct/small.keras)"]
+
+
+@pytest.mark.parametrize("paths, root", [
+    # inputs beside the spec, outputs in its output folder: the spec's folder
+    ([("/r/run/a.keras", "/r/run/pruned/a.keras"), ("/r/run/sub/b.h5", None)], "/r/run"),
+    # outputs written elsewhere: the deepest folder both lie under
+    ([("/data/in/a.keras", "/scratch/out/a.keras")], "/"),
+    ([("/r/x/a.keras", "/r/x/a-pruned.keras")], "/r/x"),
+])
+def test_the_log_root_is_the_common_folder_of_inputs_and_outputs(
+        paths: list[tuple[str, str | None]], root: str) -> None:
+    from kprune_batch.commands.verify import log_root
+
+    log = {"models": [{"input": {"path": i}, "output": {"path": o} if o else None}
+                      for i, o in paths]}
+    assert log_root(log) == root
 
 
 def test_operation_nodes_and_nested_models_verify(keras: Any, tmp_path: Path) -> None:

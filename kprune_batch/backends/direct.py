@@ -240,9 +240,13 @@ class DirectModelWeights:
         self._zip: zipfile.ZipFile | None = None
         self._window: _Window | None = None
         self.hashes: tuple[str, str] | None = None  # sha256 of (input, output) if save() hashed
+        # every layer's HDF5 group (.keras) or weight dataset list (.h5), for stored_variables()
+        self._groups: dict[str, str] = {}
+        self._dense: dict[str, dict[str, str]] | None = None  # _named_dense(), worked out once
         try:
             if layout is not None:
                 self.graph, self._datasets = layout.graph, layout._datasets
+                self._groups = layout._groups
                 self._open_file()
             elif path.endswith(".keras"):
                 self._open_keras_zip()
@@ -327,6 +331,7 @@ class DirectModelWeights:
                     # (older files) or with a different name, the walk is not proven.
                     raise DirectBackendUnsupported(
                         f"cannot confirm where layer '{prefix}{name}' is stored ({where})")
+                self._groups[prefix + name] = where
                 if layer.get("class_name") in MODEL_CLASSES:
                     walk(layer, f"{prefix}{name}/", where)
                     continue
@@ -360,6 +365,8 @@ class DirectModelWeights:
         self._check_h5_order(config, root)
         mapping: dict[str, dict[str, str]] = {}
         for path, node in self.graph.layers.items():
+            if isinstance(root.get(path), h5py.Group):
+                self._groups[path] = f"model_weights/{path}"
             names = variable_names(node.class_name, node.config)
             if names is None:
                 continue
@@ -501,6 +508,89 @@ class DirectModelWeights:
         if layer_path not in self._datasets:
             raise KeyError(f"layer {layer_path} is not mapped by the direct backend")
         return {name: self._read(path) for name, path in self._datasets[layer_path].items()}
+
+    def stored_variables(self, layer_path: str) -> dict[str, np.ndarray]:
+        """Every array the file stores for a layer (not a nested model), for comparing two files
+        layer by layer (`kprune verify`): by variable name where the mapping is proven
+        (convolutions, BatchNormalization: variables(); Dense: _stored), else by the dataset's
+        path inside the layer's group. Two files are read alike, so their keys agree."""
+        return {name: self._read(path) for name, path in self._stored(layer_path).items()}
+
+    def stored_shapes(self, layer_path: str) -> dict[str, tuple[int, ...]]:
+        """stored_variables()'s shapes, from the HDF5 metadata (no data read)."""
+        return {name: tuple(int(d) for d in self._h5[path].shape)
+                for name, path in self._stored(layer_path).items()}
+
+    def named(self, layer_path: str) -> bool:
+        """Whether stored_variables() keys the layer's arrays by Keras variable name."""
+        return layer_path in self._datasets or layer_path in self._named_dense()
+
+    def _stored(self, layer_path: str) -> dict[str, str]:
+        """{name: dataset path} of everything stored for the layer. .keras: saving_lib._save_state
+        writes a layer's own variables to <group>/vars and recurses into its tracked attributes
+        below <group> (a wrapper's inner layer), so the group's datasets are the layer's whole
+        state. Legacy .h5: legacy_h5_format.load_weights_from_hdf5_group loads exactly the
+        datasets its `weight_names` attribute lists."""
+        if layer_path in self._datasets:
+            return self._datasets[layer_path]
+        dense = self._named_dense().get(layer_path)
+        if dense is not None:
+            return dense
+        where = self._groups.get(layer_path)
+        if where is None:
+            return {}
+        group = self._h5[where]
+        if not self.path.endswith(".keras"):
+            listed = {w: f"{where}/{w}" for w in _attr_list(group, "weight_names")}
+            for w, path in listed.items():
+                if not isinstance(self._h5.get(path), h5py.Dataset):
+                    raise DirectBackendUnsupported(
+                        f"cannot read layer '{layer_path}' of {os.path.basename(self.path)}: "
+                        f"its weight_names list {w}, which the file does not hold")
+            return listed
+        found: dict[str, str] = {}
+        group.visititems(lambda name, obj: found.__setitem__(name, f"{where}/{name}")
+                         if isinstance(obj, h5py.Dataset) else None)
+        return found
+
+    def _named_dense(self) -> dict[str, dict[str, str]]:
+        """Dense layers whose datasets are proven to be (kernel[, bias]): a removal slices a Dense
+        kernel's rows and folds constants into its bias, which verify must find by name.
+        keras/src/layers/core/dense.py build() creates kernel (in, units), then bias (units,)
+        if use_bias; save_own_variables writes them as vars/0, vars/1 in that order
+        (variable_serialization_spec[None] = ["kernel", "bias"]) and a legacy .h5 names them
+        {layer}/kernel, {layer}/bias. LoRA (merged into the kernel when saved) and quantized
+        layers (refused by _config_problems) are not mapped."""
+        if self._dense is None:
+            self._dense = {}
+            for path, node in self.graph.layers.items():
+                where = self._groups.get(path)
+                if node.class_name != "Dense" or where is None or node.config.get("lora_rank"):
+                    continue
+                names = ["kernel"] + (["bias"] if node.config.get("use_bias", True) else [])
+                group = self._h5[where]
+                if self.path.endswith(".keras"):
+                    vars_ = group.get("vars")
+                    if not isinstance(vars_, h5py.Group) or sorted(vars_) != [
+                            str(i) for i in range(len(names))] or len(group) != 1:
+                        continue
+                    datasets = {n: f"{where}/vars/{i}" for i, n in enumerate(names)}
+                else:
+                    weights = _attr_list(group, "weight_names")
+                    if [w.split(":")[0] for w in weights] != [f"{path}/{n}" for n in names]:
+                        continue
+                    datasets = {n: f"{where}/{w}" for n, w in zip(names, weights)}
+                dtype = _variable_dtype(node.config)
+                found = [self._h5.get(d) for d in datasets.values()]
+                if dtype is None or any(not isinstance(ds, h5py.Dataset) or ds.dtype != dtype
+                                        or "dtype" in ds.attrs for ds in found):
+                    continue
+                units = node.config.get("units")
+                if len(found[0].shape) != 2 or found[0].shape[1] != units or any(
+                        ds.shape != (units,) for ds in found[1:]):
+                    continue
+                self._dense[path] = datasets
+        return self._dense
 
     def _read(self, path: str) -> np.ndarray:
         # a fresh array either way, never copied twice: h5py's read already is one (~0.15 s of
