@@ -255,10 +255,6 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     assert [m["name"] for m in merged["models"]] == ["small", "other"]
 
 
-# verify-direct (issue 17) makes verify read both files without Keras; until it is merged verify
-# loads them with Keras. strict: once it reads them directly this XPASSes, and the mark goes.
-@pytest.mark.xfail(reason="verify loads models with Keras until the verify-direct work lands",
-                   strict=True)
 def test_verify_of_a_direct_run_needs_no_framework(tmp_path: Path, small_cnn: Path) -> None:
     shutil.copy(small_cnn, tmp_path / "small.keras")
     spec(tmp_path, "one.yaml", """

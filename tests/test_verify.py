@@ -296,8 +296,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, keras: Any, small_cnn: Path,
     blocker = folder.parent / f"{folder.name}-blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER)
-    path = os.pathsep.join([str(blocker), str(REPO)] + [os.environ["PYTHONPATH"]]
-                           * bool(os.environ.get("PYTHONPATH")))
+    extra = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    path = os.pathsep.join([str(blocker), str(REPO), *extra])
     return {"folder": folder, "no_frameworks": {"PYTHONPATH": path}}
 
 

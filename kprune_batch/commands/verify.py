@@ -27,6 +27,11 @@ def _direct_opener(path: str, name: str, role: str) -> DirectModelWeights:
 
 def _keras_opener(path: str, name: str, role: str) -> Any:
     from kprune_batch.backends.keras_backend import KerasModelWeights
+    from kprune_batch.quiet import require_keras
+
+    # the standard one line naming the extras when no framework is installed, not an
+    # internal ModuleNotFoundError
+    require_keras(f"reading the {role} with Keras", model=name)
 
     return KerasModelWeights(path, name)
 
