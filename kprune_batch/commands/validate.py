@@ -8,14 +8,26 @@ from kprune_batch.spec import read_spec
 
 def validate(files: list[str]) -> Result:
     result = Result()
+    checked: list[dict[str, object]] = []
+    errors: list[dict[str, object]] = []
+    result.data = {"valid": True, "files": checked, "errors": errors}
     for file in files:
         try:
             spec = read_spec(file)
         except SpecError as exc:
             result.err.extend(exc.lines())
             result.return_code = EXIT_INVALID
+            result.data["valid"] = False
+            checked.append({"file": file, "valid": False, "models": None, "layer_entries": None})
+            # every problem, also past the 30 the text shows; line and col 1-based, null when
+            # the file cannot be read at all; path null when the problem is not at a JSON path
+            errors.extend({"file": p.file or file, "line": p.line if p.line > 0 else None,
+                           "col": p.col if p.line > 0 else None, "path": p.path or None,
+                           "message": p.message} for p in exc.problems)
             continue
         layers = sum(len(m.layers) for m in spec.models)
+        checked.append({"file": file, "valid": True, "models": len(spec.models),
+                        "layer_entries": layers})
         result.out.append(f"{file}: ok ({len(spec.models)} model(s), {layers} layer entr"
                           f"{'y' if layers == 1 else 'ies'})")
     return result

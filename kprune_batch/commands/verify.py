@@ -31,15 +31,20 @@ def verify(log_path: str, probe: bool = False, loader: Loader = _keras_loader) -
         result.err.append(f"error: {exc.render()}")
         result.return_code = EXIT_FAILED
         return result
+    checked: list[dict[str, Any]] = []  # --format json (README, "Machine-readable output")
+    result.data = {"audit_log": log_path, "models": checked}
     for model in log["models"]:
         if model["status"] != "ok":
             result.out.append(f"skipped {model['name']}: status {model['status']} in the log "
                               f"(nothing was written)")
+            checked.append({"name": model["name"], "status": "skipped", "problems": []})
             continue
         records = [r for r in log["zeroed"] + log.get("removed", [])
                    if r["model"] == model["name"]]
         removal = model.get("removal")
         problems = check_model(model, records, loader, probe and not removal, removal=removal)
+        checked.append({"name": model["name"], "status": "mismatch" if problems else "ok",
+                        "problems": problems})
         if problems:
             result.return_code = EXIT_FAILED
             for problem in problems:
