@@ -475,6 +475,9 @@ def _format_problem(path: str) -> tuple[str, str] | None:
             return None
         fh.seek(0)
         head = fh.read(len(_HDF5_SIGNATURE))
+    if head.startswith(b"PK\x03\x04"):  # a zip's first local header, its end cut off
+        return ("the file is not a readable Keras model (a zip archive cut short: no zip end "
+                "record)", "check the file is a complete .keras or .h5 model")
     if head == _HDF5_SIGNATURE:
         return ("not a .keras archive: it is an HDF5 file (a legacy .h5 model)",
                 "name it .h5 (Keras reads a .keras file only as a zip archive)")
