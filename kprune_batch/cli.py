@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -25,7 +26,13 @@ def _emitter(json_out: bool) -> Emit:
     flushes), stdout lines held back with --format json (stdout is then its one document)."""
     def emit(line: str, err: bool) -> None:
         if err or not json_out:
-            _echo(line, err=err)
+            try:
+                _echo(line, err=err)
+            except BrokenPipeError:
+                # the reader went away mid-batch (`kprune apply ... | head`): the batch goes on
+                # and writes its log; the rest of that stream's lines go nowhere
+                stream = sys.stderr if err else sys.stdout
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
     return emit
 

@@ -62,20 +62,27 @@ def _merged(*args: Any) -> subprocess.CompletedProcess[str]:
 
 def test_the_first_models_line_is_out_while_the_next_still_runs(folder: Path) -> None:
     """m1 is removed (action: remove needs the Keras backend, so it starts TensorFlow: seconds);
-    m0's line is read from the pipe while the process still runs, then it is killed: the line
-    was flushed as m0 finished, not left in a buffer for the end of the batch."""
+    m0's line is read from the pipe while the process still runs: it was flushed as m0
+    finished, not kept for the end of the batch. Then the reader goes away (as `| head -1`
+    does): the batch still finishes and writes its log."""
     spec = write_spec(folder, "version: 1\noutput_dir: streamed\nmodels:\n" + _entry("m0", [0])
                       + _entry("m1", [0], ", action: remove"), "streamed.yaml")
-    proc = subprocess.Popen([sys.executable, "-m", "kprune_batch", "apply", str(spec)],
+    log = folder / "streamed.json"
+    proc = subprocess.Popen([sys.executable, "-m", "kprune_batch", "apply", str(spec),
+                             "--audit-log", str(log)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()  # type: ignore[union-attr]
         running = proc.poll() is None
+        proc.stdout.close()  # type: ignore[union-attr]
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        code = proc.wait(timeout=300)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        proc.kill()
     assert first == _ok(folder, "m0", 1, "streamed") + "\n"
     assert running, "the process had already exited: nothing shows the line came early"
+    assert (code, err) == (0, "")
+    assert [m["status"] for m in json.loads(log.read_text())["models"]] == ["ok", "ok"]
 
 
 @pytest.mark.parametrize("backend, extra", [("direct", []), ("keras", ["--fail-fast"])])
