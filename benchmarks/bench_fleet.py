@@ -1,8 +1,13 @@
-"""Benchmark: one spec over many small models - serial vs `--jobs 2` vs 2 shards in parallel vs
-`--ray` (a local Ray of this machine's CPUs) - and `kprune merge` of 100 shard logs of 100
-models each.
+"""Benchmark: one spec over many small models, and one over ResNet50 removals - serial vs
+`--jobs 2` vs 2 shards in parallel vs `--ray` (a local Ray of this machine's CPUs) - and
+`kprune merge` of 100 shard logs of 100 models each.
 
-Run: python benchmarks/bench_fleet.py [--models 200] [--shards 100] [--per-shard 100]
+Run: python benchmarks/bench_fleet.py [--models 200] [--removals 20] [--shards 100]
+[--per-shard 100] [--cache DIR]
+The removal spec: 20 copies of ResNet50 (weights=None, 224x224, built once into the cache),
+each removing the 25 % smallest-l1 filters of every bottleneck's first and second conv
+(`*_1_conv`, `*_2_conv`: not coupled through the residual Adds) - the Keras backend, with the
+removal's built-in proof.
 Every run is a fresh `kprune apply` subprocess (default backend: auto, i.e. direct for these
 models) into an empty output folder, timed from start to exit. The merge logs are synthetic
 but schema-valid (each model entry and record is the real log's first, renamed and placed at
@@ -50,6 +55,47 @@ def write_spec(folder: Path, model: Path, n: int) -> Path:
     spec = folder / "spec.yaml"
     spec.write_text("\n".join(lines) + "\n")
     return spec
+
+
+REMOVAL_LAYERS = ("'conv*_block*_1_conv'", "'conv*_block*_2_conv'")
+
+
+def write_removal_spec(folder: Path, model: Path, n: int) -> Path:
+    lines = ["version: 1", "output_dir: pruned", "models:"]
+    for i in range(n):
+        shutil.copy(model, folder / f"r{i}.keras")
+        lines += [f"  - path: r{i}.keras", "    layers:"]
+        lines += [f"      - {{match: {pattern}, action: remove, "
+                  f"rules: [{{smallest: {{by: l1, fraction: 0.25}}}}]}}"
+                  for pattern in REMOVAL_LAYERS]
+    spec = folder / "removals.yaml"
+    spec.write_text("\n".join(lines) + "\n")
+    return spec
+
+
+def resnet50(cache: Path) -> Path:
+    path = cache / "ResNet50.keras"
+    if not path.exists():
+        from kprune_batch.quiet import import_keras
+
+        keras = import_keras()
+        cache.mkdir(parents=True, exist_ok=True)
+        keras.applications.ResNet50(weights=None).save(path)
+    return path
+
+
+def strategies(folder: Path, spec: Path, log: Path) -> list[tuple[str, float]]:
+    """Wall time of the spec run serially, with --jobs 2, as 2 parallel shards and with --ray."""
+    rows = [("serial", timed(folder, ("apply", spec, "--audit-log", log))),
+            ("--jobs 2", timed(folder, ("apply", spec, "--jobs", "2"))),
+            ("2 shards in parallel (--shard 1/2, 2/2)",
+             timed(folder, *(("apply", spec, "--shard", f"{k}/2") for k in (1, 2))))]
+    if importlib.util.find_spec("ray"):
+        rows.append(("--ray (local Ray, 2 CPUs; includes its ~4 s start)",
+                     timed(folder, ("apply", spec, "--ray"))))
+    else:
+        rows.append(("--ray", float("nan")))
+    return rows
 
 
 def kprune(*args: Any) -> subprocess.Popen[bytes]:
@@ -104,23 +150,22 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=200)
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--per-shard", type=int, default=100)
+    parser.add_argument("--removals", type=int, default=20)
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "kprune-bench"))
     args = parser.parse_args()
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_model(folder / "small.keras")
         spec = write_spec(folder, folder / "small.keras", args.models)
         n = args.models
         log = folder / "serial.json"
-        rows.append(("serial", timed(folder, ("apply", spec, "--audit-log", log))))
-        rows.append(("--jobs 2", timed(folder, ("apply", spec, "--jobs", "2"))))
-        rows.append(("2 shards in parallel (--shard 1/2, 2/2)",
-                     timed(folder, *(("apply", spec, "--shard", f"{k}/2") for k in (1, 2)))))
-        if importlib.util.find_spec("ray"):
-            rows.append(("--ray (local Ray, 2 CPUs; includes its ~4 s start)",
-                         timed(folder, ("apply", spec, "--ray"))))
-        else:
-            rows.append(("--ray", float("nan")))
+        rows = strategies(folder, spec, log)
+        removal_rows: list[tuple[str, float]] = []
+        if args.removals:
+            removals = write_removal_spec(folder, resnet50(Path(args.cache)), args.removals)
+            removal_rows = strategies(folder, removals, folder / "removals.json")
+            for i in range(args.removals):
+                (folder / f"r{i}.keras").unlink()
         template = json.loads(log.read_text())
         logs = synthetic_shards(template, folder, args.shards, args.per_shard)
         merged = folder / "merged.json"
@@ -140,6 +185,13 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.1f} | {n / seconds:.1f} |")
+    if removal_rows:
+        print()
+        print(f"| {args.removals} ResNet50 removals (224x224, Keras backend) | wall s | "
+              f"s/model |")
+        print("|---|---:|---:|")
+        for name, seconds in removal_rows:
+            print(f"| {name} | {seconds:.1f} | {seconds / args.removals:.2f} |")
     print()
     print(f"| merge {args.shards} shard logs x {args.per_shard} models ({total} models, "
           f"{size:.1f} MB merged) | s |")

@@ -74,6 +74,15 @@ def test_verify_report_and_diff_read_a_merged_log(run: dict[str, Path]) -> None:
     report = kprune("report", out).expect(0)
     assert report.stdout == kprune("report", run["serial"]).expect(0).stdout.replace(
         read(run["serial"])["run_id"], read(out)["run_id"])
+    # the review page of the merged log is the serial run's page (but for the run id and its
+    # times): the same models, layers and filter cells
+    serial_page = kprune("report", run["serial"], "--format", "html").expect(0).stdout
+    merged_page = kprune("report", out, "--format", "html").expect(0).stdout
+    assert 'data-model="m1"' in merged_page and 'data-model="m3"' in merged_page
+    for key in ("run_id", "started_at", "finished_at"):
+        assert read(run["serial"])[key] in serial_page, key
+        serial_page = serial_page.replace(read(run["serial"])[key], read(out)[key])
+    assert merged_page == serial_page
     assert kprune("diff", run["serial"], out).expect(0).stdout == \
         "no difference in zeroed filters\n"
     assert kprune("diff", run["shard1"], out).expect(0).stdout == (

@@ -7,11 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import kprune
+from kprune_batch.files import sha256_file
 from test_shards import _wait_for, batch_spec, read
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -71,6 +74,49 @@ def test_sigterm_stops_handing_out_models(tmp_path: Path, small_cnn: Path) -> No
         if m["status"] == "skipped":
             assert m["error"] == "not run: kprune was stopped by SIGTERM"
     assert len(log["zeroed"]) == ok
+
+
+@needs_ray
+def test_a_second_sigterm_cancels_running_tasks(tmp_path: Path, small_cnn: Path) -> None:
+    """m0 (direct, no TensorFlow) is quick; m1..m3 measure their impact on samples, so each task
+    imports TensorFlow first (seconds). SIGTERM once m0 is written, again a second later: the
+    two running tasks are killed (skipped, no output), m3 never starts, the log is written,
+    exit 1; nothing half-written is left under the output name."""
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).normal(size=(64, 8, 8, 3))
+            .astype("float32"))
+    lines = ["version: 1", "output_dir: pruned", "models:"]
+    for i in range(4):
+        shutil.copy(small_cnn, tmp_path / f"m{i}.keras")
+        lines += [f"  - path: m{i}.keras", *(["    samples: s.npy"] if i else []),
+                  "    layers: [{name: conv2d, rules: [{index: [0]}]}]"]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "kprune_batch", "apply", str(spec),
+                             "--audit-log", str(tmp_path / "log.json"), "--ray"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    _wait_for(tmp_path / "pruned" / "m0.keras", proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    log = read(tmp_path / "log.json")
+    assert log["interrupted"] == "SIGTERM"
+    models = {m["name"]: m for m in log["models"]}
+    assert models["m0"]["status"] == "ok"
+    assert models["m3"] == {**models["m3"], "status": "skipped",
+                            "error": "not run: kprune was stopped by SIGTERM"}
+    cancelled = [n for n in ("m1", "m2") if models[n]["error"] == (
+        "cancelled while running by a second SIGTERM: no output recorded (a temp file it left "
+        "is removed by the next run)")]
+    assert cancelled, (models, out, err)  # TensorFlow's import alone outlasts the second
+    for name in cancelled:
+        assert models[name]["status"] == "skipped" and models[name]["output"] is None
+        assert not (tmp_path / "pruned" / f"{name}.keras").exists()
+    for name, m in models.items():
+        if m["status"] == "ok":
+            assert sha256_file(tmp_path / "pruned" / f"{name}.keras") == m["output"]["sha256"]
 
 
 @needs_ray
