@@ -11,7 +11,7 @@ import click
 
 from kprune_batch import __version__
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Emit, Result
-from kprune_batch.errors import KpruneError, SpecError, printable
+from kprune_batch.errors import KpruneError, SpecError, first_line, printable
 from kprune_batch.quiet import set_debug
 
 
@@ -57,7 +57,7 @@ def _finish(ctx: click.Context, call: Callable[[], Result], json_out: bool = Fal
     except Exception as exc:  # a bug: one line, and the traceback only with --debug
         if debug:
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc, limit=400) if str(exc).strip() else ""
         _echo(f"error: internal error: {type(exc).__name__}: {first} "
               f"(run with --debug for the traceback)", err=True)
         ctx.exit(EXIT_FAILED)

@@ -101,6 +101,19 @@ def assert_only_changed(before: dict, after: dict, allowed: dict[tuple[str, str]
                     f"{layer}/{name} changed outside the zeroed filters"
 
 
+def run_model(keras: Any, model: Any, x: Any, training: bool = False,
+              layer: str | None = None) -> np.ndarray:
+    """The model's output (or `layer`'s output) on `x`, run as kprune runs models: on the
+    channels_last twin where this CPU cannot run channels_first convolutions (TF 2.21 on some
+    CPUs; KPRUNE_CHANNELS_LAST_TWIN=1 simulates one), values back in the model's own layout.
+    tests/test_twin.py proves the twin equal to the model where both run."""
+    from kprune_batch.twin import run_points
+
+    (value,), _ = run_points(keras, model, x, [(layer, "output") if layer else ("", "model")],
+                             training)
+    return value
+
+
 # --- models built once per session -----------------------------------------------------------
 
 @pytest.fixture(scope="session")
