@@ -1,14 +1,16 @@
 """The command line: parse, call one command function, print its result, exit with its code."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 import traceback
-from typing import Callable
+from typing import Any, Callable
 
 import click
 
 from kprune_batch import __version__
-from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
+from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Emit, Result
 from kprune_batch.errors import KpruneError, SpecError, first_line, printable
 from kprune_batch.quiet import set_debug
 
@@ -19,7 +21,25 @@ def _echo(line: str, err: bool = False) -> None:
     click.echo(printable(line), err=err)
 
 
-def _finish(ctx: click.Context, call: Callable[[], Result]) -> None:
+def _emitter(json_out: bool) -> Emit:
+    """Where a streaming command's lines go as they come: printed and flushed at once (click.echo
+    flushes), stdout lines held back with --format json (stdout is then its one document)."""
+    def emit(line: str, err: bool) -> None:
+        if err or not json_out:
+            try:
+                _echo(line, err=err)
+            except BrokenPipeError:
+                # the reader went away mid-batch (`kprune apply ... | head`): the batch goes on
+                # and writes its log; the rest of that stream's lines go nowhere
+                stream = sys.stderr if err else sys.stdout
+                os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+    return emit
+
+
+def _finish(ctx: click.Context, call: Callable[[], Result], json_out: bool = False) -> None:
+    """Run the command, print its Result (with --format json: `data` as one JSON document on
+    stdout instead of `out`) and exit with its code; errors are one line each on stderr."""
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         result = call()
@@ -41,11 +61,46 @@ def _finish(ctx: click.Context, call: Callable[[], Result]) -> None:
         _echo(f"error: internal error: {type(exc).__name__}: {first} "
               f"(run with --debug for the traceback)", err=True)
         ctx.exit(EXIT_FAILED)
-    for line in result.out:
-        _echo(line)
-    for line in result.err:
-        _echo(line, err=True)
+    if json_out:
+        for line in result.err:
+            _echo(line, err=True)
+        if result.data is not None:  # ensure_ascii: every control character is escaped
+            click.echo(json.dumps(result.data, indent=2, allow_nan=False))
+    else:
+        for line in result.out:
+            _echo(line)
+        for line in result.err:
+            _echo(line, err=True)
     ctx.exit(result.return_code)
+
+
+def _debug_given(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:  # runs after the group's callback: only ever turns --debug on
+        ctx.ensure_object(dict)
+        ctx.obj["debug"] = True
+        set_debug(True)
+
+
+# --debug after the subcommand (kprune apply spec.yaml --debug) means what it means before it
+_DEBUG_HELP = "Show tracebacks and TensorFlow's own log lines."
+SUB_DEBUG = click.Option(["--debug"], is_flag=True, expose_value=False, callback=_debug_given,
+                         help=_DEBUG_HELP)
+
+
+class _Group(click.Group):
+    """Gives every subcommand the --debug option, so none can forget it."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "debug" for p in cmd.params):
+            cmd.params.append(SUB_DEBUG)
+        super().add_command(cmd, name)
+
+
+def _format_option(*extra: str, help: str | None = None) -> Callable[[Any], Any]:
+    """--format text|json (and `extra` formats); json: one document on stdout (README,
+    "Machine-readable output")."""
+    return click.option("--format", "fmt", type=click.Choice(["text", *extra, "json"]),
+                        default="text", show_default=True, help=help)
 
 
 BACKEND_OPTION = click.option(
@@ -55,9 +110,9 @@ BACKEND_OPTION = click.option(
          "where its mapping is proven, else keras.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kprune")
-@click.option("--debug", is_flag=True, help="Show tracebacks and TensorFlow's own log lines.")
+@click.option("--debug", is_flag=True, help=_DEBUG_HELP)
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Declarative, auditable filter surgery for Keras 3 CNNs."""
@@ -68,14 +123,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_format_option()
 @click.pass_context
-def validate(ctx: click.Context, specs: tuple[str, ...]) -> None:
+def validate(ctx: click.Context, specs: tuple[str, ...], fmt: str) -> None:
     """Check spec files (schema and semantics); opens no model. Exit 0 valid, 2 invalid.
 
     '-' reads a spec from stdin (relative paths in it start in the current directory)."""
     from kprune_batch.commands.validate import validate as run
 
-    _finish(ctx, lambda: run(list(specs)))
+    _finish(ctx, lambda: run(list(specs)), json_out=fmt == "json")
 
 
 @cli.command()
@@ -92,8 +148,7 @@ def schema(ctx: click.Context, name: str, path: bool) -> None:
 
 @cli.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]),
-              default="text", show_default=True, help="markdown: with --base only.")
+@_format_option("markdown", help="markdown: with --base only.")
 @click.option("--base", metavar="REV",
               help="Compare with the spec as committed at this git revision (both planned "
                    "against the current model files).")
@@ -106,7 +161,8 @@ def plan(ctx: click.Context, spec: str, fmt: str, base: str | None, backend: str
 
     if fmt == "markdown" and base is None:
         raise click.UsageError("--format markdown shows a spec change: give --base REV")
-    _finish(ctx, lambda: run(spec, fmt, opener=OPENERS[backend], base=base))
+    _finish(ctx, lambda: run(spec, fmt, opener=OPENERS[backend], base=base),
+            json_out=fmt == "json")
 
 
 @cli.command()
@@ -130,10 +186,11 @@ def plan(ctx: click.Context, spec: str, fmt: str, base: str | None, backend: str
                    "ray://HOST:PORT), or on a local Ray when no address follows (needs the "
                    "extra kprune-batch[ray]; give it after SPEC, or as --ray=ADDRESS).")
 @BACKEND_OPTION
+@_format_option(help="text: one line per model as it finishes; json: one document at the end.")
 @click.pass_context
 def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str | None,
           fail_fast: bool, probe: bool, jobs: int, shard: str | None, ray_address: str | None,
-          backend: str) -> None:
+          backend: str, fmt: str) -> None:
     """Zero the filters the spec selects; write edited models and an audit log."""
     from kprune_batch.commands.apply import apply as run
     from kprune_batch.executor import OPENERS
@@ -141,7 +198,8 @@ def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str 
     _finish(ctx, lambda: run(spec, audit_log=audit_log, output_dir=output_dir,
                              fail_fast=fail_fast, probe=probe, jobs=jobs,
                              progress=sys.stderr.isatty(), opener=OPENERS[backend],
-                             shard=shard, ray=ray_address))
+                             shard=shard, ray=ray_address, emit=_emitter(fmt == "json")),
+            json_out=fmt == "json")
 
 
 @cli.command()
@@ -150,58 +208,63 @@ def apply(ctx: click.Context, spec: str, audit_log: str | None, output_dir: str 
 @click.option("--root", type=click.Path(file_okay=False),
               help="Where the run's files are now: replaces the log's root (the longest common "
                    "directory of its input and output paths) in every path.")
+@_format_option()
 @click.pass_context
-def verify(ctx: click.Context, audit_log: str, probe: bool, root: str | None) -> None:
+def verify(ctx: click.Context, audit_log: str, probe: bool, root: str | None, fmt: str) -> None:
     """Re-check a run's outputs against its audit log and inputs. Exit 0 ok, 1 mismatch."""
     from kprune_batch.commands.verify import verify as run
 
-    _finish(ctx, lambda: run(audit_log, probe=probe, root=root))
+    _finish(ctx, lambda: run(audit_log, probe=probe, root=root), json_out=fmt == "json")
 
 
 @cli.command()
 @click.argument("audit_log", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]),
-              default="text", show_default=True,
-              help="html: one self-contained review page (print it to a file).")
+@_format_option("markdown", "html",
+                help="html: one self-contained review page (print it to a file).")
 @click.pass_context
 def report(ctx: click.Context, audit_log: str, fmt: str) -> None:
     """A human-readable review of a run. Exit 1 if the log is unreadable."""
     from kprune_batch.commands.report import report as run
 
-    _finish(ctx, lambda: run(audit_log, fmt))
+    _finish(ctx, lambda: run(audit_log, fmt), json_out=fmt == "json")
 
 
 @cli.command()
 @click.argument("old", type=click.Path(dir_okay=False))
 @click.argument("new", type=click.Path(dir_okay=False))
+@click.option("--exit-code", is_flag=True,
+              help="Exit 1 when the runs differ (a model's status or a filter), 0 when not.")
+@_format_option()
 @click.pass_context
-def diff(ctx: click.Context, old: str, new: str) -> None:
+def diff(ctx: click.Context, old: str, new: str, exit_code: bool, fmt: str) -> None:
     """Filters zeroed differently by two runs, per model and layer."""
     from kprune_batch.commands.diff import diff as run
 
-    _finish(ctx, lambda: run(old, new))
+    _finish(ctx, lambda: run(old, new, exit_code=exit_code), json_out=fmt == "json")
 
 
 @cli.command()
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_format_option()
 @click.pass_context
-def pin(ctx: click.Context, specs: tuple[str, ...]) -> None:
+def pin(ctx: click.Context, specs: tuple[str, ...], fmt: str) -> None:
     """Write each model file's current sha256 into the spec (nothing else in it changes)."""
     from kprune_batch.commands.pin import pin as run
 
-    _finish(ctx, lambda: run(list(specs)))
+    _finish(ctx, lambda: run(list(specs)), json_out=fmt == "json")
 
 
 @cli.command()
 @click.argument("logs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
               help="Where to write the merged audit log.")
+@_format_option()
 @click.pass_context
-def merge(ctx: click.Context, logs: tuple[str, ...], output: str) -> None:
+def merge(ctx: click.Context, logs: tuple[str, ...], output: str, fmt: str) -> None:
     """One audit log from the shard logs of one run (apply --shard K/N, every K once)."""
     from kprune_batch.commands.merge import merge as run
 
-    _finish(ctx, lambda: run(list(logs), output))
+    _finish(ctx, lambda: run(list(logs), output), json_out=fmt == "json")
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -198,7 +199,8 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     outcome = ModelOutcome(job=job, status=STATUS_FAILED)
     weights = None
     try:
-        _check_input(job)
+        if problem := _check_input(job, _format_problem):
+            raise ModelError(problem[0], model=job.name, file=job.input, hint=problem[1])
         if probe and write:  # before anything is read: the probe runs the written model
             from kprune_batch.quiet import require_keras
 
@@ -480,6 +482,32 @@ def _check_pin(job: ModelJob) -> str:
 def _hash_input(job: ModelJob) -> str:
     """The input's sha256 (ModelError if it cannot be read)."""
     return _check_input(job, sha256_file)
+
+
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 unless the file has a user block
+
+
+def _format_problem(path: str) -> tuple[str, str] | None:
+    """Why the input at `path` is not what its suffix says, as (message, hint); None if it is.
+
+    Keras decides by zipfile.is_zipfile whether a `.keras` is an archive and otherwise says
+    "File not found" (keras/src/saving/saving_api.py, load_model), the direct backend "File is
+    not a zip file": both backends fail such a file with this one line instead."""
+    if not path.endswith(".keras"):
+        return None
+    with open_regular(path) as fh:
+        if zipfile.is_zipfile(fh):
+            return None
+        fh.seek(0)
+        head = fh.read(len(_HDF5_SIGNATURE))
+    if head.startswith(b"PK\x03\x04"):  # a zip's first local header, its end cut off
+        return ("the file is not a readable Keras model (a zip archive cut short: no zip end "
+                "record)", "check the file is a complete .keras or .h5 model")
+    if head == _HDF5_SIGNATURE:
+        return ("not a .keras archive: it is an HDF5 file (a legacy .h5 model)",
+                "name it .h5 (Keras reads a .keras file only as a zip archive)")
+    return ("not a .keras archive (no zip end record)",
+            "re-save it with keras.saving.save_model, or pass the .h5 file")
 
 
 def _check_input(job: ModelJob, read: Callable[[str], Any] = lambda p: open_regular(p).close()

@@ -178,7 +178,8 @@ def test_newlines_in_names_and_paths_cannot_forge_error_lines(keras: Any, tmp_pa
                          f"exist; check the model's 'path' (relative to the spec file's folder)")
     log = json.loads((tmp_path / "log.json").read_text())
     assert [f"error: {m['error']}" for m in log["models"]] == errors
-    assert result.stdout.splitlines() == [f"audit log: {tmp_path / 'log.json'}"]
+    assert result.stdout.splitlines() == ["0 ok, 2 failed, 0 skipped",
+                                          f"audit log: {tmp_path / 'log.json'}"]
     # the spec path itself in a validation error
     bad = write_spec(folder, "version: 2\nmodels: []\n", "bad.yaml")
     lines = kprune("validate", bad).expect(2).stderr.splitlines()

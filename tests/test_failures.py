@@ -49,9 +49,9 @@ def test_truncated_keras_file(tmp_path: Path, small_cnn: Path) -> None:
     data = small_cnn.read_bytes()
     (tmp_path / "m.keras").write_bytes(data[: len(data) // 2])
     result, log = run_one(tmp_path, "m.keras")
-    assert result.stderr.startswith(f"error: {tmp_path / 'm.keras'}: model 'm': the file is not a "
-                                    f"readable Keras model (")
-    assert result.stderr.endswith("; check the file is a complete .keras or .h5 model\n")
+    assert result.stderr == (f"error: {tmp_path / 'm.keras'}: model 'm': the file is not a "
+                             f"readable Keras model (a zip archive cut short: no zip end "
+                             f"record); check the file is a complete .keras or .h5 model\n")
     assert log["models"][0]["status"] == "failed" and log["models"][0]["output"] is None
 
 

@@ -178,7 +178,7 @@ def test_a_log_another_run_is_writing_is_not_replaced(tmp_path: Path, small_cnn:
                f"run again when it has finished, or give another --audit-log")
     assert result.stderr == f"error: {message}\n"
     (own,) = (tmp_path / "two" / "audit").iterdir()
-    assert result.stdout == f"skipped m0: {message}\naudit log: {own}\n"
+    assert result.stdout == f"skipped m0: {message}\n0 ok, 0 failed, 1 skipped\naudit log: {own}\n"
     assert not (tmp_path / "two" / "m0.keras").exists()
     theirs = json.loads(own.read_text())
     assert theirs["spec"]["path"] == str(second) and theirs["status"] == "failed"

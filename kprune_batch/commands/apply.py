@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from kprune_batch.audit import (AUDIT_VERSION, command_line, git_provenance, new_run_id,
                                 run_status, tool_versions, utc_now, write_log)
-from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Result
+from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, EXIT_OK, Emit, Result
 from kprune_batch.errors import AuditLogError, OutputError, SpecError, printable
 from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, ModelOutcome,
                                    Opener, open_auto, run_job)
@@ -267,10 +267,24 @@ def _log_clash(log_path: str, plan: Plan, shard: tuple[int, int] | None) -> str 
 def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None = None,
           fail_fast: bool = False, probe: bool = False, opener: Opener = open_auto,
           jobs: int = 1, progress: bool = False, shard: str | None = None,
-          ray: str | None = None) -> Result:
+          ray: str | None = None, emit: Emit | None = None) -> Result:
     """`shard`: 'K/N' or 'auto' (see parse_shard); None runs every model. `ray`: run one Ray
-    task per model on the cluster at that address ('' starts a local Ray); None: no Ray."""
+    task per model on the cluster at that address ('' starts a local Ray); None: no Ray.
+
+    `emit` gets each line the moment it is known: a model's line as that model finishes (in
+    the order models finish: spec order when serial, completion order with --jobs or --ray),
+    then the count line and the log's path; without it the lines are kept in the Result. A
+    batch killed by a CI timeout thus leaves a line for every model it finished."""
     result = Result()
+    say = emit or result.say
+
+    def fail(line: str) -> None:
+        say(line, True)
+
+    def finished(outcome: ModelOutcome) -> None:
+        for line, to_stderr in outcome_lines(outcome):
+            say(line, to_stderr)
+
     started = utc_now()
     try:
         part = None if shard is None else parse_shard(shard)
@@ -278,7 +292,7 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             raise ValueError("--jobs and --ray do not go together: with --ray, Ray runs as "
                              "many models at once as its cluster has CPUs")
     except ValueError as exc:  # a usage error: exit 2, nothing opened, no log
-        result.err.append(f"error: {exc}")
+        fail(f"error: {exc}")
         result.return_code = EXIT_INVALID
         return result
     if ray is not None:
@@ -287,14 +301,15 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
         from kprune_batch.ray_runner import EXTRA_HINT
 
         if importlib.util.find_spec("ray") is None:  # before anything is opened: no log
-            result.err.append(f"error: --ray needs Ray, which is not installed: {EXTRA_HINT}")
+            fail(f"error: --ray needs Ray, which is not installed: {EXTRA_HINT}")
             result.return_code = EXIT_FAILED
             return result
     try:
         spec = read_spec_arg(spec_file)
         plan = compile_plan(spec, output_dir=output_dir)
     except SpecError as exc:
-        result.err.extend(exc.lines())
+        for line in exc.lines():
+            fail(line)
         result.return_code = EXIT_INVALID
         return result
     run_id = new_run_id()
@@ -303,8 +318,8 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
     if audit_log and (clash := _log_clash(log_path, plan, part)):
         # an invalid command line, refused before anything is opened, like click's usage
         # errors (exit 2, no log: the path given for it is the problem)
-        result.err.append(f"error: --audit-log {log_path} is {clash}; kprune never writes a "
-                          f"log over a file the run reads or writes: choose another path")
+        fail(f"error: --audit-log {log_path} is {clash}; kprune never writes a "
+             f"log over a file the run reads or writes: choose another path")
         result.return_code = EXIT_INVALID
         return result
     stop = _Stop()
@@ -325,8 +340,7 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             try:
                 refusal = hold_folder_locks(stack, plan.output_dir, part)
             except OSError as exc:
-                result.err.append(f"error: cannot use output folder {plan.output_dir}: "
-                                  f"{exc.strerror}")
+                fail(f"error: cannot use output folder {plan.output_dir}: {exc.strerror}")
                 result.return_code = EXIT_FAILED
                 return result
         session = None
@@ -338,9 +352,11 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             except RayUnavailable as exc:
                 refusal = str(exc)
         if refusal:
-            result.err.append(f"error: {refusal}")
+            fail(f"error: {refusal}")
             outcomes = [ModelOutcome(job=j, status=STATUS_SKIPPED, error=refusal)
                         for j in todo]
+            for outcome in outcomes:
+                finished(outcome)
         else:
             reads = [plan.spec_path] + [j.input for j in plan.jobs]
             # a SIGKILLed earlier run may have left temp files behind; only this shard's
@@ -349,35 +365,57 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
                 remove_stale_temps(job.output, keep=reads)
             with stop.installed():
                 outcomes = _run_all(todo, stop, opener, probe, fail_fast, jobs, progress,
-                                    session)
+                                    session, on_done=finished)
         log = build_log(plan, spec_file, run_id, started, outcomes, fail_fast, probe, stop.signal,
                         shard=part)
+        counts = {status: sum(1 for o in outcomes if o.status == status)
+                  for status in (STATUS_OK, STATUS_FAILED, STATUS_SKIPPED)}
+        say(f"{counts[STATUS_OK]} ok, {counts[STATUS_FAILED]} failed, "
+            f"{counts[STATUS_SKIPPED]} skipped", False)
         try:
             write_log(log_path, log)
         except (OSError, AuditLogError) as exc:
             text = exc.strerror if isinstance(exc, OSError) else str(exc)
-            result.err.append(f"error: cannot write audit log {log_path}: {text}")
+            fail(f"error: cannot write audit log {log_path}: {text}")
             result.return_code = EXIT_FAILED
-    for outcome in outcomes:
-        if outcome.status == STATUS_OK:
-            layers = len({r["layer"] for r in outcome.zeroed + outcome.removed})
-            removed = f", removed {len(outcome.removed)}" if outcome.removed else ""
-            kept = "" if outcome.written else " (unchanged: already held these bytes)"
-            result.out.append(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)}{removed} "
-                              f"filter(s) in {layers} layer(s) -> {outcome.job.output}{kept}")
-            if outcome.impact is not None:
-                from kprune_batch.impact import describe
-
-                result.out.append(f"        impact on {describe(outcome.impact)}")
-        elif outcome.status == STATUS_FAILED:
-            result.err.append(f"error: {outcome.error}")
-        else:
-            result.out.append(f"skipped {outcome.job.name}: {outcome.error}")
-    if os.path.exists(log_path):
-        result.out.append(f"audit log: {log_path}")
+    written = os.path.exists(log_path)
+    if written:
+        say(f"audit log: {log_path}", False)
+    result.data = {"run_id": run_id, "status": log["status"], "counts": counts,
+                   "models": [_model_json(o) for o in outcomes],
+                   "audit_log": log_path if written else None}
     if result.return_code == EXIT_OK and any(o.status != STATUS_OK for o in outcomes):
         result.return_code = EXIT_FAILED
     return result
+
+
+def outcome_lines(outcome: ModelOutcome) -> list[tuple[str, bool]]:
+    """What apply prints for one finished model: (line, to_stderr) pairs."""
+    if outcome.status == STATUS_FAILED:
+        return [(f"error: {outcome.error}", True)]
+    if outcome.status != STATUS_OK:
+        return [(f"skipped {outcome.job.name}: {outcome.error}", False)]
+    layers = len({r["layer"] for r in outcome.zeroed + outcome.removed})
+    removed = f", removed {len(outcome.removed)}" if outcome.removed else ""
+    kept = "" if outcome.written else " (unchanged: already held these bytes)"
+    lines = [(f"ok      {outcome.job.name}: zeroed {len(outcome.zeroed)}{removed} filter(s) in "
+              f"{layers} layer(s) -> {outcome.job.output}{kept}", False)]
+    if outcome.impact is not None:
+        from kprune_batch.impact import describe
+
+        lines.append((f"        impact on {describe(outcome.impact)}", False))
+    return lines
+
+
+def _model_json(outcome: ModelOutcome) -> dict[str, Any]:
+    """One model of `apply --format json` (README, "Machine-readable output")."""
+    ok = outcome.status == STATUS_OK
+    return {"name": outcome.job.name, "status": outcome.status, "input": outcome.job.input,
+            "output": outcome.job.output if ok else None,
+            "written": outcome.written if ok else None,
+            "zeroed": len(outcome.zeroed), "removed": len(outcome.removed),
+            "layers": len({r["layer"] for r in outcome.zeroed + outcome.removed}),
+            "error": outcome.error, "impact": outcome.impact}
 
 
 def _skip_reason(stop: _Stop, fail_fast: bool, done: list[ModelOutcome]) -> str | None:
@@ -389,16 +427,21 @@ def _skip_reason(stop: _Stop, fail_fast: bool, done: list[ModelOutcome]) -> str 
 
 
 def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fail_fast: bool,
-             jobs: int, progress: bool, ray: RaySession | None = None) -> list[ModelOutcome]:
-    """Run the jobs in spec order (or `jobs` worker processes, or one Ray task each);
-    outcomes in spec order."""
+             jobs: int, progress: bool, ray: RaySession | None = None,
+             on_done: Callable[[ModelOutcome], None] = lambda _: None) -> list[ModelOutcome]:
+    """Run the jobs in spec order (or `jobs` worker processes, or one Ray task each), handing
+    each outcome to `on_done` as its model finishes; outcomes in spec order."""
     total = len(todo)
     done: dict[int, ModelOutcome] = {}
 
     def report(outcome: ModelOutcome) -> None:
+        if progress:  # the progress line is cleared so that the model's own lines start clean
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+        on_done(outcome)
         if progress:
             name = printable(outcome.job.name)  # a name cannot forge terminal output either
-            sys.stderr.write(f"\r[{len(done)}/{total}] {name}: {outcome.status}\033[K")
+            sys.stderr.write(f"[{len(done)}/{total}] {name}: {outcome.status}")
             sys.stderr.flush()
 
     if ray is None and (jobs <= 1 or total <= 1):
@@ -421,7 +464,8 @@ def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fai
             _run_parallel(todo, done, lambda job: pool.submit(run_job, job, opener, True, probe),
                           jobs, stop, fail_fast, report, "the worker process failed")
     if progress:
-        sys.stderr.write("\n")
+        sys.stderr.write("\r\033[K")  # every model has its line: the count says the rest
+        sys.stderr.flush()
     return [done[i] for i in range(total)]
 
 
@@ -467,6 +511,7 @@ def _run_parallel(todo: list[ModelJob], done: dict[int, ModelOutcome],
     for i, job in queue:
         reason = _skip_reason(stop, fail_fast, list(done.values())) or "not run"
         done[i] = ModelOutcome(job=job, status=STATUS_SKIPPED, error=reason)
+        report(done[i])
 
 
 def _worker_init() -> None:

@@ -16,7 +16,13 @@ def _count(fates: dict[int, str], kinds: set[str]) -> str:
     return ", ".join(parts)
 
 
-def diff(old_path: str, new_path: str) -> Result:
+def _counts(fates: dict[int, str]) -> dict[str, int]:
+    return {kind: sum(1 for k in fates.values() if k == kind) for kind in (ZEROED, REMOVED)}
+
+
+def diff(old_path: str, new_path: str, exit_code: bool = False) -> Result:
+    """`exit_code` (--exit-code): exit 1 when the runs differ, as `git diff --exit-code` does;
+    an unreadable log is exit 1 either way (README, diff)."""
     result = Result()
     try:
         old, new = read_log(old_path), read_log(new_path)
@@ -27,8 +33,12 @@ def diff(old_path: str, new_path: str) -> Result:
     before, after = filter_fates(old), filter_fates(new)
     statuses_old = {m["name"]: m["status"] for m in old["models"]}
     statuses_new = {m["name"]: m["status"] for m in new["models"]}
+    statuses: list[dict[str, str]] = []
+    layers: list[dict[str, object]] = []
     for name in sorted(set(statuses_old) | set(statuses_new)):
         if statuses_old.get(name) != statuses_new.get(name):
+            statuses.append({"model": name, "old": statuses_old.get(name, "absent"),
+                             "new": statuses_new.get(name, "absent")})
             result.out.append(f"model {name}: status {statuses_old.get(name, 'absent')} -> "
                               f"{statuses_new.get(name, 'absent')}")
     changed = False
@@ -41,6 +51,10 @@ def diff(old_path: str, new_path: str) -> Result:
         if not added and not dropped and not moved:
             continue
         changed = True
+        layers.append({"model": key[0], "layer": key[1], "added": added, "dropped": dropped,
+                       "zeroed_to_removed": [f for f in moved if now[f] == REMOVED],
+                       "removed_to_zeroed": [f for f in moved if now[f] == ZEROED],
+                       "old": _counts(was), "new": _counts(now)})
         parts = []
         if added:
             parts.append(f"+{compact_ranges(added)}")
@@ -60,4 +74,9 @@ def diff(old_path: str, new_path: str) -> Result:
     if not changed:
         result.out.append("no difference in zeroed or removed filters" if removing
                           else "no difference in zeroed filters")
+    differ = bool(statuses or layers)
+    result.data = {"old": old_path, "new": new_path, "differ": differ, "statuses": statuses,
+                   "layers": layers}
+    if exit_code and differ:
+        result.return_code = EXIT_FAILED
     return result

@@ -49,6 +49,8 @@ def merge(log_paths: list[str], output: str) -> Result:
         result.err.append(f"error: cannot write merged log {output}: {exc.strerror}")
         result.return_code = EXIT_FAILED
         return result
+    result.data = {"output": output, "shards": len(log_paths), "models": len(merged["models"]),
+                   "status": merged["status"], "run_id": merged["run_id"]}
     result.out.append(f"merged {len(log_paths)} shard log(s): {len(merged['models'])} model(s), "
                       f"status {merged['status']} -> {output}")
     return result

@@ -37,18 +37,21 @@ class _Edit:
 
 
 def pin(files: list[str]) -> Result:
-    result = Result()
+    result = Result(data={"specs": []})  # --format json (README, "Machine-readable output")
     for file in files:
         _pin_one(file, result)
     return result
 
 
 def _pin_one(file: str, result: Result) -> None:
+    entry: dict[str, Any] = {"file": file, "valid": True, "written": False, "models": []}
+    result.data["specs"].append(entry)
     try:
         spec = read_spec(file)
     except SpecError as exc:
         result.err.extend(exc.lines())
         result.return_code = EXIT_INVALID
+        entry["valid"] = False
         return
     target = os.path.realpath(file)  # a spec behind a link: the link stays a link
     with open(target, "rb") as fh:
@@ -63,6 +66,9 @@ def _pin_one(file: str, result: Result) -> None:
         if current is None or current == model.sha256:
             continue
         new[i] = current
+        entry["models"].append({"name": model.name, "path": model.path_in_spec,
+                                "change": "pinned" if model.sha256 is None else "changed",
+                                "was": model.sha256, "sha256": current})
         if model.sha256 is None:
             lines.append(f"{file}: model '{model.name}' pinned: sha256 {current[:SHOWN]}... "
                          f"({model.path_in_spec})")
@@ -81,6 +87,7 @@ def _pin_one(file: str, result: Result) -> None:
         result.return_code = max(result.return_code, EXIT_FAILED)
         return
     _write(target, edited.encode("utf-8"))
+    entry["written"] = True
     result.out.extend(lines)
 
 

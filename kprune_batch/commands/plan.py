@@ -1,8 +1,6 @@
 """`kprune plan SPEC`: compile the plan and show which filters each rule would zero (writes nothing)."""
 from __future__ import annotations
 
-import json
-
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
 from kprune_batch.errors import SpecError
 from kprune_batch.executor import STATUS_OK, Opener, open_auto, run_job
@@ -47,9 +45,8 @@ def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto,
                 result.out.append("  removal touches:")
                 result.out.extend(f"    {describe(t)}" for t in outcome.touched)
     if fmt == "json":
-        # one Result line per text line: the CLI escapes control characters in each line
-        result.out.extend(json.dumps({"plan": compiled.to_json(), "plan_sha256": compiled.sha256,
-                                      "models": models}, indent=2).splitlines())
+        result.data = {"plan": compiled.to_json(), "plan_sha256": compiled.sha256,
+                       "models": models}
     return result
 
 

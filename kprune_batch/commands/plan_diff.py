@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -133,8 +132,7 @@ def plan_diff(spec_file: str, base: str, fmt: str = "text", opener: Opener = ope
             result.return_code = EXIT_FAILED
     header = {"spec": spec_file, "base": base, "new_spec": old is None}
     if fmt == "json":
-        result.out.extend(json.dumps({**header, "models": [c.to_json() for c in changes]},
-                                     indent=2).splitlines())
+        result.data = {**header, "models": [c.to_json() for c in changes]}
     elif fmt == "markdown":
         result.out.extend(_markdown(header, changes))
     else:

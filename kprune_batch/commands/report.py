@@ -1,7 +1,6 @@
 """`kprune report AUDIT_LOG`: a human-readable review of one run (text, Markdown or JSON); no TensorFlow."""
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from typing import Any
@@ -224,7 +223,7 @@ def report(log_path: str, fmt: str = "text") -> Result:
         return result
     summary = summarize(log)
     if fmt == "json":
-        result.out.extend(json.dumps(summary, indent=2).splitlines())  # one line per element
+        result.data = summary
     elif fmt == "markdown":
         result.out.extend(_markdown(summary))
     else:

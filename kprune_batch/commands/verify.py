@@ -51,16 +51,21 @@ def verify(log_path: str, probe: bool = False, root: str | None = None) -> Resul
     by_model: dict[str, list[dict[str, Any]]] = {}
     for r in log["zeroed"] + log.get("removed", []):
         by_model.setdefault(r["model"], []).append(r)
+    checked: list[dict[str, Any]] = []  # --format json (README, "Machine-readable output")
+    result.data = {"audit_log": log_path, "models": checked}
     for model in log["models"]:
         if model["status"] != "ok":
             result.out.append(f"skipped {model['name']}: status {model['status']} in the log "
                               f"(nothing was written)")
+            checked.append({"name": model["name"], "status": "skipped", "problems": []})
             continue
         records = by_model.get(model["name"], [])
         removal = model.get("removal")
         problems, note = check_model(model, records, probe and not removal, removal=removal,
                                      relocate=relocate)
         suffix = f" ({note})" if note else ""
+        checked.append({"name": model["name"], "status": "mismatch" if problems else "ok",
+                        "problems": problems})
         if problems:
             result.return_code = EXIT_FAILED
             for problem in problems:
