@@ -344,6 +344,7 @@ def test_what_needs_a_built_model_fails_in_one_line_naming_the_extras(
         f"installed; {EXTRAS}\n"))
     assert needs["out"] == (f"ok      zero: zeroed 1 filter(s) in 1 layer(s) -> "
                             f"{tmp_path / 'out' / 'c.keras'}\n"
+                            f"1 ok, 4 failed, 0 skipped\n"
                             f"audit log: {tmp_path / 'needs.json'}\n")
     log = json.loads((tmp_path / "needs.json").read_text())
     assert [(m["name"], m["status"]) for m in log["models"]] == [
