@@ -308,7 +308,9 @@ def _plan_removal(job: ModelJob, weights: ModelWeights,
 
     try:
         plan = plan_removal(weights.graph, {s.path: list(s.filters) for s in removing},
-                            coupled="union")  # already coupled: members are equal
+                            coupled="union",  # already coupled: members are equal
+                            approximate=frozenset(s.path for s in removing
+                                                  if s.options.approximate))
     except ModelError as exc:
         raise exc.for_model(job.name) from None
     return [t.to_json() for t in plan.touches]
@@ -367,7 +369,8 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
             "macs_before": result.macs_before, "macs_after": result.macs_after,
             "params_after": result.params_after, "probe_deviation": deviation,
             "folded": result.folded, "approximate": result.approximate,
-            "optimizer_state": optimizer}
+            "statistics_changed": result.statistics_changed,
+            "dropped_layers": result.dropped_layers, "optimizer_state": optimizer}
 
 
 def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],

@@ -129,6 +129,9 @@ def _after_removal(before: Any, expected: dict[str, dict[str, np.ndarray]],
         gone = set(ranges_within(t["removed"], t["of"]) or ())  # checked by read_log
         apply_touch(t["how"], [i for i in range(t["of"]) if i not in gone], t["layer_class"],
                     before.graph.layers[t["layer"]].config, expected[t["layer"]])
+    for t in removal["touched"]:
+        if t["how"] == "dropped":  # an emptied Concatenate branch: not in the output
+            expected.pop(t["layer"], None)
     folded = set()
     for fold in removal["folded"]:
         layer = fold["layer"]
@@ -139,7 +142,8 @@ def _after_removal(before: Any, expected: dict[str, dict[str, np.ndarray]],
         kept = removal["mappings"].get(layer, {}).get("old_to_new")
         if kept is not None:
             delta = delta[[c for c, to in enumerate(kept) if to >= 0]]
-        add_to_bias(expected[layer], delta, next(iter(expected[layer].values())).dtype)
+        add_to_bias(expected[layer], delta, next(iter(expected[layer].values())).dtype,
+                    node.class_name, node.config)
         folded.add((layer, "bias"))
     return folded
 
@@ -210,7 +214,9 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
         # input's variables cannot take (a crafted touch or fold)
         return [f"the log's removal does not fit the input's shapes ({_first_line(exc)})"]
     problems = []
-    if set(after.graph.layers) != set(before.graph.layers):
+    dropped = {t["layer"] for t in removal["touched"] if t["how"] == "dropped"} \
+        if removal else set()
+    if set(after.graph.layers) != set(before.graph.layers) - dropped:
         return ["the output's layers differ from the input's"]
     zeroed = {(r["layer"], r["filter"]) for r in records}
     for path, variables in expected.items():
