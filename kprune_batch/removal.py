@@ -1,15 +1,18 @@
 """Structural removal: delete filters, rewire every consumer, fold what they left behind.
 
-Scope: a top-level Functional or Sequential model; removed filters belong to Conv*/SeparableConv*
-layers (not depthwise, not grouped, not shared); channels may pass through BatchNormalization
-(sliced), elementwise activations, dropout, pooling, padding, GlobalPooling, Concatenate on the
-channel axis (input i's channel c is channel offset_i + c of the result) and Add-type merges
-(whose inputs form one coupled group that loses the same channels), and end in
-Conv*/SeparableConv*/Conv*Transpose (input channels sliced), DepthwiseConv* (its channels
-c*mult..c*mult+mult-1 go too and the walk goes on) or Dense (rows sliced; after Flatten in
-Flatten's channels_last order). Anything else on the path (Reshape, Permute, nested or shared
-layers, the model output) is refused with a ModelError naming the layer. A constant that a removed
-channel still carries where it ends is folded into that layer's bias (see `_fold`).
+Scope: a top-level Functional or Sequential model; removed filters belong to Conv*/SeparableConv*/
+Conv*Transpose layers (not depthwise, not grouped, not shared); channels may pass through
+BatchNormalization and LayerScale (sliced), LayerNormalization (sliced; approximate only),
+elementwise activations, dropout and noise layers, pooling, padding, GlobalPooling, a Reshape
+keeping the channel axis, a Permute putting it first or last, Concatenate on the channel axis
+(input i's channel c is channel offset_i + c of the result) and Add-type merges (whose inputs
+form one coupled group that loses the same channels), and end in Conv*/SeparableConv*/
+Conv*Transpose (input channels sliced), DepthwiseConv* (its channels c*mult..c*mult+mult-1 go
+too and the walk goes on), Dense or LSTM/GRU/SimpleRNN (input kernel rows sliced; after Flatten
+in Flatten's channels_last order). A conv losing every filter into a Concatenate leaves the
+model. Anything else on the path (other Reshapes and Permutes, nested or shared layers, the
+model output) is refused with a ModelError naming the layer. A constant that a removed channel
+still carries where it ends is folded into that layer's bias (see `_fold`).
 """
 from __future__ import annotations
 
