@@ -262,13 +262,6 @@ ZERO_PRESERVING_CLASSES = (
 TRAINING_NOISE_CLASSES = ("GaussianNoise", "AlphaDropout")
 
 
-# Identity at inference (keras/src/layers/regularization/gaussian_noise.py, gaussian_dropout.py,
-# alpha_dropout.py: call() returns the input unless training). Not zero-preserving in training
-# (GaussianNoise adds to a zero channel, AlphaDropout shifts it), so silence analysis does not
-# look through them; a removal, proven in inference mode, passes through them.
-INFERENCE_IDENTITY_CLASSES = ("GaussianNoise", "GaussianDropout", "AlphaDropout")
-
-
 # --- layers that consume channels without having filters (removal slices them) ---------------
 
 @dataclass(frozen=True)

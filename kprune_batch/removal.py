@@ -23,7 +23,7 @@ import numpy as np
 
 from kprune_batch.errors import ModelError
 from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
-                                   INFERENCE_IDENTITY_CLASSES, INPUT_TOUCHES, REMOVABLE_FAMILIES,
+                                   INPUT_TOUCHES, REMOVABLE_FAMILIES,
                                    ZERO_PRESERVING_CLASSES, channel_params_of, family_of,
                                    rows_consumer_of)
 from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
@@ -33,7 +33,7 @@ MERGES = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 GLOBAL_POOLING = ("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
                   "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D")
 PASS_THROUGH = tuple(c for c in ZERO_PRESERVING_CLASSES if c != "InputLayer") + \
-    ACTIVATION_LAYER_CLASSES + INFERENCE_IDENTITY_CLASSES
+    ACTIVATION_LAYER_CLASSES  # the noise layers among them: identities at inference
 
 
 @dataclass
