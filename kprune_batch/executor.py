@@ -321,7 +321,9 @@ def _plan_removal(job: ModelJob, weights: ModelWeights,
 
     try:
         plan = plan_removal(weights.graph, {s.path: list(s.filters) for s in removing},
-                            coupled="union")  # already coupled: members are equal
+                            coupled="union",  # already coupled: members are equal
+                            approximate=frozenset(s.path for s in removing
+                                                  if s.options.approximate))
     except ModelError as exc:
         raise exc.for_model(job.name) from None
     return [t.to_json() for t in plan.touches]
@@ -395,7 +397,8 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
             "params_after": result.params_after, "probe_deviation": deviation,
             "probe_tolerance": {"atol": PROBE_ATOL, "rtol": PROBE_RTOL}, "probe_ran_on": ran_on,
             "folded": result.folded, "approximate": result.approximate,
-            "optimizer_state": optimizer}
+            "statistics_changed": result.statistics_changed,
+            "dropped_layers": result.dropped_layers, "optimizer_state": optimizer}
 
 
 def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],

@@ -124,6 +124,17 @@ class Family:
             if self.name == "depthwise" and "bias" in variables:
                 variables["bias"] = variables["bias"][expanded]
 
+    def slice_filters(self, variables: dict[str, np.ndarray], keep: list[int]) -> None:
+        """Keep only filters `keep` of a layer that loses filters (in place): the filter axis of
+        its kernel (see filter_view; -2 for Conv*Transpose) and its bias."""
+        kernel = self.kernel_name(variables) or self.kernel_var
+        if self.name == "conv_transpose":
+            variables[kernel] = variables[kernel][..., keep, :]
+        else:
+            variables[kernel] = variables[kernel][..., keep]
+        if "bias" in variables:
+            variables["bias"] = variables["bias"][keep]
+
     def zeroed(self, kernel: np.ndarray, filters: list[int], in_place: bool = False
                ) -> np.ndarray:
         """`kernel` with the given filters' slices set to 0 (nothing else touched): a copy, or
@@ -152,6 +163,8 @@ FAMILIES: tuple[Family, ...] = (
            ("pointwise_kernel",), "pointwise_kernel, filter axis -1", "separable_inputs"),
 )
 INPUT_TOUCHES = tuple(sorted({fam.input_touch for fam in FAMILIES}))
+# families whose filters a removal can delete (depthwise filters are their input's channels)
+REMOVABLE_FAMILIES = ("conv", "separable", "conv_transpose")
 
 _BY_CLASS = {cls: fam for fam in FAMILIES for cls in fam.classes}
 # Keras keeps these aliases (keras/src/layers/__init__.py); configs normally hold the canonical name.
@@ -247,6 +260,95 @@ ZERO_PRESERVING_CLASSES = (
 # Of those, the ones that move a zero channel in training mode (additive noise; AlphaDropout's
 # affine correction): a BatchNormalization after them sees noise, not a constant, in training.
 TRAINING_NOISE_CLASSES = ("GaussianNoise", "AlphaDropout")
+
+
+# --- layers that consume channels without having filters (removal slices them) ---------------
+
+@dataclass(frozen=True)
+class RowsConsumer:
+    """A layer that reads its input's last axis through the rows of `kernel` (in, out): a
+    removed channel c is row c, and a constant k in it adds k * kernel[c] to the input
+    projection, which its input bias absorbs."""
+
+    name: str
+    classes: tuple[str, ...]
+    description: str
+
+    def slice_rows(self, variables: dict[str, np.ndarray], keep: list[int]) -> None:
+        variables["kernel"] = variables["kernel"][keep]
+
+    def add_to_input_bias(self, class_name: str, variables: dict[str, np.ndarray],
+                          delta: np.ndarray, config: dict[str, Any], dtype: Any) -> None:
+        """bias += delta in float64, rounded once to `dtype`; a layer without a bias gets one.
+        GRU with reset_after (the Keras 3 default) keeps (2, 3*units): row 0 is the input bias,
+        row 1 the recurrent one (keras/src/layers/rnn/gru.py build() and call())."""
+        two_rows = class_name == "GRU" and bool(config.get("reset_after", True))
+        bias = variables.get("bias")
+        if bias is None:
+            bias = np.zeros((2,) + delta.shape if two_rows else delta.shape, dtype=dtype)
+        out = bias.astype("float64")
+        if out.ndim == 2:
+            out[0] += delta
+        else:
+            out += delta
+        variables["bias"] = out.astype(dtype)
+
+
+ROWS_CONSUMERS: tuple[RowsConsumer, ...] = (
+    RowsConsumer("dense", ("Dense",), "kernel (in, units): rows sliced"),
+    # LSTM kernel (in, 4*units), GRU (in, 3*units), SimpleRNN (in, units): the input kernel's
+    # rows; the recurrent kernel reads the state, not the channels (keras/src/layers/rnn/)
+    RowsConsumer("recurrent", ("LSTM", "GRU", "SimpleRNN"), "input kernel (in, k*units): rows "
+                 "sliced"),
+)
+_ROWS_BY_CLASS = {cls: fam for fam in ROWS_CONSUMERS for cls in fam.classes}
+
+
+def rows_consumer_of(class_name: str) -> RowsConsumer | None:
+    return _ROWS_BY_CLASS.get(class_name)
+
+
+@dataclass(frozen=True)
+class ChannelParams:
+    """A layer holding one value per channel of its input's last axis in every variable
+    (LayerNormalization gamma/beta, ConvNeXt's LayerScale `variable`): a removal slices them.
+    `exact` is False where the layer computes statistics over the channels, which removing a
+    channel changes (so the removed model cannot equal the zeroed one)."""
+
+    name: str
+    classes: tuple[str, ...]
+    exact: bool
+    size_key: str | None  # the config key that holds the channel count, if any
+    description: str
+
+    def slice_channels(self, variables: dict[str, np.ndarray], keep: list[int]) -> None:
+        for name in variables:
+            variables[name] = variables[name][keep]
+
+    def on_channel_axis(self, config: dict[str, Any], rank: int | None) -> bool:
+        """Whether the per-channel parameters are on the last axis alone."""
+        if self.name != "layer_norm":
+            return True
+        axis = config.get("axis", -1)
+        axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            return False
+        return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+CHANNEL_PARAMS: tuple[ChannelParams, ...] = (
+    # y = gamma * (x - mean) / sqrt(var + eps) + beta, mean and var over the channels
+    # (keras/src/layers/normalization/layer_normalization.py)
+    ChannelParams("layer_norm", ("LayerNormalization",), False, None,
+                  "gamma, beta (channels); statistics over the channels change"),
+    # x * gamma, gamma (projection_dim,) (keras/src/applications/convnext.py)
+    ChannelParams("layer_scale", ("LayerScale",), True, "projection_dim", "variable (channels)"),
+)
+_CHANNEL_PARAMS_BY_CLASS = {cls: fam for fam in CHANNEL_PARAMS for cls in fam.classes}
+
+
+def channel_params_of(class_name: str) -> ChannelParams | None:
+    return _CHANNEL_PARAMS_BY_CLASS.get(class_name)
 
 
 def _erf(x: float) -> float:

@@ -1,15 +1,18 @@
 """Structural removal: delete filters, rewire every consumer, fold what they left behind.
 
-Scope: a top-level Functional or Sequential model; removed filters belong to Conv*/SeparableConv*
-layers (not depthwise, not grouped, not shared); channels may pass through BatchNormalization
-(sliced), elementwise activations, dropout, pooling, padding, GlobalPooling, Concatenate on the
-channel axis (input i's channel c is channel offset_i + c of the result) and Add-type merges
-(whose inputs form one coupled group that loses the same channels), and end in
-Conv*/SeparableConv*/Conv*Transpose (input channels sliced), DepthwiseConv* (its channels
-c*mult..c*mult+mult-1 go too and the walk goes on) or Dense (rows sliced; after Flatten in
-Flatten's channels_last order). Anything else on the path (Reshape, Permute, nested or shared
-layers, the model output) is refused with a ModelError naming the layer. A constant that a removed
-channel still carries where it ends is folded into that layer's bias (see `_fold`).
+Scope: a top-level Functional or Sequential model; removed filters belong to Conv*/SeparableConv*/
+Conv*Transpose layers (not depthwise, not grouped, not shared); channels may pass through
+BatchNormalization and LayerScale (sliced), LayerNormalization (sliced; approximate only),
+elementwise activations, dropout and noise layers, pooling, padding, GlobalPooling, a Reshape
+keeping the channel axis, a Permute putting it first or last, Concatenate on the channel axis
+(input i's channel c is channel offset_i + c of the result) and Add-type merges (whose inputs
+form one coupled group that loses the same channels), and end in Conv*/SeparableConv*/
+Conv*Transpose (input channels sliced), DepthwiseConv* (its channels c*mult..c*mult+mult-1 go
+too and the walk goes on), Dense or LSTM/GRU/SimpleRNN (input kernel rows sliced; after Flatten
+in Flatten's channels_last order). A conv losing every filter into a Concatenate leaves the
+model. Anything else on the path (other Reshapes and Permutes, nested or shared layers, the
+model output) is refused with a ModelError naming the layer. A constant that a removed channel
+still carries where it ends is folded into that layer's bias (see `_fold`).
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from typing import Any
 import numpy as np
 
 from kprune_batch.errors import ModelError
-from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES, INPUT_TOUCHES,
-                                   ZERO_PRESERVING_CLASSES, family_of)
+from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
+                                   INPUT_TOUCHES, REMOVABLE_FAMILIES,
+                                   ZERO_PRESERVING_CLASSES, channel_params_of, family_of,
+                                   rows_consumer_of)
 from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
 from kprune_batch.ranges import compact_ranges
 
@@ -28,7 +33,7 @@ MERGES = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
 GLOBAL_POOLING = ("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
                   "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D")
 PASS_THROUGH = tuple(c for c in ZERO_PRESERVING_CLASSES if c != "InputLayer") + \
-    ACTIVATION_LAYER_CLASSES
+    ACTIVATION_LAYER_CLASSES  # the noise layers among them: identities at inference
 
 
 @dataclass
@@ -43,6 +48,8 @@ class RemovalResult:
     folded: list[dict[str, Any]] = field(default_factory=list)  # per consumer: constants folded
     touches: list[dict[str, Any]] = field(default_factory=list)  # Touch.to_json(), walk order
     approximate: bool = False  # a fold was not exact (allowed by approximate: true)
+    statistics_changed: list[str] = field(default_factory=list)  # LayerNorms (approximate)
+    dropped_layers: list[str] = field(default_factory=list)  # emptied concat branches
 
 
 UNKNOWN_DIM = 32  # the probe's size for dimensions a model leaves open
@@ -188,7 +195,9 @@ class Touch:
 HOW = {"filters": "filters removed", "batchnorm": "channels sliced", "passes": "passes through",
        "concat": "concatenated channels removed", "inputs": "input channels removed",
        "transpose_inputs": "input channels removed", "separable_inputs": "input channels removed",
-       "depthwise": "channels removed (and its outputs for them)", "rows": "kernel rows removed"}
+       "depthwise": "channels removed (and its outputs for them)", "rows": "kernel rows removed",
+       "channel_params": "per-channel parameters sliced",
+       "dropped": "removed from the model (no channels left)"}
 
 
 def describe(touch: dict[str, Any]) -> str:
@@ -206,22 +215,26 @@ class RemovalPlan:
     selection: dict[str, list[int]]  # after coupling
     touches: list[Touch] = field(default_factory=list)
     sinks: dict[str, _Sink] = field(default_factory=dict)
+    statistics_changed: list[str] = field(default_factory=list)  # LayerNorms on the way
+    dropped: list[str] = field(default_factory=list)  # layers left without channels
+    reshapes: dict[str, int] = field(default_factory=dict)  # Reshape -> its channel entry
 
 
 def plan_removal(graph: Any, selection: dict[str, list[int]],
-                 coupled: str = "error") -> RemovalPlan:
+                 coupled: str = "error", approximate: frozenset[str] = frozenset()) -> RemovalPlan:
     """Couple the selection and walk every channel it removes to where it ends.
 
-    Raises ModelError naming the layer for anything the walk cannot follow exactly.
+    Raises ModelError naming the layer for anything the walk cannot follow exactly (or, for
+    the layers in `approximate`, approximately: a LayerNormalization over the channels).
     """
     if any(n.class_name in MODEL_CLASSES for n in graph.layers.values()):
         raise ModelError("removal of filters in models with nested models is not supported yet")
     plan = RemovalPlan(_couple(graph, selection, coupled))
-    walk = _Walk(graph, plan, set(), {})
+    walk = _Walk(graph, plan, set(), {}, approximate)
     for path, removed in plan.selection.items():
         node = graph.layers[path]
         family = family_of(node.class_name)
-        if family is None or family.name not in ("conv", "separable") or \
+        if family is None or family.name not in REMOVABLE_FAMILIES or \
                 int(node.config.get("groups", 1)) != 1:
             raise ModelError(f"removal from a {node.class_name} layer is not supported yet",
                              layer=path)
@@ -229,11 +242,12 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
             raise ModelError("the layer is shared (called more than once)", layer=path)
         n = int(node.config["filters"])
         keep = [f for f in range(n) if f not in set(removed)]
-        if not keep:
-            raise ModelError("removal would leave the layer without filters", layer=path)
+        flow = _Flow(keep, n, frozenset(coupled_group(graph, path)[0]), _format(node.config))
+        if not keep:  # allowed by the selection stage only with allow_empty_layer: true
+            _drop_branch(walk, path, flow)
+            continue
         walk.touch(path, "filters", keep, n)
-        _propagate(walk, path, _Flow(keep, n, frozenset(coupled_group(graph, path)[0]),
-                                     _format(node.config)))
+        _propagate(walk, path, flow)
     order = list(graph.layers)
     while walk.pending:
         concat = min(walk.pending, key=order.index)  # config order is topological
@@ -253,7 +267,7 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     """
     serialized = keras.saving.serialize_keras_object(model)
     graph = build_graph(serialized)
-    plan = plan_removal(graph, selection, coupled)
+    plan = plan_removal(graph, selection, coupled, approximate)
     config = serialized["config"]
     by_name = {layer["config"]["name"]: layer for layer in config["layers"]}
     weights = {layer.name: {v.name: np.array(v.numpy()) for v in layer.weights}
@@ -262,23 +276,40 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     result = RemovalResult(model=None, params_before=int(model.count_params()))
     result.selection = plan.selection
     result.touches = [t.to_json() for t in plan.touches]
+    result.statistics_changed = list(plan.statistics_changed)
+    result.approximate = bool(plan.statistics_changed)
+    result.dropped_layers = list(plan.dropped)
     for touch in plan.touches:
         apply_touch(touch.how, list(touch.keep), touch.class_name,
                     graph.layers[touch.layer].config, weights[touch.layer])
         by_name[touch.layer].pop("build_config", None)  # its stale input shape fails a rebuild
         if touch.how == "filters":
             by_name[touch.layer]["config"]["filters"] = len(touch.keep)
-        if touch.how == "filters":
+        params = channel_params_of(touch.class_name)
+        if touch.how == "channel_params" and params is not None and params.size_key:
+            by_name[touch.layer]["config"][params.size_key] = len(touch.keep)
+        if touch.layer in plan.reshapes:  # its target_shape names the channel count
+            target = list(by_name[touch.layer]["config"]["target_shape"])
+            target[plan.reshapes[touch.layer]] = len(touch.keep)
+            by_name[touch.layer]["config"]["target_shape"] = target
+        if touch.how == "filters" or touch.how == "dropped" and touch.layer in plan.selection:
             kept = {f: i for i, f in enumerate(touch.keep)}
             result.mappings[touch.layer] = {"old_to_new": [kept.get(f, -1)
                                                            for f in range(touch.of)]}
+    if plan.dropped:
+        _unwire(config, set(plan.dropped))
     if plan.sinks:
         _fold(keras, model, graph, plan, original, weights, by_name, result, feed, approximate)
     cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
     new_model = cls.from_config(config)
     for layer in new_model.layers:
         if layer.weights:
-            layer.set_weights([weights[layer.name][v.name] for v in layer.weights])
+            mine = weights[layer.name]
+            names = [v.name for v in layer.weights]
+            # a variable created without a name is uniquified per process ('variable_1'):
+            # then the creation order, which the rebuilt layer shares, says which is which
+            layer.set_weights([mine[n] for n in names] if all(n in mine for n in names)
+                              else list(mine.values()))
     result.model = new_model
     result.params_after = int(new_model.count_params())
     result.macs_before = count_macs(model)
@@ -291,10 +322,16 @@ def apply_touch(how: str, keep: list[int], class_name: str, config: dict,
     """Slice one layer's variables (by name, as Keras names them) as a Touch says; shared with
     `kprune verify`, which rebuilds the expected output from the log."""
     kernel = _kernel_var(class_name, variables)
-    if how == "filters":
-        variables[kernel] = variables[kernel][..., keep]
-        if "bias" in variables:
-            variables["bias"] = variables["bias"][keep]
+    if how == "filters":  # the family table knows the filter axis (-2 for Conv*Transpose)
+        family = family_of(class_name)
+        assert family is not None
+        family.slice_filters(variables, keep)
+    elif how == "channel_params":
+        params = channel_params_of(class_name)
+        assert params is not None
+        params.slice_channels(variables, keep)
+    elif how == "dropped":  # the layer leaves the model (`kprune verify` drops it too)
+        variables.clear()
     elif how == "batchnorm":
         for name in variables:
             variables[name] = variables[name][keep]
@@ -318,7 +355,7 @@ def fold_delta(class_name: str, config: dict, variables: dict[str, np.ndarray],
     """What input channels `channels`, each the constant in `constants`, add to every output
     of a layer without padding effects: sum over kernel taps x constant (float64, all outputs)."""
     constants = np.asarray(constants, dtype="float64")
-    if class_name == "Dense":
+    if rows_consumer_of(class_name) is not None:  # Dense, LSTM/GRU/SimpleRNN input kernel
         return constants @ variables["kernel"][channels].astype("float64")
     if "pointwise_kernel" in variables:  # separable: depthwise taps (no bias), pointwise rows
         mult = int(config.get("depth_multiplier", 1))
@@ -333,10 +370,14 @@ def fold_delta(class_name: str, config: dict, variables: dict[str, np.ndarray],
         -1, taps.shape[-1]).sum(axis=0)
 
 
-def add_to_bias(variables: dict[str, np.ndarray], delta: np.ndarray, dtype: Any) -> None:
+def add_to_bias(variables: dict[str, np.ndarray], delta: np.ndarray, dtype: Any,
+                class_name: str = "", config: dict | None = None) -> None:
     """bias += delta in float64, rounded once to the layer's dtype; a layer without a bias
-    gets `delta` as its bias."""
-    if "bias" in variables:
+    gets `delta` as its bias (a recurrent layer: its input bias, as the family table says)."""
+    rows = rows_consumer_of(class_name)
+    if rows is not None:
+        rows.add_to_input_bias(class_name, variables, delta, config or {}, dtype)
+    elif "bias" in variables:
         variables["bias"] = (variables["bias"].astype("float64") + delta).astype(dtype)
     else:
         variables["bias"] = delta.astype(dtype)
@@ -350,6 +391,7 @@ class _Flow:
     n: int
     origins: frozenset[str]  # the pruned layers (coupled groups whole) these channels come from
     data_format: str  # channels_last | channels_first, as the pruned layer wrote them
+    renormalized: bool = False  # a LayerNormalization on the way (approximate: true)
 
     def dropped(self) -> list[int]:
         kept = set(self.keep)
@@ -364,6 +406,7 @@ class _Sink:
     removed: list[int]  # indices on the sink's input channel axis (Dense: rows)
     axis: int  # that axis in the sink's input tensor (-1 or 1)
     origins: frozenset[str]
+    renormalized: bool = False  # through a LayerNormalization: the removed channels vary
 
 
 @dataclass
@@ -373,6 +416,7 @@ class _Walk:
     visited: set[str]  # layers already handled (a merge is reached once per member)
     # Concatenate layers collect what reaches each of their inputs before passing anything on
     pending: dict[str, dict[int, _Flow]]
+    approximate: frozenset[str] = frozenset()  # pruned layers whose entries allow it
 
     def touch(self, layer: str, how: str, keep: list[int], of: int) -> None:
         self.plan.touches.append(Touch(layer, self.graph.layers[layer].class_name, how,
@@ -401,9 +445,12 @@ def _release_concat(walk: _Walk, concat: str, arrivals: dict[int, _Flow]) -> Non
         keep += [offset + c for c in (arrivals[slot].keep if slot in arrivals else range(width))]
         offset += width
     walk.visited.add(concat)
+    if not keep:
+        raise ModelError("removal would leave the Concatenate without channels", layer=concat)
     walk.touch(concat, "concat", keep, offset)
     origins = frozenset().union(*(f.origins for f in arrivals.values()))
-    _propagate(walk, concat, _Flow(keep, offset, origins, fmt))
+    _propagate(walk, concat, _Flow(keep, offset, origins, fmt,
+                                   any(f.renormalized for f in arrivals.values())))
 
 
 def _propagate(walk: _Walk, src: str, flow: _Flow) -> None:
@@ -440,12 +487,19 @@ def _propagate(walk: _Walk, src: str, flow: _Flow) -> None:
             _propagate(walk, consumer, flow)
         elif cls == "Flatten":
             _flatten_then_dense(walk, consumer, flow)
-        elif cls == "Dense":
+        elif cls == "Reshape":
+            _reshape(walk, consumer, flow)
+        elif cls == "Permute":
+            _permute(walk, consumer, flow)
+        elif rows_consumer_of(cls) is not None:  # Dense, LSTM, GRU, SimpleRNN: kernel rows
             if flow.data_format == "channels_first" and len(walk.input_shape(consumer)) > 2:
-                raise ModelError("a Dense layer reads the last axis, not the channels of this "
-                                 "channels_first tensor", layer=consumer)
+                raise ModelError(f"a {cls} layer reads the last axis, not the channels of this "
+                                 f"channels_first tensor", layer=consumer)
             walk.touch(consumer, "rows", keep, n)
-            walk.plan.sinks[consumer] = _Sink("dense", flow.dropped(), -1, flow.origins)
+            walk.plan.sinks[consumer] = _Sink("dense", flow.dropped(), -1, flow.origins,
+                                              flow.renormalized)
+        elif channel_params_of(cls) is not None:
+            _channel_params(walk, consumer, flow)
         elif family_of(cls) is not None:
             fam = family_of(cls)
             assert fam is not None
@@ -454,15 +508,152 @@ def _propagate(walk: _Walk, src: str, flow: _Flow) -> None:
             walk.touch(consumer, fam.input_touch, keep, n)
             if fam.name != "depthwise":
                 sink = {"conv": "conv", "conv_transpose": "transpose"}.get(fam.name, fam.name)
-                walk.plan.sinks[consumer] = _Sink(sink, flow.dropped(), axis, flow.origins)
+                walk.plan.sinks[consumer] = _Sink(sink, flow.dropped(), axis, flow.origins,
+                                                  flow.renormalized)
             else:  # depthwise: its own channels c*mult..c*mult+mult-1 go too; whatever constant
                 # they carry (its bias, say) is measured and folded where they end
                 mult = int(node.config.get("depth_multiplier", 1))
                 _propagate(walk, consumer, _Flow([c * mult + m for c in keep for m in range(mult)],
-                                                 n * mult, flow.origins, flow.data_format))
+                                                 n * mult, flow.origins, flow.data_format,
+                                                 flow.renormalized))
         else:
             raise ModelError(f"a {cls} layer consumes the channels; removal through it is not "
                              f"supported yet", layer=consumer)
+
+
+def _channel_params(walk: _Walk, layer: str, flow: _Flow) -> None:
+    """LayerNormalization / LayerScale on the channel axis: slice its per-channel parameters
+    and go on. A LayerNormalization's mean and variance are over the channels, so without the
+    removed ones they change: allowed only where every pruned layer's entry says
+    approximate: true (the deviation is then measured and logged)."""
+    node = walk.graph.layers[layer]
+    params = channel_params_of(node.class_name)
+    assert params is not None
+    shape = node.build_config.get("input_shape")
+    rank = len(shape) if isinstance(shape, (list, tuple)) else None
+    if flow.data_format == "channels_first" and rank != 2 or \
+            not params.on_channel_axis(node.config, rank):
+        raise ModelError(f"the {node.class_name} does not act on the channel axis alone",
+                         layer=layer)
+    renormalized = flow.renormalized
+    if not params.exact:
+        if not flow.origins <= walk.approximate:
+            who = ", ".join(f"'{o}'" for o in sorted(flow.origins))
+            raise ModelError(
+                f"removed filters of {who} reach it, and a {node.class_name} computes its "
+                f"statistics over the channels, so removing channels changes them and the "
+                f"removed model cannot equal the zeroed one", layer=layer,
+                hint=f"set approximate: true on the entries of {who} to accept the deviation "
+                     f"(measured and logged), or zero these filters instead (action: zero)")
+        walk.plan.statistics_changed.append(layer)
+        renormalized = True
+    walk.touch(layer, "channel_params", flow.keep, flow.n)
+    _propagate(walk, layer, _Flow(flow.keep, flow.n, flow.origins, flow.data_format,
+                                  renormalized))
+
+
+def _reshape(walk: _Walk, layer: str, flow: _Flow) -> None:
+    """A Reshape keeps the channel mapping when the channel axis stays whole where it was: its
+    size last in the target (channels_last) or first (channels_first), since a C-order reshape
+    of (..., C) to (..., C) moves whole channel vectors (keras/src/layers/reshaping/reshape.py
+    is ops.reshape). A target of rank 1 is a Flatten in channels_last order."""
+    node = walk.graph.layers[layer]
+    target = node.config.get("target_shape")
+    if not isinstance(target, (list, tuple)) or not target or \
+            not all(isinstance(d, int) and not isinstance(d, bool) for d in target):
+        raise ModelError("the Reshape's target_shape is not a list of sizes", layer=layer)
+    where = -1 if flow.data_format == "channels_last" else 0
+    if int(target[where]) == flow.n:
+        walk.plan.reshapes[layer] = where % len(target)
+        walk.touch(layer, "passes", flow.keep, flow.n)
+        _propagate(walk, layer, flow)
+    elif len(target) == 1:
+        _flatten_then_dense(walk, layer, flow)
+    else:
+        raise ModelError(f"a Reshape to {tuple(target)} moves the {flow.n} channels off their "
+                         f"axis, so which channel goes where cannot be proven (followed: a "
+                         f"Reshape keeping the channel axis {'last' if where else 'first'} "
+                         f"with its size, or to rank 1)", layer=layer)
+
+
+def _permute(walk: _Walk, layer: str, flow: _Flow) -> None:
+    """Permute(dims): output axis j+1 is input axis dims[j] (1-based, batch excluded). The
+    channels keep their indices; the walk goes on if they end up last (channels_last) or
+    first (channels_first)."""
+    node = walk.graph.layers[layer]
+    dims = node.config.get("dims")
+    if not isinstance(dims, (list, tuple)) or sorted(dims) != list(range(1, len(dims) + 1)):
+        raise ModelError("the Permute's dims are not a permutation", layer=layer)
+    rank = len(dims) + 1
+    channel = rank - 1 if flow.data_format == "channels_last" else 1
+    moved_to = list(dims).index(channel) + 1
+    if moved_to == rank - 1:
+        fmt = "channels_last"
+    elif moved_to == 1:
+        fmt = "channels_first"
+    else:
+        raise ModelError(f"a Permute{tuple(dims)} moves the channels to axis {moved_to}, "
+                         f"neither first nor last, and no consumer reads them there",
+                         layer=layer)
+    walk.touch(layer, "passes", flow.keep, flow.n)
+    _propagate(walk, layer, _Flow(flow.keep, flow.n, flow.origins, fmt, flow.renormalized))
+
+
+def _drop_branch(walk: _Walk, conv: str, flow: _Flow) -> None:
+    """Every filter of `conv` goes (allow_empty_layer: true). Keras refuses a layer of 0
+    filters (base_conv.py: "Expected a strictly positive value"), so the layer, and the
+    channel-preserving layers between it and the one Concatenate it feeds, leave the model;
+    the Concatenate loses that input (a Concatenate of one input is valid Keras)."""
+    graph = walk.graph
+    chain, path = [conv], conv
+    while True:
+        consumers = graph.consumers(path)
+        nxt = consumers[0] if len(consumers) == 1 else None
+        node = graph.layers[nxt] if nxt not in (None, OUTPUT) else None
+        if node is None or node.calls != 1:
+            raise ModelError("removal would leave the layer without filters, and its channels "
+                             "do not feed only one Concatenate (through channel-preserving "
+                             "layers), so it cannot leave the model", layer=conv)
+        if node.class_name == "Concatenate":
+            break
+        if not (node.class_name in BATCHNORM_CLASSES or node.class_name in PASS_THROUGH or
+                channel_params_of(node.class_name) is not None and
+                channel_params_of(node.class_name).exact):
+            raise ModelError(f"removal would leave the layer without filters, and the "
+                             f"{node.class_name} '{nxt}' it feeds cannot lose its input (only "
+                             f"a Concatenate can lose one of its inputs)", layer=conv)
+        chain.append(nxt)
+        path = nxt
+    dropped = set(chain)
+    for layer in chain:
+        for src in graph.layers[layer].sources:
+            if src not in dropped and all(c in dropped for c in graph.consumers(src)):
+                raise ModelError(f"removal would leave the layer without filters, and "
+                                 f"'{src}', which feeds only it, would feed nothing", layer=conv)
+    for layer in chain:
+        walk.visited.add(layer)
+        walk.touch(layer, "dropped", [], flow.n)
+        walk.plan.dropped.append(layer)
+    concat = graph.layers[nxt]
+    _arrive_at_concat(walk, path, nxt, concat, flow)
+
+
+def _unwire(config: dict, dropped: set[str]) -> None:
+    """Take the dropped layers out of a functional config and out of the inbound nodes that
+    consume them (only Concatenate inputs: see _drop_branch)."""
+    config["layers"] = [layer for layer in config["layers"]
+                        if layer["config"]["name"] not in dropped]
+
+    def kept(tensor: Any) -> bool:
+        if isinstance(tensor, dict) and tensor.get("class_name") == "__keras_tensor__":
+            return tensor["config"]["keras_history"][0] not in dropped
+        return True
+
+    for layer in config["layers"]:
+        for inbound in layer.get("inbound_nodes", []):
+            args = inbound.get("args")
+            if args and isinstance(args[0], (list, tuple)):
+                inbound["args"] = [[t for t in args[0] if kept(t)], *args[1:]]
 
 
 def _bn_on_channels(config: dict, shape: list, data_format: str) -> bool:
@@ -544,6 +735,9 @@ def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
         x = np.moveaxis(np.asarray(value, dtype="float64"), sink.axis, -1)
         flat = x.reshape(-1, x.shape[-1])[:, sink.removed]
         center = x[(0,) + tuple(d // 2 for d in x.shape[1:-1])][sink.removed]
+        if sink.renormalized:  # through a LayerNorm the removed channels vary with the input
+            # itself: their mean over the probe batch is the constant closest to them
+            center = flat.mean(axis=0)
         varies = np.max(np.abs(flat - center), axis=0) > CONSTANT_RTOL * np.maximum(
             1.0, np.abs(center))
         if not np.any(varies) and not np.any(center):
@@ -578,7 +772,8 @@ def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
         bias_added = "bias" not in variables
         if bias_added:
             by_name[name]["config"]["use_bias"] = True
-        add_to_bias(variables, delta, next(iter(variables.values())).dtype)
+        add_to_bias(variables, delta, next(iter(variables.values())).dtype, node.class_name,
+                    node.config)
         exact = not (np.any(varies) or padded)
         result.approximate = result.approximate or not exact
         result.folded.append({

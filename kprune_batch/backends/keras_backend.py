@@ -15,6 +15,21 @@ from kprune_batch.quiet import import_keras, native_stderr_silenced
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
+def _variable_names(layer: Any) -> list[str]:
+    """A layer's variable names, the same in every process: a variable created without a name
+    (ConvNeXt's LayerScale) is 'variable', uniquified per process as 'variable_1', 'variable_2',
+    ... (keras/src/backend/common/variables.py auto-names it), so those are renamed by their
+    order in the layer: 'variable', 'variable_1', ..."""
+    names, unnamed = [], 0
+    for var in layer.weights:
+        name = var.name
+        if name == "variable" or name.startswith("variable_") and name[9:].isdigit():
+            name = "variable" if unnamed == 0 else f"variable_{unnamed}"
+            unnamed += 1
+        names.append(name)
+    return names
+
+
 def _describe_load_error(exc: BaseException, path: str) -> tuple[str, str | None]:
     # the first line, long lists capped (errors.first_line); the keywords below are read from
     # the whole text
@@ -111,12 +126,13 @@ class KerasModelWeights:
 
     def variables(self, layer_path: str) -> dict[str, np.ndarray]:
         layer = self._layer(layer_path)
-        return {v.name: np.array(v.numpy(), copy=True) for v in layer.weights}
+        return {n: np.array(v.numpy(), copy=True)
+                for n, v in zip(_variable_names(layer), layer.weights, strict=True)}
 
     def assign(self, layer_path: str, name: str, value: np.ndarray) -> None:
         layer = self._layer(layer_path)
-        for var in layer.weights:
-            if var.name == name:
+        for var, var_name in zip(layer.weights, _variable_names(layer), strict=True):
+            if var_name == name:
                 if tuple(var.shape) != tuple(value.shape):
                     raise ValueError(f"shape mismatch for {layer_path}/{name}")
                 var.assign(value.astype(var.dtype))

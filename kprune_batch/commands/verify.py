@@ -294,7 +294,10 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
     problems = _log_problems(before, records, removal)
     if problems:
         return problems
-    if set(after.graph.layers) != set(before.graph.layers):
+    # an emptied Concatenate branch's layers are not in the output (removal: how "dropped")
+    dropped = {t["layer"] for t in removal["touched"] if t["how"] == "dropped"} \
+        if removal else set()
+    if set(after.graph.layers) != set(before.graph.layers) - dropped:
         return ["the output's layers differ from the input's"]
     own: dict[str, list[dict[str, Any]]] = {}  # records by the layer whose filters they zero
     bn: dict[str, list[tuple[str, int, float]]] = {}  # BN edits by the BN layer they edit
@@ -313,7 +316,7 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
     zeroed = {(r["layer"], r["filter"]) for r in records}
     problems = []
     for path, node in before.graph.layers.items():
-        if not node.holds_weights:
+        if not node.holds_weights or path in dropped:
             continue
         want = _stored(before, path)
         _zero(want, own.get(path, []), bn.get(path, []))
@@ -392,7 +395,8 @@ def _remove(variables: dict[str, np.ndarray], node: Any, touches: list[dict[str,
         kept = removal["mappings"].get(node.path, {}).get("old_to_new")
         if kept is not None:
             delta = delta[[c for c, to in enumerate(kept) if to >= 0]]
-        add_to_bias(variables, delta, next(iter(variables.values())).dtype)
+        add_to_bias(variables, delta, next(iter(variables.values())).dtype,
+                    node.class_name, node.config)
 
 
 def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
