@@ -325,7 +325,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
     inexact under approximate: true; the deviation is then only recorded).
     """
     from kprune_batch.probe import probe_inputs
-    from kprune_batch.quiet import import_keras, native_stderr_silenced
+    from kprune_batch.quiet import import_keras, native_stderr_silenced, to_numpy
     from kprune_batch.removal import remove_filters
 
     keras = import_keras()
@@ -348,7 +348,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written",
                          model=job.name, hint="zero these filters instead (action: zero)") from exc
     pairs = zip(keras.tree.flatten(reference), keras.tree.flatten(removed), strict=True)
-    deviation = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in pairs)
+    deviation = max(float(np.max(np.abs(to_numpy(keras, a) - to_numpy(keras, b)))) for a, b in pairs)
     if not result.approximate and not deviation <= REMOVAL_TOLERANCE:
         raise ModelError(f"the model with filters removed differs from the zeroed model by "
                          f"{deviation:.3g} on the probe batch (allowed {REMOVAL_TOLERANCE:g}); "

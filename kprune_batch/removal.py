@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from kprune_batch.quiet import to_numpy
+
 from kprune_batch.errors import ModelError
 from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES, INPUT_TOUCHES,
                                    ZERO_PRESERVING_CLASSES, family_of)
@@ -540,7 +542,7 @@ def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
     values = keras.tree.flatten(extractor(feed, training=False))
     for name, value in zip(names, values, strict=True):
         sink = plan.sinks[name]
-        x = np.moveaxis(np.asarray(value, dtype="float64"), sink.axis, -1)
+        x = np.moveaxis(np.asarray(to_numpy(keras, value), dtype="float64"), sink.axis, -1)
         flat = x.reshape(-1, x.shape[-1])[:, sink.removed]
         center = x[(0,) + tuple(d // 2 for d in x.shape[1:-1])][sink.removed]
         varies = np.max(np.abs(flat - center), axis=0) > CONSTANT_RTOL * np.maximum(
