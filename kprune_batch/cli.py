@@ -9,7 +9,7 @@ import click
 
 from kprune_batch import __version__
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
-from kprune_batch.errors import KpruneError, SpecError, printable
+from kprune_batch.errors import KpruneError, SpecError, first_line, printable
 from kprune_batch.quiet import set_debug
 
 
@@ -37,7 +37,7 @@ def _finish(ctx: click.Context, call: Callable[[], Result]) -> None:
     except Exception as exc:  # a bug: one line, and the traceback only with --debug
         if debug:
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first_line(exc, limit=400) if str(exc).strip() else ""
         _echo(f"error: internal error: {type(exc).__name__}: {first} "
               f"(run with --debug for the traceback)", err=True)
         ctx.exit(EXIT_FAILED)
@@ -70,10 +70,24 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.pass_context
 def validate(ctx: click.Context, specs: tuple[str, ...]) -> None:
-    """Check spec files (schema and semantics); opens no model. Exit 0 valid, 2 invalid."""
+    """Check spec files (schema and semantics); opens no model. Exit 0 valid, 2 invalid.
+
+    '-' reads a spec from stdin (relative paths in it start in the current directory)."""
     from kprune_batch.commands.validate import validate as run
 
     _finish(ctx, lambda: run(list(specs)))
+
+
+@cli.command()
+@click.argument("name", type=click.Choice(["spec", "audit"]), default="spec")
+@click.option("--path", "path", is_flag=True,
+              help="Print the installed schema file's path (for an editor's modeline) instead.")
+@click.pass_context
+def schema(ctx: click.Context, name: str, path: bool) -> None:
+    """Print the JSON Schema of spec files (or of audit logs) that validate uses."""
+    from kprune_batch.commands.schema import schema as run
+
+    _finish(ctx, lambda: run(name, path=path))
 
 
 @cli.command()

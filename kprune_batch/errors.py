@@ -24,6 +24,33 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(_escape, text) if _UNPRINTABLE.search(text) else text
 
 
+MAX_LISTED = 5  # names shown of a long list in one line; the rest are counted
+_LIST = re.compile(r"\[([^\[\]]*)\]")
+
+
+def name_list(names: list[str], limit: int = MAX_LISTED) -> str:
+    """'a, b, c' or, past `limit` names, 'a, b, c, d, e … and 12 more'."""
+    shown = ", ".join(names[:limit])
+    rest = len(names) - limit
+    return f"{shown} … and {rest} more" if rest > 0 else shown
+
+
+def _cap_list(match: re.Match[str]) -> str:
+    items = [item.strip() for item in match.group(1).split(",") if item.strip()]
+    return f"[{name_list(items)}]" if len(items) > MAX_LISTED else match.group()
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a foreign exception (Keras, TensorFlow, h5py), for one line of ours:
+    a long bracketed list in it (Keras's "Existing layers are: [...]" names every layer of the
+    model) capped to its first names and a count, then the whole cut at `limit` characters."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    line = _LIST.sub(_cap_list, text.splitlines()[0])
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 class KpruneError(Exception):
     """Base class of every error kprune reports to a user (never a bug)."""
 
@@ -111,3 +138,22 @@ class AuditLogError(KpruneError):
 
 class OutputError(KpruneError):
     """An output cannot be written (folder missing or read-only, disk full, lock held)."""
+
+
+# The extras that add a Keras backend (pyproject.toml [project.optional-dependencies])
+KERAS_EXTRAS = "pip install 'kprune-batch[tensorflow]' (or [jax], [torch])"
+
+
+class BackendMissing(ModelError):
+    """Something needs a built model (a Keras backend) and no deep-learning framework is
+    installed (the core install has none): the model fails, the batch goes on."""
+
+    def __init__(self, need: str, *, model: str = "", loc: str | None = None,
+                 missing: str = "keras"):
+        self.need = need  # what asked for the backend: "action: remove", "--probe", "samples"...
+        self.missing = missing  # the module that could not be imported
+        super().__init__(f"{need} needs a Keras backend, and none is installed", model=model,
+                         loc=loc, hint=KERAS_EXTRAS)
+
+    def for_model(self, model: str) -> BackendMissing:
+        return BackendMissing(self.need, model=model, loc=self.loc, missing=self.missing)

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kprune_batch.backends.base import ModelWeights
-from kprune_batch.errors import KpruneError, ModelError
+from kprune_batch.errors import KpruneError, ModelError, first_line
 from kprune_batch.families import family_of
 from kprune_batch.files import (NotRegularFile, atomic_write, fsync_file, open_regular,
                                 sha256_file)
@@ -44,9 +44,14 @@ class ModelOutcome:
 Opener = Callable[[ModelJob], ModelWeights]
 
 
-def open_keras(job: ModelJob) -> ModelWeights:
-    """Load the model with Keras (safe mode): the reference backend, for every model."""
+def open_keras(job: ModelJob, need: str = "--backend keras", loc: str | None = None
+               ) -> ModelWeights:
+    """Load the model with Keras (safe mode): the reference backend, for every model. `need`
+    and `loc` say what asked for it when no framework is installed (BackendMissing)."""
     from kprune_batch.backends.keras_backend import KerasModelWeights
+    from kprune_batch.quiet import require_keras
+
+    require_keras(need, model=job.name, loc=loc)
 
     return KerasModelWeights(job.input, job.name)
 
@@ -69,7 +74,7 @@ def open_auto(job: ModelJob) -> ModelWeights:
     try:
         return DirectModelWeights(job.input, job.name)
     except DirectBackendUnsupported as exc:
-        weights = open_keras(job)
+        weights = open_keras(job, need=f"this model (the direct backend cannot edit it: {exc})")
         weights.fallback_reason = str(exc)  # type: ignore[attr-defined]
         return weights
 
@@ -194,6 +199,10 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
     weights = None
     try:
         _check_input(job)
+        if probe and write:  # before anything is read: the probe runs the written model
+            from kprune_batch.quiet import require_keras
+
+            require_keras("--probe", model=job.name)
         input_stat = _stat_key(job.input)
         if job.sha256 is not None:  # before any backend reads it, so before anything is written
             outcome.input_sha256 = _check_pin(job)
@@ -220,7 +229,9 @@ def run_job(job: ModelJob, opener: Opener = open_keras, write: bool = True,
         if removing and weights.backend != "keras":
             # removal rebuilds the model from its config: only the Keras backend can
             weights.close()
-            weights = open_keras(job)
+            weights = None  # closed: a failing open_keras must not close it twice
+            weights = open_keras(job, need="action: remove",
+                                 loc=next(iter(removing[0].entries), None))
             outcome.backend = weights.backend
             outcome.backend_note = "action: remove needs the Keras backend"
         records = edit_model(job, weights, outcome.layers,
@@ -314,19 +325,31 @@ def _plan_removal(job: ModelJob, weights: ModelWeights,
     return [t.to_json() for t in plan.touches]
 
 
-REMOVAL_TOLERANCE = 1e-5  # the contract's bound on |removed - zeroed| outputs
+# The contract's bound on |removed - zeroed| outputs, elementwise: atol + rtol * |zeroed| (an
+# absolute bound alone refuses correct removals of models whose outputs are large)
+PROBE_ATOL = 1e-5
+PROBE_RTOL = 1e-5
+
+
+def within_bound(reference: np.ndarray, value: np.ndarray) -> bool:
+    """|value - reference| <= PROBE_ATOL + PROBE_RTOL * |reference| everywhere (NaN: not)."""
+    ref = np.asarray(reference, np.float64)
+    return bool(np.all(np.abs(np.asarray(value, np.float64) - ref)
+                       <= PROBE_ATOL + PROBE_RTOL * np.abs(ref)))
 
 
 def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict[str, Any]:
     """Physically remove the (already zeroed, BN-neutralised) filters; prove the result equal.
 
     The reference is the zeroed model itself: a seeded probe batch must give the same outputs
-    from the rebuilt model within REMOVAL_TOLERANCE, or nothing is written (unless a fold was
-    inexact under approximate: true; the deviation is then only recorded).
+    from the rebuilt model within PROBE_ATOL + PROBE_RTOL * |reference|, or nothing is written
+    (unless a fold was inexact under approximate: true; the deviation is then only recorded).
+    Where this CPU cannot run a channels_first model, both run as their channels_last twins.
     """
     from kprune_batch.probe import probe_inputs
     from kprune_batch.quiet import import_keras, native_stderr_silenced, to_numpy
     from kprune_batch.removal import remove_filters
+    from kprune_batch.twin import run_points
 
     keras = import_keras()
     model = weights.model
@@ -339,20 +362,22 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
                 coupled="union",  # already coupled: members are equal
                 approximate=frozenset(s.path for s in removing if s.options.approximate),
                 feed=feed)
-            reference = model(feed, training=False)
-            removed = result.model(feed, training=False)
+            reference, ran_on = run_points(keras, model, feed, [("", "model")])
+            removed, _ = run_points(keras, result.model, feed, [("", "model")])
     except ModelError as exc:
         raise exc.for_model(job.name) from None
     except Exception as exc:  # Keras refusing the rebuilt config: a case removal does not know
         raise ModelError(f"rebuilding the model without the filters failed ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written",
+                         f"{first_line(exc)}); nothing was written",
                          model=job.name, hint="zero these filters instead (action: zero)") from exc
-    pairs = zip(keras.tree.flatten(reference), keras.tree.flatten(removed), strict=True)
-    deviation = max(float(np.max(np.abs(to_numpy(keras, a) - to_numpy(keras, b)))) for a, b in pairs)
-    if not result.approximate and not deviation <= REMOVAL_TOLERANCE:
+    pairs = list(zip(reference, removed, strict=True))
+    deviation = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                    for a, b in pairs)
+    exact = all(within_bound(a, b) for a, b in pairs)
+    if not result.approximate and not exact:
         raise ModelError(f"the model with filters removed differs from the zeroed model by "
-                         f"{deviation:.3g} on the probe batch (allowed {REMOVAL_TOLERANCE:g}); "
-                         f"nothing was written", model=job.name,
+                         f"{deviation:.3g} on the probe batch (allowed {PROBE_ATOL:g} + "
+                         f"{PROBE_RTOL:g}·|zeroed output|); nothing was written", model=job.name,
                          hint="please report this as a bug, with the spec")
     optimizer = "none"
     if getattr(model, "compiled", False) and model.optimizer is not None:
@@ -366,6 +391,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
             "kept_back": {s.path: list(s.kept_back) for s in removing if s.kept_back},
             "macs_before": result.macs_before, "macs_after": result.macs_after,
             "params_after": result.params_after, "probe_deviation": deviation,
+            "probe_tolerance": {"atol": PROBE_ATOL, "rtol": PROBE_RTOL}, "probe_ran_on": ran_on,
             "folded": result.folded, "approximate": result.approximate,
             "optimizer_state": optimizer}
 
@@ -425,8 +451,7 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else "(no message)"
+    return first_line(exc) if str(exc).strip() else "(no message)"
 
 
 def _stat_key(path: str) -> tuple[int, int, int]:
@@ -503,7 +528,7 @@ def _write_output(job: ModelJob, weights: ModelWeights,
         elif isinstance(exc, OSError) and exc.strerror:
             reason = exc.strerror
         else:
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = f"{type(exc).__name__}: {first_line(exc) if str(exc) else ''}"
         raise ModelError(f"cannot write output {job.output}: {reason}", model=job.name,
                          hint="nothing was written under the output's name; check the output "
                               "folder and free space") from exc

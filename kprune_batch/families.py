@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where arrays are handled: validate reads this table only
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Family:
         call() reshapes the same way), so a C-order reshape of the last two axes gives the channel.
         SeparableConv*: pointwise_kernel (1.., in*mult, filters), filters on axis -1.
         """
+        import numpy as np
+
         if self.name == "depthwise":
             flat = kernel.reshape(kernel.shape[:-2] + (kernel.shape[-2] * kernel.shape[-1],))
             return np.moveaxis(flat, -1, 0)
@@ -125,6 +128,8 @@ class Family:
                ) -> np.ndarray:
         """`kernel` with the given filters' slices set to 0 (nothing else touched): a copy, or
         with `in_place` `kernel` itself when it is a writable C-contiguous array."""
+        import numpy as np
+
         if in_place and kernel.flags.c_contiguous and kernel.flags.writeable:
             out = kernel
         else:
@@ -227,13 +232,21 @@ BATCHNORM_CLASSES = ("BatchNormalization",)
 ACTIVATION_LAYER_CLASSES = ("Activation", "ReLU", "LeakyReLU", "ELU")
 # Layers that keep each channel on its axis and map a channel that is 0 everywhere to 0 (pooling
 # of zeros, dropout of zeros, zero padding of zeros): a BN after them is still a follower of a
-# silenced channel. A nested model's InputLayer is the tensor itself.
+# silenced channel. A nested model's InputLayer is the tensor itself. GaussianNoise,
+# GaussianDropout and AlphaDropout are the identity at inference (keras/src/layers/
+# regularization/: `if training and rate > 0` / `stddev > 0`, else `return inputs`); in training
+# GaussianNoise adds noise to a zero channel and AlphaDropout moves it, so the probe's training
+# pass measures them and a silence claim through them is measured, not assumed (see README).
 ZERO_PRESERVING_CLASSES = (
     "InputLayer", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    "GaussianNoise", "GaussianDropout", "AlphaDropout",
     "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "AveragePooling1D", "AveragePooling2D",
     "AveragePooling3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "Cropping1D",
     "Cropping2D", "Cropping3D", "UpSampling1D", "UpSampling2D", "UpSampling3D",
 )
+# Of those, the ones that move a zero channel in training mode (additive noise; AlphaDropout's
+# affine correction): a BatchNormalization after them sees noise, not a constant, in training.
+TRAINING_NOISE_CLASSES = ("GaussianNoise", "AlphaDropout")
 
 
 def _erf(x: float) -> float:

@@ -19,6 +19,13 @@ from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
 MODEL_CLASSES = ("Functional", "Sequential", "Model")
 OUTPUT = "<output>"  # consumer marker: the tensor leaves the top-level model
 MAX_MODEL_NESTING = 64  # models inside models; real ones nest 2 or 3 deep
+# A Functional config lists the Keras operations called on symbolic tensors (`x + 1.0` is a
+# keras.src.ops.numpy.Add) among its layers, with the operation class's own module
+# (keras/src/models/functional.py get_config serializes every entry of `self.operations`;
+# serialization_lib gives a class without a public API name its `__module__`). They are called
+# like layers (functional_from_config.process_node) but are not Layers: not in `model.layers`,
+# not found by `get_layer`, no variables, nothing in the weights file (saving_lib saves layers).
+OPERATION_MODULE_PREFIX = "keras.src.ops."
 
 
 class ConfigError(ValueError):
@@ -42,6 +49,14 @@ class GraphLayer:
     consumers: list[str] = field(default_factory=list)
     build_config: dict[str, Any] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)  # producers, in the order of the inputs
+    # the module of a Keras operation node (e.g. "keras.src.ops.numpy"), None for a layer.
+    # Its class_name is the operation's class, which may read like a layer's ("Add", "Multiply")
+    operation: str | None = None
+
+    @property
+    def holds_weights(self) -> bool:
+        """False for a nested model (its layers hold them) and an operation node (none)."""
+        return self.operation is None and self.class_name not in MODEL_CLASSES
 
 
 @dataclass
@@ -60,6 +75,13 @@ def _is_model(layer: Any) -> bool:
         return False
     cfg = layer.get("config")
     return layer.get("class_name") in MODEL_CLASSES and isinstance(cfg, dict) and "layers" in cfg
+
+
+def operation_module(layer: dict[str, Any]) -> str | None:
+    """The module of a config entry that is a Keras operation rather than a layer, or None."""
+    module = layer.get("module")
+    return module if isinstance(module, str) and module.startswith(OPERATION_MODULE_PREFIX) \
+        else None
 
 
 def _is_index(value: Any) -> bool:
@@ -203,7 +225,8 @@ class _Builder:
             return self.model(layer, path + "/")
         _check_layer(layer, path)
         self.layers[path] = GraphLayer(path, layer["class_name"], layer["config"], calls,
-                                       build_config=layer.get("build_config") or {})
+                                       build_config=layer.get("build_config") or {},
+                                       operation=operation_module(layer))
         return [path], [path]
 
     def _sequential(self, cfg: dict[str, Any], prefix: str) -> tuple[list[str], list[str]]:
@@ -239,7 +262,7 @@ class _Builder:
                 # a nested model has exactly its exits; other layers one output unless their
                 # class may have several (a tensor index is then not checkable from the config)
                 counted = prefix + src_name not in exits or _single_output(
-                    self.layers[prefix + src_name].class_name)
+                    self.layers[prefix + src_name])
                 if tensor >= len(exits) and counted:
                     raise ConfigError(f"it consumes output {tensor} of layer '{src_name}', which "
                                       f"has {len(exits)}", prefix + name)
@@ -270,9 +293,12 @@ _SINGLE_OUTPUT = frozenset(BATCHNORM_CLASSES + ACTIVATION_LAYER_CLASSES + ZERO_P
     "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D"))
 
 
-def _single_output(class_name: str) -> bool:
-    """Layers with exactly one output tensor (a tensor index above 0 cannot name one of them)."""
-    return family_of(class_name) is not None or class_name in _SINGLE_OUTPUT
+def _single_output(node: GraphLayer) -> bool:
+    """Layers with exactly one output tensor (a tensor index above 0 cannot name one of them);
+    an operation node's outputs are not known from its name (ops.Split returns several)."""
+    if node.operation is not None:
+        return False
+    return family_of(node.class_name) is not None or node.class_name in _SINGLE_OUTPUT
 
 
 def _names(spec: Any) -> list[str]:

@@ -121,7 +121,7 @@ class Measurer:
     def __init__(self, job: Any):
         self.job = job
         self._model: Any = None
-        self.keras = _keras(job.name)
+        self.keras = _keras(job)
         self.samples: Samples = load_samples(job.samples, model_inputs(self.model), job.name)
         if job.impact.max_accuracy_drop is not None and self.samples.labels is None:
             raise ModelError(f"the impact guard max_accuracy_drop needs labels, but the samples "
@@ -307,14 +307,10 @@ def check_guards(record: dict[str, Any], guards: ImpactGuards, model: str) -> No
                          hint="select fewer filters, or loosen the model's impact guards")
 
 
-def _keras(model: str) -> Any:
-    try:
-        from kprune_batch.quiet import import_keras
+def _keras(job: Any) -> Any:
+    from kprune_batch.quiet import require_keras
 
-        return import_keras()
-    except ImportError:
-        raise ModelError("samples need a Keras backend to run the model, and none is installed",
-                         model=model, hint="pip install 'kprune-batch[tensorflow]'") from None
+    return require_keras("measuring on samples", model=job.name, loc=f"{job.loc}.samples")
 
 
 def _load(keras: Any, path: str, model: str, what: str) -> Any:

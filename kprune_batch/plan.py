@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kprune_batch.spec import OPTION_KEYS, Spec, check_output_dir
+from kprune_batch.spec import OPTION_KEYS, STDIN, STDIN_NAME, Spec, check_output_dir
 
 PLAN_VERSION = 1
 
@@ -121,7 +121,9 @@ def compile_plan(spec: Spec, output_dir: str | None = None) -> Plan:
                              samples=model.samples,
                              impact=ImpactGuards(**{k: None if v is None else float(v)
                                                     for k, v in model.impact})))
-    return Plan(version=PLAN_VERSION, spec_path=os.path.abspath(spec.file),
+    # a spec read from stdin has no path: the plan (and the audit log) say '-'
+    spec_path = STDIN if spec.file == STDIN_NAME else os.path.abspath(spec.file)
+    return Plan(version=PLAN_VERSION, spec_path=spec_path,
                 spec_sha256=spec.sha256, output_dir=out_dir, jobs=tuple(jobs))
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from kprune_batch.errors import ModelError
+from kprune_batch.errors import ModelError, first_line
 from kprune_batch.quiet import import_keras, native_stderr_silenced, to_numpy
 
 PROBE_SEED = 0
@@ -43,14 +43,14 @@ def _values(model: Any, inputs: list[np.ndarray], paths: list[str], training: bo
         if "/" in p:
             head, rest = p.split("/", 1)
             nested[head].append(rest)
-    wanted = [model.get_layer(p).output for p in direct]
+    wanted = [_find(model, p).output for p in direct]
     wanted += [_input_in_parent(model, h) for h in nested]
     extractor = keras.Model(model.inputs, wanted)
     results = extractor(inputs if len(inputs) > 1 else inputs[0], training=training)
     results = list(results) if isinstance(results, (list, tuple)) else [results]
     out = {p: to_numpy(keras, v) for p, v in zip(direct, results, strict=False)}
     for (head, rests), value in zip(nested.items(), results[len(direct):], strict=True):
-        sub = model.get_layer(head)
+        sub = _find(model, head)
         sub_inputs = [to_numpy(keras, v) for v in value] if isinstance(value, (list, tuple)) else [to_numpy(keras, value)]
         for rest, v in _values(sub, sub_inputs, rests, training, keras).items():
             out[f"{head}/{rest}"] = v
@@ -71,24 +71,42 @@ def measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[s
         raise
     except Exception as exc:  # a model kprune cannot probe: say so rather than write it unproven
         raise ModelError(f"the probe could not run ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}); nothing was written",
+                         f"{first_line(exc) if str(exc) else ''}); nothing was written",
                          model=model_name, hint="run without --probe to skip the measurement"
                          ) from exc
 
 
 def _measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[str, Any]:
+    from kprune_batch.twin import RAN_ON_TWIN, runnable
+
     keras = import_keras()
     with native_stderr_silenced():
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
         inputs = probe_inputs(model)
+        # where this CPU cannot run channels_first convolutions: the channels_last twin, whose
+        # layers have the same names and report their own channel axis (_channel_axis)
+        model, twin, no_twin = runnable(keras, model)
+        if twin is not None:
+            inputs = twin.to_twin(inputs)
         points: dict[tuple[str, int], list[str]] = {}
         for r in records:
             followers = [e["layer"] for e in r["batchnorm"]] or [r["layer"]]
             points[(r["layer"], r["filter"])] = sorted(set(followers))
         paths = sorted({p for ps in points.values() for p in ps} | {r["layer"] for r in records})
+        done = {"status": "ok", "max_abs": 0.0, "seed": PROBE_SEED}
+        if twin is not None:
+            done["ran_on"] = RAN_ON_TWIN
         if not paths:
-            return {"status": "ok", "max_abs": 0.0, "seed": PROBE_SEED}
-        by_mode = {mode: _values(model, inputs, paths, mode, keras) for mode in (False, True)}
+            return done
+        try:
+            by_mode = {mode: _values(model, inputs, paths, mode, keras) for mode in (False, True)}
+        except Exception as exc:
+            if no_twin is None:
+                raise
+            raise ModelError(f"the probe could not run ({type(exc).__name__}: {first_line(exc)})"
+                             f" and no channels_last twin is provably the same model ({no_twin});"
+                             f" nothing was written", model=model_name,
+                             hint="run without --probe to skip the measurement") from exc
 
     def max_abs(path: str, channel: int) -> float:
         axis = _channel_axis(_find(model, path))
@@ -105,19 +123,21 @@ def _measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[
                 f"probe measured max |activation| {value:.3g} on filter {r['filter']}, which "
                 f"kprune decided is silent; nothing was written for this model", model=model_name,
                 layer=r["layer"], hint="please report this as a bug, with the audit log")
-    return {"status": "ok", "max_abs": worst, "seed": PROBE_SEED}
+    return {**done, "max_abs": worst}
 
 
 def _input_in_parent(model: Any, name: str) -> Any:
     """The tensor of `model`'s own graph that feeds its nested model `name`.
 
     A nested model's `.input` belongs to its inner graph, so it is found from the parent's
-    config instead: the producers named in the nested model's inbound node (Functional), or the
-    previous layer (Sequential).
+    config instead: the producers named in the nested model's inbound node (Functional; a
+    producer may be an operation node, which `get_layer` does not find), or the previous layer
+    (Sequential).
     """
+    from kprune_batch.backends.keras_backend import find_node
     from kprune_batch.graph import _histories
 
-    layer = model.get_layer(name)
+    layer = find_node(model, name)
     if type(model).__name__ == "Sequential":
         index = model.layers.index(layer)
         return model.inputs[0] if index == 0 else model.layers[index - 1].output
@@ -126,14 +146,13 @@ def _input_in_parent(model: Any, name: str) -> Any:
             sources = list(_histories(entry.get("inbound_nodes") or []))
             tensors = []
             for src, tensor in sources:
-                out = model.get_layer(src).output
+                out = find_node(model, src).output
                 tensors.append(out[tensor] if isinstance(out, (list, tuple)) else out)
             return tensors[0] if len(tensors) == 1 else tensors
     raise ValueError(f"no inbound node for nested model {name}")
 
 
 def _find(model: Any, path: str) -> Any:
-    obj = model
-    for part in path.split("/"):
-        obj = obj.get_layer(part)
-    return obj
+    from kprune_batch.backends.keras_backend import find_node
+
+    return find_node(model, path)

@@ -88,3 +88,22 @@ def to_numpy(keras: Any, value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value
     return keras.ops.convert_to_numpy(value)
+
+
+# Top-level modules whose absence means "no Keras backend installed" (the core install has none);
+# any other ImportError is a broken install and is reported as such
+FRAMEWORK_MODULES = frozenset({"keras", "tensorflow", "jax", "jaxlib", "torch"})
+
+
+def require_keras(need: str, model: str = "", loc: str | None = None) -> Any:
+    """import_keras(), or BackendMissing naming `need` and the extras when no framework is
+    installed (`pip install kprune-batch` has none)."""
+    try:
+        return import_keras()
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in FRAMEWORK_MODULES:
+            raise
+        from kprune_batch.errors import BackendMissing
+
+        raise BackendMissing(need, model=model, loc=loc, missing=missing) from None

@@ -536,10 +536,11 @@ def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
 
         x = probe_inputs(model)
         feed = x if len(x) > 1 else x[0]
+    from kprune_batch.twin import run_points
+
     names = list(plan.sinks)
-    inputs = model.inputs if len(model.inputs) > 1 else model.inputs[0]  # as `feed` is given
-    extractor = keras.Model(inputs, [model.get_layer(s).input for s in names])
-    values = keras.tree.flatten(extractor(feed, training=False))
+    # on the channels_last twin where this CPU cannot run channels_first convolutions (twin.py)
+    values, _ = run_points(keras, model, feed, [(s, "input") for s in names])
     for name, value in zip(names, values, strict=True):
         sink = plan.sinks[name]
         x = np.moveaxis(np.asarray(to_numpy(keras, value), dtype="float64"), sink.axis, -1)

@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import numpy as np
+# numpy is imported by each function that computes: spec.py reads this module's rule kinds while
+# validating, and `kprune validate` never imports numpy (it is most of its start-up otherwise)
+if TYPE_CHECKING:
+    import numpy as np
 
 from kprune_batch.errors import KpruneError
+# the kind names live in rule_kinds (no numpy: validate reads them and must start fast)
+from kprune_batch.rule_kinds import (BY_KINDS, DATA_KINDS, RANKING_KINDS,  # noqa: F401
+                                     RULE_KINDS, STAT_KINDS)
 
-STAT_KINDS = ("mean", "abs_mean", "l1", "l2")  # statistics of a filter's kernel slice
-# Every filter statistic a threshold or ranking rule may use. Kernel statistics come from the
-# slices alone; the others from something the selection stage looks up (bn_gamma: the layer's
-# BatchNormalization follower, data statistics: the model's samples, measured by impact.py).
-DATA_KINDS = ("apoz", "activation_mean")
-BY_KINDS = STAT_KINDS + ("bn_gamma",) + DATA_KINDS
-RANKING_KINDS = ("smallest", "largest")
-RULE_KINDS = ("index",) + BY_KINDS + ("sign",) + RANKING_KINDS
 SIGNS = ("negative", "positive", "zero", "nonnegative", "nonpositive")
 
 
@@ -36,6 +34,8 @@ def filter_stats(slices: np.ndarray) -> dict[str, np.ndarray]:
     faster than gathering each filter's slice into a contiguous row first (a ranking over every
     conv of ResNet50 computes this for 23 M weights).
     """
+    import numpy as np
+
     values = np.asarray(slices)
     axes = tuple(range(1, values.ndim))
     size = int(np.prod(values.shape[1:], dtype=np.int64))
@@ -50,6 +50,8 @@ def filter_stats(slices: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _nonfinite_filters(slices: np.ndarray) -> list[int]:
+    import numpy as np
+
     flat = np.asarray(slices, dtype=np.float64).reshape(slices.shape[0], -1)
     return [int(i) for i in np.flatnonzero(~np.isfinite(flat).all(axis=1))]
 
@@ -60,6 +62,8 @@ def check_finite(kind: str, slices: np.ndarray | None,
     so such a filter would silently never be selected (nor kept on purpose). With the slices'
     `stats` at hand, their l1 tells without another pass (finite exactly when every weight is:
     float64 sums of float32 values cannot overflow)."""
+    import numpy as np
+
     if stats is not None:
         nonfinite = [int(i) for i in np.flatnonzero(~np.isfinite(stats["l1"]))]
     else:
@@ -74,6 +78,8 @@ def check_finite(kind: str, slices: np.ndarray | None,
 
 def threshold(values: np.ndarray, params: Mapping[str, Any]) -> list[int]:
     """The filters whose statistic is strictly below (or above) the rule's bound."""
+    import numpy as np
+
     if "below" in params:
         return [int(i) for i in np.flatnonzero(values < float(params["below"]))]
     return [int(i) for i in np.flatnonzero(values > float(params["above"]))]
@@ -95,6 +101,8 @@ def rank_order(scores: np.ndarray, kind: str, tiebreak: np.ndarray | None = None
     """Candidate positions in ranking order: smallest (or largest) score first, ties by
     `tiebreak` (default: the position itself, i.e. the filter index), lowest first. np.lexsort
     sorts by its last key first and is stable, so the order never depends on sort stability."""
+    import numpy as np
+
     scores = np.asarray(scores, dtype=np.float64)
     key = scores if kind == "smallest" else -scores
     ties = np.arange(len(scores)) if tiebreak is None else tiebreak
@@ -105,6 +113,8 @@ def normalized(scores: np.ndarray, how: str) -> np.ndarray:
     """A layer's scores scaled for one ranking across layers: divided by their mean, their max
     (of absolute values: scores may be negative, e.g. `mean`), or left as they are. An all-zero
     layer stays all zero (no division by zero)."""
+    import numpy as np
+
     scores = np.asarray(scores, dtype=np.float64)
     if how == "none" or not len(scores):
         return scores
@@ -135,6 +145,8 @@ def select(kind: str, params: Any, slices: np.ndarray) -> list[int]:
 
 
 def _select_sign(params: Mapping[str, Any], slices: np.ndarray) -> list[int]:
+    import numpy as np
+
     element = [int(e) for e in params["element"]]
     slice_shape = tuple(slices.shape[1:])
     if len(element) != len(slice_shape):

@@ -21,10 +21,19 @@ def schema_dir() -> Path:
     raise FileNotFoundError("kprune's schema folder is missing from this installation")
 
 
+SCHEMA_NAMES = ("spec", "audit")
+
+
+def schema_path(name: str) -> Path:
+    """The file of schema `name` ('spec' or 'audit'): the one validation reads, and what
+    `kprune schema NAME --path` prints for an editor's modeline."""
+    return schema_dir() / f"{name}.schema.json"
+
+
 @functools.lru_cache(maxsize=None)
 def load_schema(name: str) -> dict[str, Any]:
     """The parsed schema `name` ('spec' or 'audit')."""
-    with open(schema_dir() / f"{name}.schema.json", encoding="utf-8") as fh:
+    with open(schema_path(name), encoding="utf-8") as fh:
         return json.load(fh)
 
 

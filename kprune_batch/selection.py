@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from kprune_batch.errors import ModelError
+from kprune_batch.errors import MAX_LISTED, ModelError, name_list
 from kprune_batch.families import Family, canonical_class, family_of
 from kprune_batch.graph import LayerGraph
 from kprune_batch.plan import LayerOp, ModelJob, Options, RuleOp
@@ -230,8 +230,9 @@ class _Stage:
             if self.layers[path].final:
                 raise exc
         self._round_to()
+        listed = [path for path, layer in self.layers.items() if layer.entries]
         for layer in self.layers.values():
-            _check_guards(layer)
+            _check_guards(layer, listed)
         return ModelSelection(tuple(self._freeze(layer) for layer in self.layers.values()))
 
     # resolve + merge
@@ -281,7 +282,8 @@ class _Stage:
                 continue
             listed = [self.layers[m] for m in members if m in self.layers]
             _agree(GROUP_OPTIONS, [(m.entries[0], m.options) for m in listed],
-                   f"in the coupled group {', '.join(members)}", layer=path)
+                   f"in the coupled group of {group_text(members, [m.path for m in listed])}",
+                   layer=path)
             for m in members:
                 if m not in self.layers:
                     self.layers[m] = self._new_layer(m, listed[0].options, [])
@@ -477,13 +479,14 @@ class _Stage:
             mode = listed[0].options.coupled
             values = [set(m.final) for m in listed]
             if mode == "error" and any(v != values[0] for v in values):
-                detail = "; ".join(f"{m.path} ({m.entries[0]}) selects {_short(m.final)}"
-                                   for m in listed)
-                unlisted = [m.path for m in members if not m.entries]
-                came = f" ({', '.join(unlisted)} came with the group)" if unlisted else ""
+                detail = [f"{m.path} ({m.entries[0]}) selects {_short(m.final)}"
+                          for m in listed[:MAX_LISTED]]
+                if len(listed) > MAX_LISTED:
+                    detail.append(f"… and {len(listed) - MAX_LISTED} more")
+                group = group_text(layer.group, [m.path for m in listed])
                 raise ModelError(
-                    f"the layers {', '.join(layer.group)} meet in an Add-type merge and must lose "
-                    f"the same filters, but their rules select different ones: {detail}{came}",
+                    f"the layers {group} meet in an Add-type merge and must lose the same "
+                    f"filters, but their rules select different ones: {'; '.join(detail)}",
                     layer=listed[0].path,
                     hint="set coupled: union or coupled: intersection on the entries")
             chosen = set(values[0])
@@ -583,7 +586,18 @@ def _kernel(weights: Any, path: str, family: Family) -> np.ndarray:
     raise ModelError(f"has no '{family.kernel_var}' variable (is it built?)", layer=path)
 
 
-def _check_guards(layer: _Layer) -> None:
+def group_text(members: list[str], listed: list[str]) -> str:
+    """Members of a coupled group for one line: those the spec lists, then those that came with
+    the group, each list capped ('a, b (listed) and c … and 40 more (came with the group)')."""
+    named = [m for m in members if m in listed]
+    came = [m for m in members if m not in listed]
+    parts = [f"{name_list(named)} (listed)"] if named else []
+    if came:
+        parts.append(f"{name_list(came)} (came with the group)")
+    return " and ".join(parts)
+
+
+def _check_guards(layer: _Layer, listed: list[str] | None = None) -> None:
     """The guards, on the final selection (after coupling, ranking and round_to)."""
     count, total = len(layer.final), layer.n
     if not count:
@@ -592,7 +606,8 @@ def _check_guards(layer: _Layer) -> None:
                       for loc in sorted(layer.by_rule, key=loc_key) if layer.by_rule[loc])
     if not layer.entries or len(layer.group) > 1:
         others = [m for m in layer.group if m != layer.path]
-        rules = (f"{rules}; " if rules else "") + f"coupled with {', '.join(others)}"
+        rules = (f"{rules}; " if rules else "") + \
+            f"coupled with {group_text(others, listed or [])}"
     if count == total and not layer.allow_empty_layer:
         raise ModelError(
             f"the rules would zero all {total} filters of the layer (selected by {rules})",

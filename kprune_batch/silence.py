@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 
 from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
-                                   ZERO_PRESERVING_CLASSES, activation_value)
+                                   TRAINING_NOISE_CLASSES, ZERO_PRESERVING_CLASSES,
+                                   activation_value)
 from kprune_batch.graph import OUTPUT, GraphLayer, LayerGraph
 
 
@@ -75,36 +76,77 @@ def _mark_loud(fate: Fate, value: float | None) -> None:
 
 def _follow(graph: LayerGraph, src: str, conv_config: dict, channel: int, value: float | None,
             neutralize: bool, variables: Callable[[str], dict[str, np.ndarray]], fate: Fate,
-            seen: set[str]) -> None:
+            seen: set[str], noisy: bool = False) -> None:
+    """`noisy`: a layer on the way adds noise in training mode (TRAINING_NOISE_CLASSES)."""
     for consumer in graph.consumers(src):
         if consumer == OUTPUT or consumer in seen:
             if value != 0.0:
                 _mark_loud(fate, value)
             continue
         node = graph.layers[consumer]
+        if node.operation is not None:
+            # a Keras operation node (`x + 1.0`, ops.multiply): kprune knows no operation's
+            # effect on a channel, so nothing after it is a follower (a BatchNormalization
+            # behind it is not edited) and the channel is judged where it enters it
+            if value != 0.0:
+                _mark_loud(fate, value)
+            behind = _batchnorm_behind(graph, consumer)
+            note = (f"'{consumer}' is a Keras operation ({node.operation}.{node.class_name}), "
+                    f"which kprune does not follow: BatchNormalization '{behind}' after it is "
+                    f"not a follower")
+            if behind is not None and note not in fate.notes:
+                fate.notes.append(note)
+            continue
         once = node.calls == 1
         if once and node.class_name in ZERO_PRESERVING_CLASSES and (
                 value == 0.0 or node.class_name == "InputLayer"):
             _follow(graph, consumer, conv_config, channel, value, neutralize, variables, fate,
-                    seen | {consumer})
+                    seen | {consumer}, noisy or node.class_name in TRAINING_NOISE_CLASSES)
         elif once and node.class_name in ACTIVATION_LAYER_CLASSES and value is not None:
             after = activation_value(node.class_name, node.config, value)
             _follow(graph, consumer, conv_config, channel, after, neutralize, variables, fate,
-                    seen | {consumer})
+                    seen | {consumer}, noisy)
         elif once and node.class_name in BATCHNORM_CLASSES and _bn_axis_ok(node, conv_config):
-            _batchnorm(consumer, node.config, channel, value, neutralize, variables(consumer), fate)
+            _batchnorm(consumer, node.config, channel, value, neutralize, variables(consumer), fate,
+                       noisy)
         elif value != 0.0:
             _mark_loud(fate, value)
 
 
+def _batchnorm_behind(graph: LayerGraph, start: str) -> str | None:
+    """The first BatchNormalization reached from `start` through single-consumer elementwise
+    nodes (what a reader would take for a follower), or None."""
+    path, seen = start, {start}
+    while True:
+        nxt = graph.consumers(path)
+        if len(nxt) != 1 or nxt[0] == OUTPUT or nxt[0] in seen:
+            return None
+        path = nxt[0]
+        seen.add(path)
+        node = graph.layers[path]
+        if node.class_name in BATCHNORM_CLASSES and node.operation is None:
+            return path
+        if node.operation is None and node.class_name not in ZERO_PRESERVING_CLASSES \
+                and node.class_name not in ACTIVATION_LAYER_CLASSES:
+            return None
+
+
 def _batchnorm(path: str, config: dict, channel: int, value: float | None, neutralize: bool,
-               weights: dict[str, np.ndarray], fate: Fate) -> None:
+               weights: dict[str, np.ndarray], fate: Fate, noisy: bool = False) -> None:
     """BN(x) = gamma * (x - mean) / sqrt(var + eps) + beta (keras/src/layers/normalization/
     batch_normalization.py); in training mode the batch mean of a constant channel is the constant.
+    With `noisy` the channel is constant only in inference mode: in training its batch
+    statistics are the noise's, so only gamma = 0 silences it there.
     """
     fate.followers.append(path)
     scale = "gamma" in weights
     center = "beta" in weights
+    if noisy and not (neutralize and scale):
+        # (the channel reaches a noise layer only as exactly 0: ZERO_PRESERVING_CLASSES)
+        fate.notes.append(f"a GaussianNoise or AlphaDropout layer before BatchNormalization "
+                          f"'{path}' moves the channel in training mode, where only gamma = 0 "
+                          f"would silence it")
+        _mark_loud(fate, 0.0 if neutralize else _inference_bn(config, weights, channel, 0.0))
     if neutralize:
         # gamma = 0 zeroes both modes exactly (0 * finite); without gamma the moving mean is set to
         # the constant input, which is exact only when that constant is 0.
@@ -123,12 +165,18 @@ def _batchnorm(path: str, config: dict, channel: int, value: float | None, neutr
     if value is None:
         _mark_loud(fate, None)
         return
-    gamma = float(weights["gamma"][channel]) if scale else 1.0
     beta = float(weights["beta"][channel]) if center else 0.0
-    mean = float(weights["moving_mean"][channel])
-    var = float(weights["moving_variance"][channel])
-    eps = float(config.get("epsilon", 1e-3))
-    inference = gamma * (value - mean) / math.sqrt(var + eps) + beta
+    inference = _inference_bn(config, weights, channel, value)
     training = beta  # (x - batch mean) is 0 for a constant channel
     if inference != 0.0 or training != 0.0:
         _mark_loud(fate, inference)
+
+
+def _inference_bn(config: dict, weights: dict[str, np.ndarray], channel: int,
+                  value: float) -> float:
+    gamma = float(weights["gamma"][channel]) if "gamma" in weights else 1.0
+    beta = float(weights["beta"][channel]) if "beta" in weights else 0.0
+    mean = float(weights["moving_mean"][channel])
+    var = float(weights["moving_variance"][channel])
+    eps = float(config.get("epsilon", 1e-3))
+    return gamma * (value - mean) / math.sqrt(var + eps) + beta

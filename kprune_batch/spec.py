@@ -7,6 +7,7 @@ import gc
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -84,7 +85,9 @@ def load_yaml(text: str, file: str) -> tuple[Any, Positions, list[SpecProblem]]:
 
     A syntax error or an empty document raises SpecError at once (there is no data to check).
 
-    Only the YAML core tags are accepted (never a Python tag: nothing in a spec can execute).
+    Plain scalars resolve by the YAML 1.2 core schema, as editors and check-jsonschema read
+    them (`yes` is a string, `-4e-3` a number). Only the YAML core tags are accepted (never a
+    Python tag: nothing in a spec can execute).
     Duplicate keys, which PyYAML would silently collapse, are errors.
     """
     try:
@@ -133,7 +136,97 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-_CLoader = getattr(yaml, "CSafeLoader", None)  # libyaml's parser: ~13x PyYAML's on a large spec
+# --- YAML 1.2 core schema -------------------------------------------------------------------------
+# PyYAML resolves plain scalars by YAML 1.1 rules (yes/no/on/off are booleans, 1e5 is a string, 017
+# is octal, 1:30 is sexagesimal); yaml-language-server and check-jsonschema read YAML 1.2, so an
+# editor showed `below: -4e-3` as valid and kprune refused it. Specs are read by the 1.2 core schema
+# (yaml.org/spec/1.2.2, 10.3.2), with PyYAML's parser and its marks (positions) kept. One
+# extension, as PyYAML and ruamel.yaml have it: '<<' merge keys.
+
+_CORE_RESOLVERS: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("tag:yaml.org,2002:null", re.compile(r"^(?:~|null|Null|NULL|)$"), "~nN"),
+    ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), "tTfF"),
+    ("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+     "-+0123456789"),
+    ("tag:yaml.org,2002:float", re.compile(
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), "-+.0123456789"),
+    ("tag:yaml.org,2002:merge", re.compile(r"^<<$"), "<"),
+)
+_CORE = {tag: pattern for tag, pattern, _ in _CORE_RESOLVERS}
+
+
+class _CoreResolver(yaml.resolver.BaseResolver):
+    """Plain scalars resolve by the YAML 1.2 core schema (everything else is a string)."""
+
+
+for _tag, _pattern, _first in _CORE_RESOLVERS:
+    _CoreResolver.add_implicit_resolver(_tag, _pattern, list(_first) + ([""] if _tag.endswith(
+        ":null") else []))
+
+
+def _core_int(_loader: Any, node: yaml.ScalarNode) -> int:
+    text = node.value
+    if not _CORE["tag:yaml.org,2002:int"].match(text):  # an explicit !!int on another text
+        raise ValueError("not a YAML 1.2 integer: decimal digits, 0o octal or 0x hex")
+    if text.startswith(("0o", "0x")):
+        return int(text[2:], 8 if text[1] == "o" else 16)
+    return int(text, 10)  # 017 is 17: the 1.2 core schema has no C-style octal
+
+
+def _core_float(_loader: Any, node: yaml.ScalarNode) -> float:
+    text = node.value
+    if not (_CORE["tag:yaml.org,2002:float"].match(text)
+            or _CORE["tag:yaml.org,2002:int"].match(text)):
+        raise ValueError("not a YAML 1.2 float")
+    if text.lstrip("-+").lower() in (".inf", ".nan"):
+        return float(text.replace(".", "", 1))
+    return float(_core_int(_loader, node)) if text.startswith(("0o", "0x")) else float(text)
+
+
+def _core_bool(_loader: Any, node: yaml.ScalarNode) -> bool:
+    if not _CORE["tag:yaml.org,2002:bool"].match(node.value):
+        raise ValueError("not a YAML 1.2 boolean: true or false")
+    return node.value.lower() == "true"
+
+
+class _CoreConstructor(yaml.constructor.SafeConstructor):
+    """SafeConstructor with the 1.2 core schema's int, float and bool (null is the same)."""
+
+
+for _tag, _construct in (("int", _core_int), ("float", _core_float), ("bool", _core_bool)):
+    _CoreConstructor.add_constructor(f"tag:yaml.org,2002:{_tag}", _construct)
+
+
+class _CoreLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser,
+                  yaml.composer.Composer, _CoreConstructor, _CoreResolver):
+    def __init__(self, stream: str):
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        _CoreConstructor.__init__(self)
+        _CoreResolver.__init__(self)
+
+
+try:  # libyaml's parser: ~13x PyYAML's on a large spec
+    from yaml.cyaml import CParser as _CParser
+except ImportError:  # pragma: no cover - PyYAML built without libyaml
+    _CParser = None
+_CLoader: Any = None
+if _CParser is not None:
+    class _CoreCLoader(_CParser, _CoreConstructor, _CoreResolver):  # type: ignore[misc, valid-type]
+        def __init__(self, stream: str):
+            _CParser.__init__(self, stream)
+            _CoreConstructor.__init__(self)
+            _CoreResolver.__init__(self)
+
+    _CLoader = _CoreCLoader
+
+
+def plain_is_string(text: str) -> bool:
+    """Whether `text`, written as a plain (unquoted) YAML scalar, reads back as that string."""
+    return _CoreResolver().resolve(yaml.ScalarNode, text, (True, False)) == _STR
 
 
 class _TooDeep(Exception):
@@ -159,7 +252,7 @@ def _compose(text: str) -> tuple[yaml.Node | None, Any]:
             pass  # read again below, for PyYAML's wording of the error
         finally:
             loader.dispose()
-    loader = yaml.SafeLoader(text)  # the reader rejects control characters right here
+    loader = _CoreLoader(text)  # the reader rejects control characters right here
     try:
         return _compose_events(loader), loader
     finally:
@@ -333,9 +426,9 @@ def _scalar(node: yaml.Node, loader: yaml.SafeLoader, path: tuple, problems: lis
         return loader.construct_object(node)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
         line, col = _mark(node)
+        why = str(exc) if str(exc).startswith("not a YAML 1.2") else type(exc).__name__
         problems.append(SpecProblem(line, col, json_path(path),
-                                    f"invalid YAML value {node.value!r} ({type(exc).__name__})",
-                                    file))
+                                    f"invalid YAML value {node.value!r} ({why})", file))
         return None
 
 
@@ -396,6 +489,10 @@ class Spec:
         return os.path.normpath(os.path.join(base, rel))
 
 
+STDIN = "-"  # the command-line argument that means: read the spec from standard input
+STDIN_NAME = "<stdin>"  # how such a spec is named in messages (Spec.file)
+
+
 def read_spec(file: str | os.PathLike[str]) -> Spec:
     """Read, parse and validate a spec file; raise SpecError with every problem found."""
     file = str(file)
@@ -408,6 +505,20 @@ def read_spec(file: str | os.PathLike[str]) -> Spec:
     except OSError as exc:
         raise SpecError(file, [SpecProblem(0, 0, "", f"cannot read spec file: {exc.strerror}",
                                            file)]) from None
+    return _parse_bytes(raw, file)
+
+
+def read_spec_arg(arg: str) -> Spec:
+    """read_spec, where '-' reads the spec from standard input (named STDIN_NAME in messages;
+    its relative paths start in the current directory)."""
+    if arg != STDIN:
+        return read_spec(arg)
+    import sys
+
+    return _parse_bytes(sys.stdin.buffer.read(), STDIN_NAME)
+
+
+def _parse_bytes(raw: bytes, file: str) -> Spec:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -537,7 +648,7 @@ IMPACT_GUARDS = ("max_relative_diff", "min_agreement", "max_accuracy_drop")
 def _impact_problems(data: dict[str, Any], positions: Positions, file: str) -> list[SpecProblem]:
     """Impact guards and data statistics need `samples`: a guard left set (after defaults.impact,
     key by key) or a rule using apoz/activation_mean on a model without samples is an error."""
-    from kprune_batch.rules import DATA_KINDS
+    from kprune_batch.rule_kinds import DATA_KINDS
 
     problems: list[SpecProblem] = []
 
@@ -577,6 +688,8 @@ def _impact_problems(data: dict[str, Any], positions: Positions, file: str) -> l
 
 
 def _spec_folder(file: str) -> str:
+    if file == STDIN_NAME:  # no folder of its own: relative paths start where kprune runs
+        return os.getcwd()
     return os.path.dirname(os.path.abspath(file))
 
 

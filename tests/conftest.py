@@ -44,13 +44,15 @@ class CliResult:
 
 
 def kprune(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict | None = None,
-           timeout: float = 300) -> CliResult:
-    """Run `python -m kprune_batch ARGS` in a subprocess, exactly as a user would."""
+           timeout: float = 300, stdin: str | None = None) -> CliResult:
+    """Run `python -m kprune_batch ARGS` in a subprocess, exactly as a user would (`stdin`: the
+    text piped in; none by default)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
+    feed = {"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}
     proc = subprocess.run([sys.executable, "-m", "kprune_batch", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env=full_env,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+                          timeout=timeout, **feed)
     return CliResult(proc)
 
 
@@ -99,6 +101,19 @@ def assert_only_changed(before: dict, after: dict, allowed: dict[tuple[str, str]
             else:
                 assert np.array_equal(old[~mask].view(np.uint8), new[~mask].view(np.uint8)), \
                     f"{layer}/{name} changed outside the zeroed filters"
+
+
+def run_model(keras: Any, model: Any, x: Any, training: bool = False,
+              layer: str | None = None) -> np.ndarray:
+    """The model's output (or `layer`'s output) on `x`, run as kprune runs models: on the
+    channels_last twin where this CPU cannot run channels_first convolutions (TF 2.21 on some
+    CPUs; KPRUNE_CHANNELS_LAST_TWIN=1 simulates one), values back in the model's own layout.
+    tests/test_twin.py proves the twin equal to the model where both run."""
+    from kprune_batch.twin import run_points
+
+    (value,), _ = run_points(keras, model, x, [(layer, "output") if layer else ("", "model")],
+                             training)
+    return value
 
 
 # --- models built once per session -----------------------------------------------------------

@@ -463,3 +463,16 @@ def test_input_changed_during_the_run_writes_nothing(tmp_path: Path, small_cnn: 
                              f"kprune was reading it; nothing was written; run again when nothing "
                              f"else writes to it")
     assert not (tmp_path / "pruned" / "m.keras").exists()
+
+
+def test_a_foreign_error_line_caps_keras_layer_lists() -> None:
+    """Keras's get_layer names every layer of the model in one line ("Existing layers are:
+    [...]": 200 names for MobileNetV3): kprune's lines show the first few and a count."""
+    from kprune_batch.errors import first_line
+
+    names = ", ".join(f"'layer_{i}'" for i in range(200))
+    exc = ValueError(f"No such layer: add. Existing layers are: [{names}].\nsecond line")
+    assert first_line(exc) == ("No such layer: add. Existing layers are: ['layer_0', 'layer_1', "
+                               "'layer_2', 'layer_3', 'layer_4' … and 195 more].")
+    assert first_line(ValueError("shapes [1, 2] and [3]")) == "shapes [1, 2] and [3]"
+    assert first_line(ValueError("x" * 300)) == "x" * 197 + "..."

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import _seeded_weights, kprune, write_spec
+from conftest import _seeded_weights, kprune, run_model, write_spec
 from kprune_batch.errors import ModelError
 from kprune_batch.removal import remove_filters
 
@@ -47,8 +47,8 @@ def check(keras: Any, model: Any, selection: dict[str, list[int]], removed_param
     result = remove_filters(keras, ref, selection, approximate=approximate)
     x = np.random.default_rng(7).normal(size=(3,) + tuple(model.inputs[0].shape[1:])).astype(
         "float32")
-    expected = np.asarray(ref(x, training=False))
-    got = np.asarray(result.model(x, training=False))
+    expected = run_model(keras, ref, x)
+    got = run_model(keras, result.model, x)
     assert np.max(np.abs(expected - got)) <= 1e-5
     assert result.params_before - result.params_after == removed_params
     assert not result.approximate
@@ -697,3 +697,31 @@ def test_apply_approximate_records_the_deviation(keras: Any, tmp_path: Path) -> 
     tampered = kprune("verify", tmp_path / "log.json").expect(1)
     assert tampered.stdout.splitlines()[1:] == [
         "MISMATCH m: layer 'c2' bias element 2: max |difference| 0.001"]
+
+
+def test_large_outputs_are_bounded_relatively(keras: Any, tmp_path: Path) -> None:
+    """Outputs of ~1e7 carry float32 rounding of ~1 where a removed channel's constant
+    (sigmoid(0) = 0.5) is folded into c2's bias: the bound is atol + rtol·|zeroed| (both 1e-5,
+    recorded), not an absolute 1e-5, which refused this correct removal. The channels pass a
+    GaussianNoise (the identity at inference) on their way to c2."""
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.GaussianNoise(0.1, name="noise")(L.Conv2D(16, 3, activation="sigmoid", name="c1")(i))
+    x = L.Conv2D(8, 1, name="c2")(x)
+    model = keras.Model(i, L.Dense(3, name="d")(L.GlobalAveragePooling2D()(x)))
+    _seeded_weights(model, 31)
+    c2 = model.get_layer("c2")
+    c2.kernel.assign(c2.kernel.numpy() * 3e6)
+    log = remove_by_index(model, tmp_path, {"c1": [2, 7, 11]})
+    removal = log["models"][0]["removal"]
+    assert removal["probe_tolerance"] == {"atol": 1e-5, "rtol": 1e-5}
+    assert removal["probe_ran_on"] == "model"
+    assert removal["probe_deviation"] > 1e-5 and removal["approximate"] is False
+    # the bound, computed here from the input model zeroed by hand and the written file
+    x = np.random.default_rng(5).normal(size=(4, 6, 6, 3)).astype("float32")
+    want = np.asarray(zeroed_reference(keras, model, {"c1": [2, 7, 11]})(x), np.float64)
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    got = np.asarray(out(x), np.float64)
+    assert np.abs(want).max() > 1e6
+    assert np.all(np.abs(got - want) <= 1e-5 + 1e-5 * np.abs(want))
+    assert out.get_layer("c2").kernel.shape == (1, 1, 13, 8)

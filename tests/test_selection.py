@@ -397,7 +397,8 @@ def test_guard_holds_after_coupling(tmp_path: Path, residual: Path) -> None:
     assert result.stderr == (
         "error: model 'res', layer 'c2': the rules would zero 4 of 6 filters (66.7%), more than "
         "max_fraction 0.5 allows (3); selected by models[0].layers[0].rules[0] (3); coupled "
-        "with stem, c3; tighten the rules or raise max_fraction for this entry\n")
+        "with c3 (listed) and stem (came with the group); tighten the rules or raise "
+        "max_fraction for this entry\n")
     assert log["models"][0]["status"] == "failed"
     assert not (tmp_path / "pruned" / "res.keras").exists()
 
@@ -434,8 +435,8 @@ def test_group_members_whose_options_differ_are_an_error(tmp_path: Path, residua
         """)).expect(1)
     assert result.stderr == (
         "error: model 'res', layer 'c2': models[0].layers[1] sets bias: keep, but "
-        "models[0].layers[0] sets bias: zero in the coupled group c2, stem, c3; give them the "
-        "same value\n")
+        "models[0].layers[0] sets bias: zero in the coupled group of c2, c3 (listed) and stem "
+        "(came with the group); give them the same value\n")
 
 
 def test_coupled_error_names_listed_and_unlisted_members(tmp_path: Path, residual: Path) -> None:
@@ -449,10 +450,10 @@ def test_coupled_error_names_listed_and_unlisted_members(tmp_path: Path, residua
               - {{name: c3, rules: [{{index: [2]}}]}}
         """)).expect(1)
     assert result.stderr == (
-        "error: model 'res', layer 'c2': the layers c2, stem, c3 meet in an Add-type merge and "
-        "must lose the same filters, but their rules select different ones: c2 "
-        "(models[0].layers[0]) selects 1; c3 (models[0].layers[1]) selects 2 (stem came with "
-        "the group); set coupled: union or coupled: intersection on the entries\n")
+        "error: model 'res', layer 'c2': the layers c2, c3 (listed) and stem (came with the "
+        "group) meet in an Add-type merge and must lose the same filters, but their rules "
+        "select different ones: c2 (models[0].layers[0]) selects 1; c3 (models[0].layers[1]) "
+        "selects 2; set coupled: union or coupled: intersection on the entries\n")
 
 
 # --- plan and purity -----------------------------------------------------------------------------
@@ -559,3 +560,14 @@ def test_a_group_that_cannot_be_removed_only_fails_a_selection(keras: Any,
     # the same entry whose rule selects nothing is harmless
     write_spec(tmp_path, spec.replace("{index: %s}", "{l1: {below: -1}}"))
     kprune("plan", tmp_path / "spec.yaml").expect(0)
+
+
+def test_group_text_says_who_is_listed_and_caps_long_groups() -> None:
+    from kprune_batch.selection import group_text
+
+    assert group_text(["c2", "stem", "c3"], ["c2", "c3"]) == \
+        "c2, c3 (listed) and stem (came with the group)"
+    members = [f"block{i}_conv" for i in range(12)]
+    assert group_text(members, ["block3_conv"]) == (
+        "block3_conv (listed) and block0_conv, block1_conv, block2_conv, block4_conv, "
+        "block5_conv … and 6 more (came with the group)")

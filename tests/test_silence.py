@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import _seeded_weights, kprune, write_spec
+from conftest import _seeded_weights, kprune, run_model, write_spec
 
 FILTER = 1
 
@@ -169,10 +169,9 @@ def test_channels_first_bn_follower(keras: Any, tmp_path: Path) -> None:
     out = keras.saving.load_model(str(tmp_path / "pruned" / "cf.keras"), compile=False)
     bn = out.get_layer("bn")
     assert bn.gamma.numpy()[FILTER] == 0 and bn.beta.numpy()[FILTER] == 0
-    probe = keras.Model(out.inputs, bn.output)
     x = np.random.default_rng(1).normal(size=(2, 3, 7, 9)).astype("float32")
     for training in (False, True):
-        assert np.all(np.asarray(probe(x, training=training))[:, FILTER] == 0)
+        assert np.all(run_model(keras, out, x, training, layer="bn")[:, FILTER] == 0)
 
 
 def test_bn_after_pooling_and_dropout_is_still_a_follower(keras: Any, tmp_path: Path) -> None:
@@ -233,7 +232,9 @@ def test_probe_catches_what_static_analysis_cannot(keras: Any, tmp_path: Path,
     x = np.random.default_rng(0).standard_normal((4, 3, *size)).astype("float32")
     reference = conv2d_channels_first(x, kernel, bias)
     assert not reference[:, 1].any()
-    framework = np.asarray(model(x), np.float64)
+    # (where this CPU cannot run channels_first convolutions, kprune and this line run the twin,
+    # which has no such bug: then the written model must be right)
+    framework = np.asarray(run_model(keras, model, x), np.float64)
     buggy = np.abs(framework - reference).max() > 1e-4
     result = kprune("apply", spec, "--probe", "--audit-log", tmp_path / "log.json")
     log = json.loads((tmp_path / "log.json").read_text())
@@ -254,6 +255,55 @@ def test_probe_catches_what_static_analysis_cannot(keras: Any, tmp_path: Path,
         assert (record["filter"], record["silent"]) == (1, True)
         assert record["probe"] == {"max_abs": 0.0, "layer_max_abs": 0.0}
         written = keras.saving.load_model(str(tmp_path / "pruned" / "sq.keras"), compile=False)
-        got = np.asarray(written(x), np.float64)
+        got = np.asarray(run_model(keras, written, x), np.float64)
         assert not got[:, 1].any()
         assert np.abs(got - reference).max() <= 1e-5
+
+
+# --- what the static analysis follows, from the config alone ----------------------------------
+
+def _fate(keras: Any, model: Any, neutralize: bool = True) -> Any:
+    from kprune_batch.graph import build_graph
+    from kprune_batch.silence import channel_fate
+
+    graph = build_graph(keras.saving.serialize_keras_object(model))
+    weights = {layer.name: {v.name: np.asarray(v) for v in layer.weights}
+               for layer in model.layers}
+    return channel_fate(graph, "conv", FILTER, 0.0, neutralize, lambda p: weights[p])
+
+
+def test_an_operation_between_conv_and_batchnorm_is_not_a_follower(keras: Any) -> None:
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="conv")(inputs) * 1.0  # keras.src.ops.numpy.Multiply
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(x))
+    fate = _fate(keras, model)
+    assert (fate.silent, fate.followers, fate.edits) == (True, [], [])
+    assert fate.notes == ["'multiply' is a Keras operation (keras.src.ops.numpy.Multiply), "
+                          "which kprune does not follow: BatchNormalization 'bn' after it is not "
+                          "a follower"]
+
+
+@pytest.mark.parametrize("noise", ["GaussianNoise", "GaussianDropout", "AlphaDropout"])
+@pytest.mark.parametrize("neutralize", [True, False])
+def test_noise_layers_pass_a_channel_to_its_follower(keras: Any, noise: str,
+                                                      neutralize: bool) -> None:
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3))
+    x = getattr(L, noise)(0.1, name="noise")(L.Conv2D(4, 3, name="conv")(inputs))
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(x))
+    _seeded_weights(model, 2)
+    fate = _fate(keras, model, neutralize)
+    assert fate.followers == ["bn"]  # identity at inference, so the BN is still the follower
+    if neutralize:  # gamma = 0: exactly 0 in both modes, whatever the noise did
+        assert fate.silent and {(e.variable, e.value) for e in fate.edits} == {
+            ("gamma", 0.0), ("beta", 0.0)}
+        return
+    bn = model.get_layer("bn")
+    inference = float(bn.beta[FILTER] - bn.gamma[FILTER] * bn.moving_mean[FILTER]
+                      / np.sqrt(float(bn.moving_variance[FILTER]) + bn.epsilon))
+    assert not fate.silent and fate.constant == pytest.approx(inference, rel=1e-6)
+    if noise != "GaussianDropout":  # additive noise or AlphaDropout's shift move a zero channel
+        assert fate.notes == [f"a GaussianNoise or AlphaDropout layer before BatchNormalization "
+                              f"'bn' moves the channel in training mode, where only gamma = 0 "
+                              f"would silence it"]

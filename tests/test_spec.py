@@ -10,7 +10,7 @@ import pytest
 
 from conftest import kprune, write_spec
 from kprune_batch.errors import SpecError
-from kprune_batch.spec import read_spec
+from kprune_batch.spec import load_yaml, read_spec
 
 VALID = """\
 version: 1
@@ -193,7 +193,7 @@ def test_validate_cli_exit_codes_and_no_tensorflow(tmp_path: Path) -> None:
     assert f"{good}: ok (1 model(s), 1 layer entry)" in result.stdout
     code = ("import sys; from kprune_batch.cli import main; sys.argv=['kprune','validate',"
             f"{str(good)!r}]\ntry:\n main()\nexcept SystemExit:\n pass\n"
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','h5py')]\n"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('tensorflow','keras','h5py','numpy')]\n"
             "print('IMPORTED', bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "IMPORTED []" in out.stdout, out.stdout + out.stderr
@@ -227,6 +227,11 @@ def test_schemas_ship_inside_the_wheel(tmp_path: Path) -> None:
                          env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines()[0] == str(tmp_path / "unpacked" / "kprune_batch" / "schema")
+    # what an editor's modeline should name: the installed file that validate read above
+    code = "import sys; from kprune_batch.cli import main; sys.argv=['kprune','schema','--path']; main()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert out.stdout == f"{tmp_path / 'unpacked' / 'kprune_batch' / 'schema' / 'spec.schema.json'}\n"
 
 
 # --- large but honest specs, and many problems ---------------------------------------------------
@@ -294,3 +299,151 @@ def test_deep_yaml_nesting_is_one_problem(tmp_path: Path, depth: int) -> None:
     text = "version: 1\nmodels: " + "[" * depth + "]" * depth + "\n"
     # the top-level mapping is the first level: the 64th bracket is the 65th
     assert problems(tmp_path, text) == [f"2:{9 + 63}: YAML nesting is deeper than 64 levels"]
+
+
+# --- YAML 1.2: what editors and check-jsonschema read ---------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("-4e-3", -0.004), ("1e5", 100000.0), ("1E+5", 100000.0), (".5", 0.5), ("+1.", 1.0),
+    (".inf", float("inf")), ("-.Inf", float("-inf")),
+    ("017", 17), ("0o17", 15), ("0x1F", 31), ("+12", 12),
+    ("true", True), ("False", False), ("TRUE", True),
+    ("null", None), ("~", None), ("", None), ("NULL", None),
+    # strings in YAML 1.2 that YAML 1.1 (PyYAML's default) reads as something else
+    ("yes", "yes"), ("No", "No"), ("on", "on"), ("off", "off"), ("y", "y"),
+    ("1:30", "1:30"), ("0b101", "0b101"), ("1_000", "1_000"), ("2024-01-01", "2024-01-01"),
+    ("0o8", "0o8"), ("1e", "1e"), (".", "."), ("NaN", "NaN"), ("=", "="),
+])
+def test_plain_scalars_follow_the_yaml_1_2_core_schema(text: str, value: object) -> None:
+    data, _, found = load_yaml(f"a: {text}\n", "f.yaml")
+    assert found == []
+    assert data["a"] == value and type(data["a"]) is type(value)
+
+
+def test_yaml_1_2_without_libyaml_reads_the_same() -> None:
+    text = "a: [yes, -4e-3, 017, 0o17, 1:30, .inf, ~, True]\n"
+    with_libyaml = load_yaml(text, "f.yaml")[0]
+    import kprune_batch.spec as spec_module
+
+    import yaml
+
+    assert (spec_module._CLoader is not None) == yaml.__with_libyaml__  # libyaml is used
+    saved, spec_module._CLoader = spec_module._CLoader, None
+    try:
+        assert load_yaml(text, "f.yaml")[0] == with_libyaml == {
+            "a": ["yes", -0.004, 17, 15, "1:30", float("inf"), None, True]}
+    finally:
+        spec_module._CLoader = saved
+
+
+def test_yaml_1_1_spellings_are_reported_as_yaml_1_2_reads_them(tmp_path: Path) -> None:
+    text = VALID.replace("- index: [4, 7]", "- mean: {below: -4e-3}").replace(
+        "- name: conv1\n", "- name: conv1\n        allow_empty_layer: yes\n        round_to: 1:30\n"
+                           "        approximate: !!bool on\n")
+    assert problems(tmp_path, text) == [
+        "6:28: models[0].layers[0].allow_empty_layer: 'yes' is not of type 'boolean'",
+        "7:19: models[0].layers[0].round_to: '1:30' is not of type 'integer'",
+        "8:22: models[0].layers[0].approximate: None is not of type 'boolean'",
+        "8:22: models[0].layers[0].approximate: invalid YAML value 'on' (not a YAML 1.2 boolean: "
+        "true or false)",
+    ]
+    spec = read_spec(write_spec(tmp_path, text.replace("yes", "true").replace("1:30", "0o10")
+                                .replace("!!bool on", "false")))
+    (entry,) = spec.models[0].layers
+    assert dict(entry.options) == {"allow_empty_layer": True, "round_to": 8, "approximate": False}
+    assert entry.rules[0].params == {"below": -0.004}
+
+
+def test_pin_quotes_a_digest_that_would_read_as_a_number() -> None:
+    from kprune_batch.commands.pin import _plain_or_quoted
+
+    digest = "1" * 30 + "e" + "2" * 33
+    assert _plain_or_quoted(digest) == f"'{digest}'"
+    assert _plain_or_quoted("9" * 64) == f"'{'9' * 64}'"
+    assert _plain_or_quoted("ab" * 32) == "ab" * 32
+
+
+# --- several specs, and a spec on stdin ----------------------------------------------------------
+
+def test_validate_reports_every_file_in_order_then_by_position(tmp_path: Path) -> None:
+    one = write_spec(tmp_path, VALID.replace("version: 1", "version: 2").replace(
+        "[4, 7]", "[-1]"), "b.yaml")
+    good = write_spec(tmp_path, VALID, "good.yaml")
+    two = write_spec(tmp_path, VALID.replace("layers:", "layer:"), "a.yaml")
+    result = kprune("validate", one, good, two).expect(2)
+    assert result.stderr.splitlines() == [
+        f"{one}:1:10: version: 2 must be the integer 1 (the only spec language version this "
+        f"kprune knows)",
+        f"{one}:7:21: models[0].layers[0].rules[0].index[0]: -1 is less than the minimum of 0",
+        f"{two}:3:5: models[0].layers: required key is missing",
+        f"{two}:4:5: models[0].layer: unknown key 'layer'; did you mean 'layers'?",
+    ]
+    assert result.stdout == f"{good}: ok (1 model(s), 1 layer entry)\n"
+
+
+def test_validate_reads_a_spec_from_stdin(tmp_path: Path) -> None:
+    good = write_spec(tmp_path, VALID, "good.yaml")
+    result = kprune("validate", "-", good, stdin=VALID).expect(0)
+    assert result.stdout == f"<stdin>: ok (1 model(s), 1 layer entry)\n{good}: ok (1 model(s), " \
+                            f"1 layer entry)\n"
+    result = kprune("validate", good, "-", stdin=VALID + "extra: yes\n").expect(2)
+    assert result.stderr == "<stdin>:8:1: extra: unknown key 'extra' (allowed: defaults, models, " \
+                            "output_dir, version)\n"
+    assert kprune("validate", "-", "-", stdin=VALID).expect(2).stderr == \
+        "error: '-' (stdin) can be given only once\n"
+
+
+def test_a_spec_on_stdin_resolves_paths_in_the_current_directory(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    import io
+
+    from kprune_batch.plan import compile_plan
+    from kprune_batch.spec import read_spec_arg
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(VALID.encode())))
+    spec = read_spec_arg("-")
+    assert spec.file == "<stdin>"
+    assert spec.models[0].path == str(tmp_path / "models" / "digits.keras")
+    assert spec.output_dir == str(tmp_path / "pruned")
+    assert compile_plan(spec).spec_path == "-"
+
+
+def test_plan_base_needs_a_file_not_stdin(tmp_path: Path) -> None:
+    result = kprune("plan", "-", "--base", "HEAD", stdin=VALID).expect(2)
+    assert result.stderr == "error: --base compares a spec file with its committed version: " \
+                            "give the file, not '-' (stdin)\n"
+
+
+# --- the shipped schema, for editors ---------------------------------------------------------------
+
+def test_schema_command_prints_the_schema_validate_uses(tmp_path: Path) -> None:
+    import json
+
+    from kprune_batch.schemas import load_schema, schema_path
+
+    for name in ("spec", "audit"):
+        printed = kprune("schema", name, "--path").expect(0).stdout
+        assert printed == f"{schema_path(name)}\n"
+        assert Path(printed.strip()).is_file()
+        assert json.loads(kprune("schema", name).expect(0).stdout) == load_schema(name)
+    assert kprune("schema", "--path").expect(0).stdout == f"{schema_path('spec')}\n"
+
+
+def test_apply_reads_a_spec_from_stdin_and_logs_it_without_git(tmp_path: Path) -> None:
+    """Relative paths start in the current directory; the log says '-' (there is no file, so no
+    commit to name) and the sha256 of the bytes that ran."""
+    import hashlib
+    import json
+
+    examples = Path(__file__).resolve().parent.parent / "specs" / "examples"
+    text = VALID.replace("models/digits.keras", "digits.keras")
+    kprune("apply", "-", "--backend", "direct", "--output-dir", tmp_path / "out", "--audit-log",
+           tmp_path / "log.json", cwd=examples, stdin=text).expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert log["spec"] == {"path": "-", "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                           "git": {"commit": None, "dirty": None,
+                                   "reason": "the spec was read from stdin"}}
+    assert log["models"][0]["input"]["path"] == str(examples / "digits.keras")
+    assert (tmp_path / "out" / "digits.keras").is_file()
+    kprune("verify", tmp_path / "log.json").expect(0)

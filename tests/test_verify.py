@@ -201,3 +201,42 @@ def test_log_that_does_not_fit_the_input_is_a_mismatch(run: dict[str, Any], chan
     result = kprune("verify", log).expect(1)
     assert f"MISMATCH small: {problem}" in result.stdout.splitlines(), result
     assert result.stderr == ""
+
+
+def test_operation_nodes_and_nested_models_verify(keras: Any, tmp_path: Path) -> None:
+    """What a functional config can hold besides layers (issue 19): `x + 1.0` and `x * 0.5`
+    are keras.src.ops.numpy nodes (no layer, no weights), a nested Sequential starts with
+    keras.Input, and a nested model is fed by an operation. --probe and verify follow them, and
+    the direct backend needs no Keras for them."""
+    L = keras.layers
+    stem = keras.Sequential([keras.Input((8, 8, 3)), L.Conv2D(6, 3, padding="same", name="s"),
+                             L.BatchNormalization(name="sbn")], name="stem")
+    block_in = keras.Input((8, 8, 6))
+    block = keras.Model(block_in, L.Conv2D(4, 1, name="b")(block_in), name="block")
+    i = keras.Input((8, 8, 3))
+    x = stem(i) + 1.0  # an operation between a layer and the nested model it feeds
+    y = block(x * 0.5)
+    out = L.Dense(2, name="d")(L.GlobalAveragePooling2D()(L.Conv2D(3, 1, name="c")(y)))
+    model = keras.Model(i, out)
+    from conftest import _seeded_weights
+
+    _seeded_weights(model, 12)
+    model.save(tmp_path / "ops.keras")
+    spec = write_spec(tmp_path, """\
+        version: 1
+        models:
+          - path: ops.keras
+            layers:
+              - {name: stem/s, rules: [{index: [0, 5]}]}
+              - {name: block/b, rules: [{index: [1]}]}
+              - {name: c, rules: [{index: [2]}]}
+        """)
+    kprune("apply", spec, "--probe", "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    (entry,) = log["models"]
+    assert entry["backend"] == "direct" and entry["probe"]["status"] == "ok"
+    assert sorted((r["layer"], r["filter"], r["silent"]) for r in log["zeroed"]) == [
+        ("block/b", 1, True), ("c", 2, True), ("stem/s", 0, True), ("stem/s", 5, True)]
+    result = kprune("verify", tmp_path / "log.json", "--probe").expect(0)
+    assert result.stdout == ("ok      ops: 4 zeroed filter(s) verified, every other weight "
+                             "equals the input's\n")

@@ -28,7 +28,7 @@ from kprune_batch.crc import patched_crc32
 from kprune_batch.errors import ModelError
 from kprune_batch.families import expected_shapes, variable_names
 from kprune_batch.files import CorruptInput, copy_patched, patched_equals
-from kprune_batch.graph import MODEL_CLASSES, ConfigError, build_graph
+from kprune_batch.graph import MODEL_CLASSES, ConfigError, build_graph, operation_module
 
 
 class DirectBackendUnsupported(Exception):
@@ -313,6 +313,10 @@ class DirectModelWeights:
             used: dict[str, int] = {}
             for layer in layers:
                 name = layer.get("name") or layer["config"]["name"]
+                if operation_module(layer) is not None:
+                    # an operation node is not a layer: saving_lib saves `model.layers`, which
+                    # leaves it out, so it has no group and takes no number (graph.py)
+                    continue
                 where = f"{inner}/layers/{_unique(_snake(layer['class_name']), used)}"
                 group = self._h5.get(where)
                 stored = None

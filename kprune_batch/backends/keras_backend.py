@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from kprune_batch.errors import ModelError
+from kprune_batch.errors import ModelError, first_line
 from kprune_batch.graph import build_graph
 from kprune_batch.quiet import import_keras, native_stderr_silenced
 
@@ -17,8 +17,10 @@ _MISSING = object()
 
 
 def _describe_load_error(exc: BaseException, path: str) -> tuple[str, str | None]:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    lowered = text.lower()
+    # the first line, long lists capped (errors.first_line); the keywords below are read from
+    # the whole text
+    text = f"{type(exc).__name__}: {first_line(exc, limit=10 ** 9)}"
+    lowered = f"{type(exc).__name__}: {exc}".lower()
     if "lambda" in lowered and ("safe_mode" in lowered or "unsafe" in lowered):
         return ("the model contains a Lambda layer, whose Python code Keras refuses to load in safe "
                 "mode; kprune always loads models with safe_mode=True",
@@ -49,6 +51,27 @@ def _refuse_zip_bomb(path: str, model_name: str) -> None:
     if problem is not None:
         raise ModelError(problem, model=model_name, file=path,
                          hint="kprune does not read such a file")
+
+
+def find_node(model: Any, path: str) -> Any:
+    """The layer or operation at a graph path ('outer/inner'), as LayerGraph names them.
+
+    `get_layer` searches `model.layers`, which leaves out a Functional's operation nodes
+    (keras/src/models/functional.py `layers` keeps Layer instances only) and a Sequential's
+    InputLayer (keras/src/models/sequential.py `layers` drops `_layers[0]` when it is one);
+    `operations` and `_layers` hold every node the config lists.
+    """
+    obj = model
+    for part in path.split("/"):
+        if type(obj).__name__ == "Sequential":
+            nodes = list(getattr(obj, "_layers", None) or obj.layers)
+        else:
+            nodes = list(getattr(obj, "operations", None) or obj.layers)
+        found = next((n for n in nodes if n.name == part), None)
+        if found is None:
+            raise ValueError(f"no layer or operation named '{part}' in model '{obj.name}'")
+        obj = found
+    return obj
 
 
 class KerasModelWeights:
@@ -85,10 +108,7 @@ class KerasModelWeights:
                 hint="subclassed models are not supported") from exc
 
     def _layer(self, layer_path: str) -> Any:
-        obj = self.model
-        for part in layer_path.split("/"):
-            obj = obj.get_layer(part)
-        return obj
+        return find_node(self.model, layer_path)
 
     def variables(self, layer_path: str) -> dict[str, np.ndarray]:
         layer = self._layer(layer_path)

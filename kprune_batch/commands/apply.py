@@ -19,7 +19,7 @@ from kprune_batch.executor import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, Mod
                                    Opener, open_auto, run_job)
 from kprune_batch.files import file_kind, remove_stale_temps
 from kprune_batch.plan import ModelJob, Plan, compile_plan
-from kprune_batch.spec import read_spec
+from kprune_batch.spec import STDIN, read_spec_arg
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -291,7 +291,7 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             result.return_code = EXIT_FAILED
             return result
     try:
-        spec = read_spec(spec_file)
+        spec = read_spec_arg(spec_file)
         plan = compile_plan(spec, output_dir=output_dir)
     except SpecError as exc:
         result.err.extend(exc.lines())
@@ -475,6 +475,11 @@ def _worker_init() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# A spec read from stdin has no file, so no commit to name: the log's spec.path is '-' and its
+# git block says why there is none (the sha256 still identifies the bytes that ran)
+STDIN_GIT = {"commit": None, "dirty": None, "reason": "the spec was read from stdin"}
+
+
 def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
               outcomes: list[ModelOutcome], fail_fast: bool, probe: bool,
               interrupted: str | None, shard: tuple[int, int] | None = None) -> dict[str, Any]:
@@ -485,7 +490,7 @@ def build_log(plan: Plan, spec_file: str, run_id: str, started: str,
         "run_id": run_id,
         "status": run_status([o.status for o in outcomes]),
         "spec": {"path": plan.spec_path, "sha256": plan.spec_sha256,
-                 "git": git_provenance(spec_file)},
+                 "git": STDIN_GIT if plan.spec_path == STDIN else git_provenance(spec_file)},
         "plan_sha256": plan.sha256,
         "command": command_line(),
         "started_at": started,

@@ -20,7 +20,7 @@ import yaml
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
 from kprune_batch.errors import SpecError
 from kprune_batch.files import NotRegularFile, atomic_write, sha256_file
-from kprune_batch.spec import ModelSpec, load_yaml, read_spec
+from kprune_batch.spec import ModelSpec, load_yaml, plain_is_string, read_spec
 
 SHOWN = 12  # hex digits of a hash in pin's lines (the file holds all 64)
 
@@ -155,8 +155,9 @@ def _edit(text: str, node: yaml.MappingNode, digest: str, where: str,
 
 
 def _plain_or_quoted(digest: str) -> str:
-    # 64 decimal digits would read as an integer (a chance of 1 in 10^13, but not none)
-    return f"'{digest}'" if digest.isdigit() else digest
+    # 64 decimal digits would read as an integer (a chance of 1 in 10^13, but not none), digits
+    # around one 'e' as a YAML 1.2 float
+    return digest if plain_is_string(digest) else f"'{digest}'"
 
 
 def _value(node: yaml.Node, key: str) -> yaml.Node | None:

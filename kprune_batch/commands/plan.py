@@ -9,7 +9,7 @@ from kprune_batch.executor import STATUS_OK, Opener, open_auto, run_job
 from kprune_batch.plan import compile_plan
 from kprune_batch.ranges import compact_ranges
 from kprune_batch.selection import LayerSelection
-from kprune_batch.spec import read_spec
+from kprune_batch.spec import STDIN, read_spec_arg
 
 
 def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto,
@@ -17,10 +17,14 @@ def plan(spec_file: str, fmt: str = "text", opener: Opener = open_auto,
     if base is not None:  # the plan of a spec change: the spec at `base` against the work tree
         from kprune_batch.commands.plan_diff import plan_diff
 
+        if spec_file == STDIN:
+            return Result(err=["error: --base compares a spec file with its committed version: "
+                               "give the file, not '-' (stdin)"], return_code=EXIT_INVALID)
+
         return plan_diff(spec_file, base, fmt, opener=opener)
     result = Result()
     try:
-        compiled = compile_plan(read_spec(spec_file))
+        compiled = compile_plan(read_spec_arg(spec_file))
     except SpecError as exc:
         result.err.extend(exc.lines())
         result.return_code = EXIT_INVALID

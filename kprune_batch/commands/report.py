@@ -54,7 +54,7 @@ def summarize(log: dict[str, Any]) -> dict[str, Any]:
                        "removal": None if not removal else {
                            key: removal.get(key) for key in (
                                "params_before", "params_after", "macs_before", "macs_after",
-                               "probe_deviation", "optimizer_state")},
+                               "probe_deviation", "probe_ran_on", "optimizer_state")},
                        "layers": layers, "impact": m.get("impact")})
     return {"run_id": log["run_id"], "status": log["status"], "spec": log["spec"]["path"],
             "commit": git.get("commit"), "dirty": git.get("dirty"),
@@ -81,6 +81,8 @@ def _removal_line(removal: dict[str, Any]) -> str:
           f"{removal['macs_before']} -> {removal['macs_after']}"
     if isinstance(removal["probe_deviation"], (int, float)):
         out += f", probe deviation {removal['probe_deviation']:.3g}"
+        if removal.get("probe_ran_on") == "channels_last twin":
+            out += " (on the channels_last twin)"
     return out
 
 

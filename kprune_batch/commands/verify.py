@@ -9,10 +9,9 @@ import numpy as np
 
 from kprune_batch.audit import read_log
 from kprune_batch.commands import EXIT_FAILED, Result
-from kprune_batch.errors import AuditLogError, KpruneError
+from kprune_batch.errors import AuditLogError, KpruneError, first_line
 from kprune_batch.families import canonical_class, family_of
 from kprune_batch.files import sha256_file
-from kprune_batch.graph import MODEL_CLASSES
 
 Loader = Callable[[str, str], Any]  # (path, model name) -> ModelWeights
 
@@ -101,7 +100,7 @@ def expected_weights(before: Any, records: list[dict[str, Any]]) -> dict[str, di
     """The input's weights with exactly the edits the records describe applied."""
     expected: dict[str, dict[str, np.ndarray]] = {}
     for path, node in before.graph.layers.items():
-        if node.class_name not in MODEL_CLASSES:
+        if node.holds_weights:
             expected[path] = before.variables(path)
     for r in records:
         family = family_of(r["layer_class"])
@@ -160,7 +159,7 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
     for r in records:
         node = layers.get(r["layer"])
         family = family_of(r["layer_class"])
-        if node is None or node.class_name in MODEL_CLASSES:
+        if node is None or not node.holds_weights:
             problems.append(f"the log names layer '{r['layer']}', which the input does not have")
             continue
         if family is None or canonical_class(node.class_name) != canonical_class(r["layer_class"]):
@@ -177,7 +176,7 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
         for edit in r.get("batchnorm", []):
             bn = layers.get(edit["layer"])
             shape = shapes_of(edit["layer"]).get(edit["variable"]) \
-                if bn is not None and bn.class_name not in MODEL_CLASSES else None
+                if bn is not None and bn.holds_weights else None
             if not shape or not r["filter"] < shape[0]:
                 problems.append(f"the log edits {edit['layer']}/{edit['variable']}[{r['filter']}], "
                                 f"which the input does not have")
@@ -185,11 +184,11 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
         # a channel count is at most the size of the largest variable (a crafted 'of' of 10^15
         # must not become a list of 10^15 channels)
         largest = max((int(np.prod(shape)) for path, node in layers.items()
-                       if node.class_name not in MODEL_CLASSES
+                       if node.holds_weights
                        for shape in shapes_of(path).values()), default=0)
         for t in removal["touched"] + removal["folded"]:
             node = layers.get(t["layer"])
-            if node is None or node.class_name in MODEL_CLASSES:
+            if node is None or not node.holds_weights:
                 problems.append(f"the log's removal touches layer '{t['layer']}', which the "
                                 f"input does not have")
             elif t.get("of", 0) > largest:
@@ -215,8 +214,13 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
     zeroed = {(r["layer"], r["filter"]) for r in records}
     for path, variables in expected.items():
         actual = after.variables(path)
-        for name, want in variables.items():
-            got = actual.get(name)
+        # paired by position, as Keras loads them (saving_lib: vars/0, vars/1, ...): a variable
+        # created without a name is named "variable", "variable_1", ... by a counter of the
+        # process (ConvNeXt's LayerScale), so the second model loaded has other names
+        in_order = list(actual.values()) if len(actual) == len(variables) \
+            and set(actual) != set(variables) else []
+        for index, (name, want) in enumerate(variables.items()):
+            got = in_order[index] if in_order else actual.get(name)
             if got is None or got.shape != want.shape:
                 problems.append(f"layer '{path}' variable '{name}' is missing or has another shape")
                 continue
@@ -232,8 +236,7 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def _describe(path: str, name: str, diff: np.ndarray, class_name: str,
