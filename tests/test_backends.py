@@ -41,9 +41,11 @@ def _spec(folder: Path, model: Path) -> Path:
         models:
           - name: zero
             path: {model}
+            output: zero.keras
             layers: [{{name: c1, rules: [{{index: [1, 2]}}]}}]
           - name: remove
             path: {model}
+            output: remove.keras
             layers: [{{name: c3, action: remove, rules: [{{index: [0, 4]}}]}}]
         """)
 
@@ -62,8 +64,9 @@ def test_keras_paths_under_backend(backend: str, keras: Any, residual: Path,
     record = json.loads(log.read_text())
     assert record["tool"]["backend"] == backend
     assert record["tool"][backend] == importlib.metadata.version(backend)
+    outputs = {m["name"]: Path(m["output"]["path"]) for m in record["models"]}
     before = layer_weights(keras, residual)  # the test process runs TensorFlow
-    zeroed = layer_weights(keras, tmp_path / "out" / "zero.keras")
+    zeroed = layer_weights(keras, outputs["zero"])
     for layer, variables in before.items():
         for name, old in variables.items():
             new = zeroed[layer][name]
@@ -77,11 +80,11 @@ def test_keras_paths_under_backend(backend: str, keras: Any, residual: Path,
                 old = old.copy()
                 old[[1, 2]] = 0
             assert np.array_equal(old, new), (layer, name)
-    removed = layer_weights(keras, tmp_path / "out" / "remove.keras")
+    removed = layer_weights(keras, outputs["remove"])
     kept = [f for f in range(6) if f not in (0, 4)]
     assert np.array_equal(removed["c3"]["kernel"], before["c3"]["kernel"][..., kept])
     assert np.array_equal(removed["c3"]["bias"], before["c3"]["bias"][kept])
     assert removed["logits"]["kernel"].shape == (4, 3)
     for out in ("zero", "remove"):  # loads, compiled as the input was, under TensorFlow
-        loaded = keras.saving.load_model(tmp_path / "out" / f"{out}.keras")
+        loaded = keras.saving.load_model(outputs[out])
         assert type(loaded.optimizer).__name__ == "Adam"
