@@ -40,12 +40,46 @@ def _version(dist: str) -> str | None:
         return None
 
 
+KERAS_BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def keras_backend_name() -> str:
+    """The Keras backend this process uses or would use, resolved as keras/src/backend/config.py
+    does (KERAS_BACKEND, else "backend" in $KERAS_HOME/keras.json, else tensorflow) without
+    importing Keras: the direct backend never imports it, and the name must not depend on
+    whether a model of the run happened to need Keras."""
+    from kprune_batch import quiet
+
+    if quiet._keras is not None:  # Keras imported: its own answer
+        return str(quiet._keras.backend.backend())
+    name = os.environ.get("KERAS_BACKEND")
+    if not name:
+        home = os.environ.get("KERAS_HOME") or os.path.join(
+            os.path.expanduser("~") if os.access(os.path.expanduser("~"), os.W_OK) else "/tmp",
+            ".keras")
+        try:
+            with open(os.path.join(home, "keras.json"), encoding="utf-8") as fh:
+                name = json.load(fh).get("backend")
+        except (OSError, ValueError, AttributeError):
+            name = None
+    return str(name or "tensorflow")
+
+
 def tool_versions() -> dict[str, Any]:
-    """Versions from package metadata: no TensorFlow import needed."""
-    return {"name": "kprune-batch", "version": __version__, "keras": _version("keras"),
+    """Versions from package metadata: no TensorFlow import needed. `backend` names the Keras
+    backend; under jax or torch its framework's version is added under the framework's name
+    (`tensorflow` keeps its meaning: the installed TensorFlow, whichever backend ran)."""
+    backend = keras_backend_name()
+    tool = {"name": "kprune-batch", "version": __version__, "keras": _version("keras"),
             "tensorflow": _version("tensorflow") or _version("tensorflow-cpu"),
-            "numpy": _version("numpy"), "h5py": _version("h5py"),
-            "python": platform.python_version()}
+            "backend": backend}
+    if backend == "jax":
+        tool["jax"] = _version("jax")
+    elif backend == "torch":
+        tool["torch"] = _version("torch")
+    tool.update({"numpy": _version("numpy"), "h5py": _version("h5py"),
+                 "python": platform.python_version()})
+    return tool
 
 
 def git_provenance(path: str) -> dict[str, Any]:

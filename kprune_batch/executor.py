@@ -351,7 +351,7 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
     Where this CPU cannot run a channels_first model, both run as their channels_last twins.
     """
     from kprune_batch.probe import probe_inputs
-    from kprune_batch.quiet import import_keras, native_stderr_silenced
+    from kprune_batch.quiet import import_keras, native_stderr_silenced, to_numpy
     from kprune_batch.removal import remove_filters
     from kprune_batch.twin import run_points
 

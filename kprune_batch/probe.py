@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from kprune_batch.errors import ModelError, first_line
-from kprune_batch.quiet import import_keras, native_stderr_silenced
+from kprune_batch.quiet import import_keras, native_stderr_silenced, to_numpy
 
 PROBE_SEED = 0
 PROBE_BATCH = 4  # used for the batch dimension
@@ -48,10 +48,10 @@ def _values(model: Any, inputs: list[np.ndarray], paths: list[str], training: bo
     extractor = keras.Model(model.inputs, wanted)
     results = extractor(inputs if len(inputs) > 1 else inputs[0], training=training)
     results = list(results) if isinstance(results, (list, tuple)) else [results]
-    out = {p: np.asarray(v) for p, v in zip(direct, results, strict=False)}
+    out = {p: to_numpy(keras, v) for p, v in zip(direct, results, strict=False)}
     for (head, rests), value in zip(nested.items(), results[len(direct):], strict=True):
         sub = _find(model, head)
-        sub_inputs = list(value) if isinstance(value, (list, tuple)) else [np.asarray(value)]
+        sub_inputs = [to_numpy(keras, v) for v in value] if isinstance(value, (list, tuple)) else [to_numpy(keras, value)]
         for rest, v in _values(sub, sub_inputs, rests, training, keras).items():
             out[f"{head}/{rest}"] = v
     return out

@@ -54,13 +54,17 @@ _keras: Any = None
 
 
 def import_keras() -> Any:
-    """Import Keras (TensorFlow backend) once, quietly."""
+    """Import Keras once, quietly, under the backend KERAS_BACKEND names (TensorFlow when unset).
+
+    TensorFlow is imported (to quiet its logger) only when it is the backend: under jax or torch
+    importing it too cost ~3 s and ~400 MB per run for nothing.
+    """
     global _keras
     if _keras is None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
         with native_stderr_silenced():
-            import keras  # noqa: PLC0415 - deliberately late: TensorFlow costs ~3 s to import
+            import keras  # noqa: PLC0415 - deliberately late: a framework costs seconds to import
 
             try:
                 import absl.logging  # noqa: PLC0415
@@ -68,11 +72,22 @@ def import_keras() -> Any:
                 absl.logging.set_verbosity(absl.logging.ERROR)
             except ImportError:
                 pass
-            import tensorflow as tf  # noqa: PLC0415
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf  # noqa: PLC0415
 
-            tf.get_logger().setLevel("ERROR")
+                tf.get_logger().setLevel("ERROR")
         _keras = keras
     return _keras
+
+
+def to_numpy(keras: Any, value: Any) -> Any:
+    """A backend tensor as a numpy array: np.asarray fails on torch tensors that require grad
+    (a Keras model's output under KERAS_BACKEND=torch), keras.ops.convert_to_numpy detaches."""
+    import numpy as np  # noqa: PLC0415
+
+    if isinstance(value, np.ndarray):
+        return value
+    return keras.ops.convert_to_numpy(value)
 
 
 # Top-level modules whose absence means "no Keras backend installed" (the core install has none);

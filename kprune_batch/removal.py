@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from kprune_batch.quiet import to_numpy
+
 from kprune_batch.errors import ModelError
 from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
                                    INPUT_TOUCHES, REMOVABLE_FAMILIES,
@@ -732,7 +734,7 @@ def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
     values, _ = run_points(keras, model, feed, [(s, "input") for s in names])
     for name, value in zip(names, values, strict=True):
         sink = plan.sinks[name]
-        x = np.moveaxis(np.asarray(value, dtype="float64"), sink.axis, -1)
+        x = np.moveaxis(np.asarray(to_numpy(keras, value), dtype="float64"), sink.axis, -1)
         flat = x.reshape(-1, x.shape[-1])[:, sink.removed]
         center = x[(0,) + tuple(d // 2 for d in x.shape[1:-1])][sink.removed]
         if sink.renormalized:  # through a LayerNorm the removed channels vary with the input

@@ -22,6 +22,7 @@ import numpy as np
 
 from kprune_batch.families import ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES
 from kprune_batch.graph import MODEL_CLASSES, _histories, operation_module
+from kprune_batch.quiet import to_numpy
 
 RAN_ON_TWIN = "channels_last twin"
 FORCE_ENV = "KPRUNE_CHANNELS_LAST_TWIN"  # "1": use the twin on every CPU (tests, odd hardware)
@@ -323,7 +324,8 @@ def run_points(keras: Any, model: Any, feed: Any, points: list[tuple[str, str]],
     inputs = run.inputs if len(run.inputs) > 1 else run.inputs[0]
     values = keras.tree.flatten(keras.Model(inputs, wanted)(
         feeds if len(feeds) > 1 else feeds[0], training=training))
-    out = [np.moveaxis(np.asarray(v), -1, 1) if t else np.asarray(v)
+    values = [to_numpy(keras, v) for v in values]  # torch outputs require grad
+    out = [np.moveaxis(v, -1, 1) if t else v
            for v, t in zip(values, back, strict=True)]
     return out, "model" if twin is None else RAN_ON_TWIN
 

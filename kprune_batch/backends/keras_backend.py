@@ -13,6 +13,7 @@ from kprune_batch.graph import build_graph
 from kprune_batch.quiet import import_keras, native_stderr_silenced
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_MISSING = object()
 
 
 def _variable_names(layer: Any) -> list[str]:
@@ -189,9 +190,23 @@ def _reproducible_zip(src: str, dest: str, like: str) -> None:
             date_saved = json.loads(original.read("metadata.json")).get("date_saved")
         except (KeyError, ValueError):
             date_saved = None
+        try:
+            compile_config = json.loads(original.read("config.json")).get("compile_config")
+        except (KeyError, ValueError):
+            compile_config = _MISSING
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w") as zout:
         for info in zin.infolist():
             data = zin.read(info)
+            if info.filename == "config.json" and compile_config is not _MISSING:
+                # Keras re-serialises the compiled optimizer object on save (Trainer.
+                # get_compile_config -> CompileConfig.serialize), so under KERAS_BACKEND=torch
+                # the output named keras.src.backend.torch.optimizers.TorchAdam, a class only
+                # the torch backend has; the input's compile config is carried over verbatim,
+                # so the output loads under every backend the input loads under
+                config = json.loads(data)
+                if "compile_config" in config or compile_config is not None:
+                    config["compile_config"] = compile_config
+                data = json.dumps(config).encode()
             if info.filename == "metadata.json" and date_saved is not None:
                 meta = json.loads(data)
                 meta["date_saved"] = date_saved
