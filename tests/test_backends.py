@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import _seeded_weights, kprune, layer_weights, write_spec
+from conftest import _seeded_weights, kprune, layer_weights, write_spec
 
 BACKENDS = ["jax", "torch"]
 
@@ -47,6 +47,12 @@ def _spec(folder: Path, model: Path) -> Path:
             path: {model}
             output: remove.keras
             layers: [{{name: c3, action: remove, rules: [{{index: [0, 4]}}]}}]
+          - name: measured
+            path: {model}
+            output: measured.keras
+            samples: x.npy
+            impact: {{max_relative_diff: 100}}
+            layers: [{{name: c1, rules: [{{index: [1, 2]}}]}}]
         """)
 
 
@@ -56,6 +62,8 @@ def test_keras_paths_under_backend(backend: str, keras: Any, residual: Path,
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed (CI installs it: .ci/run)")
     spec = _spec(tmp_path, residual)
+    x = np.random.default_rng(5).normal(size=(16, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
     env = {"KERAS_BACKEND": backend}
     log = tmp_path / "log.json"
     kprune("apply", spec, "--backend", "keras", "--probe", "--audit-log", log, cwd=tmp_path,
@@ -85,6 +93,12 @@ def test_keras_paths_under_backend(backend: str, keras: Any, residual: Path,
     assert np.array_equal(removed["c3"]["kernel"], before["c3"]["kernel"][..., kept])
     assert np.array_equal(removed["c3"]["bias"], before["c3"]["bias"][kept])
     assert removed["logits"]["kernel"].shape == (4, 3)
-    for out in ("zero", "remove"):  # loads, compiled as the input was, under TensorFlow
+    # samples + a guard under the backend: the logged impact is what TensorFlow measures here
+    impact = next(m for m in record["models"] if m["name"] == "measured")["impact"]
+    want = np.abs(keras.saving.load_model(residual).predict(x, verbose=0)
+                  - keras.saving.load_model(outputs["measured"]).predict(x, verbose=0)).max()
+    assert want > 0 and impact["samples"]["count"] == 16
+    assert impact["max_abs_diff"] == pytest.approx(float(want), rel=1e-4, abs=1e-6)
+    for out in ("zero", "remove", "measured"):  # loads, compiled, under TensorFlow
         loaded = keras.saving.load_model(outputs[out])
         assert type(loaded.optimizer).__name__ == "Adam"
