@@ -387,7 +387,8 @@ def test_parse_spec_only_raises_spec_errors(text: str, problems: list[str]) -> N
 
 @pytest.mark.parametrize("text, message", [
     ("a: &x [*x]\n", "1:4: a[0]: YAML alias refers to itself (or nesting is too deep)"),
-    ("version: !!int abc\n", "1:10: version: invalid YAML value 'abc' (ValueError)"),
+    ("version: !!int abc\n", "1:10: version: invalid YAML value 'abc' (not a YAML 1.2 integer: "
+                             "decimal digits, 0o octal or 0x hex)"),
     ("version: 1\x1f\n", "1:11: YAML error: unacceptable character #x001f (special characters "
                          "are not allowed)"),
 ])
