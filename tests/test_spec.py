@@ -424,10 +424,12 @@ def test_schema_command_prints_the_schema_validate_uses(tmp_path: Path) -> None:
 
     for name in ("spec", "audit"):
         printed = kprune("schema", name, "--path").expect(0).stdout
-        assert printed == f"{schema_path(name)}\n"
-        assert Path(printed.strip()).is_file()
+        # the child may import an installed copy (CI installs non-editable) where this process
+        # imports the checkout: the file it names holds the schema, by name and content
+        assert printed.endswith(f"{Path(schema_path(name)).name}\n")
+        assert json.loads(Path(printed.strip()).read_text()) == load_schema(name)
         assert json.loads(kprune("schema", name).expect(0).stdout) == load_schema(name)
-    assert kprune("schema", "--path").expect(0).stdout == f"{schema_path('spec')}\n"
+    assert kprune("schema", "--path").expect(0).stdout.endswith("spec.schema.json\n")
 
 
 def test_apply_reads_a_spec_from_stdin_and_logs_it_without_git(tmp_path: Path) -> None:
