@@ -97,51 +97,88 @@ def _prunable(node: Any) -> bool:
             and int(node.config.get("groups", 1)) == 1)
 
 
+def depthwise_member(node: Any) -> bool:
+    """A depthwise layer whose filters are its input's channels one to one (depth_multiplier
+    1, called once): it joins its input's coupled group, as DepGraph groups it, filter c with
+    channel c (keras/src/layers/convolutional/base_depthwise_conv.py: output c*mult+m)."""
+    family = family_of(node.class_name)
+    return (family is not None and family.name == "depthwise" and node.calls == 1
+            and int(node.config.get("depth_multiplier", 1)) == 1)
+
+
 def coupled_group(graph: Any, start: str) -> tuple[list[str], list[str]]:
-    """(member convs, merge layers) whose channels must go together with `start`'s.
+    """(member layers, merge layers) whose channels must go together with `start`'s.
 
     Layers whose outputs meet in an Add-type merge (directly or through BN, activations and
-    other channel-preserving layers) share channel indices, as in DepGraph's grouping.
+    other channel-preserving layers) share channel indices, as in DepGraph's grouping; so does
+    a Multiply of a feature map with a squeeze-and-excitation gate (the gate conv's filters are
+    the map's channels). A depthwise layer (depth_multiplier 1) is a member too: its filters
+    are its input's channels, so its producers' filters join the group, and so does whatever
+    its own outputs meet.
     """
     producers = _producers(graph)
-    members, merges, todo = [start], [], [start]
-    seen = {start}
-    while todo:
-        path = todo.pop()
+    members, merges, seen = [start], [], {start}
+    forward = [start]  # layers whose consumers are still to visit
+    # (layer whose producers are still to visit, the merge or depthwise member it leads to)
+    backward = [(start, start)] if depthwise_member(graph.layers[start]) else []
+    while forward or backward:
+        while backward:
+            path, via = backward.pop()
+            for src in producers[path]:
+                if src in seen:
+                    continue
+                seen.add(src)
+                node = graph.layers[src]
+                if node.class_name in BATCHNORM_CLASSES or node.class_name in PASS_THROUGH:
+                    backward.append((src, via))
+                elif node.class_name in MERGES:
+                    merges.append(src)
+                    backward.append((src, src))
+                elif _prunable(node):
+                    members.append(src)
+                elif depthwise_member(node):
+                    members.append(src)
+                    backward.append((src, src))
+                else:
+                    raise _ungroupable(graph, start, via, src)
+                forward.append(src)
+        if not forward:
+            break
+        path = forward.pop()
         for nxt in graph.consumers(path):
             if nxt == OUTPUT or nxt in seen:
                 continue
-            cls = graph.layers[nxt].class_name
+            node = graph.layers[nxt]
+            cls = node.class_name
             if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH or cls in GLOBAL_POOLING:
                 seen.add(nxt)
-                todo.append(nxt)
+                forward.append(nxt)
             elif cls in MERGES:
                 seen.add(nxt)
                 merges.append(nxt)
-                todo.append(nxt)
-                back = list(producers[nxt])
-                while back:
-                    src = back.pop()
-                    if src in seen:
-                        continue
-                    seen.add(src)
-                    node = graph.layers[src]
-                    if node.class_name in BATCHNORM_CLASSES or node.class_name in PASS_THROUGH:
-                        back.extend(producers[src])
-                        todo.append(src)
-                    elif node.class_name in MERGES:
-                        merges.append(src)
-                        back.extend(producers[src])
-                        todo.append(src)
-                    elif _prunable(node):
-                        members.append(src)
-                        todo.append(src)
-                    else:
-                        raise ModelError(
-                            f"its channels meet those of '{start}' in {graph.layers[nxt].class_name}"
-                            f" '{nxt}', and filters of a {node.class_name} layer cannot be "
-                            f"removed", layer=src)
+                forward.append(nxt)
+                backward.append((nxt, nxt))
+            elif depthwise_member(node):  # its one input is this group's: nothing to go back to
+                seen.add(nxt)
+                members.append(nxt)
+                forward.append(nxt)
     return members, merges
+
+
+def _ungroupable(graph: Any, start: str, via: str, src: str) -> ModelError:
+    """Why `src`, whose channels the group of `start` reaches (at `via`), cannot lose them."""
+    cls, node = graph.layers[via].class_name, graph.layers[src]
+    meet = (f"meet those of '{start}' in {cls} '{via}'" if cls in MERGES else
+            f"are the filters of {cls} '{via}' (coupled with '{start}')")
+    family = family_of(node.class_name)
+    if node.class_name == "InputLayer":
+        what = "they come from the model input"
+    elif family is not None and family.name == "depthwise":
+        what = (f"a {node.class_name} with depth_multiplier "
+                f"{node.config.get('depth_multiplier')} cannot be grouped yet")
+    else:
+        what = f"filters of a {node.class_name} layer cannot be removed"
+    return ModelError(f"its channels {meet}, and {what}", layer=src)
 
 
 def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[str, list[int]]:
@@ -233,9 +270,13 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
         raise ModelError("removal of filters in models with nested models is not supported yet")
     plan = RemovalPlan(_couple(graph, selection, coupled))
     walk = _Walk(graph, plan, set(), {}, approximate)
+    followers: dict[str, list[int]] = {}  # depthwise members: the walk from their producers
     for path, removed in plan.selection.items():
         node = graph.layers[path]
         family = family_of(node.class_name)
+        if depthwise_member(node) and len(coupled_group(graph, path)[0]) > 1:
+            followers[path] = sorted(set(removed))  # sliced where the walk reaches them
+            continue
         if family is None or family.name not in REMOVABLE_FAMILIES or \
                 int(node.config.get("groups", 1)) != 1:
             raise ModelError(f"removal from a {node.class_name} layer is not supported yet",
@@ -254,6 +295,14 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
     while walk.pending:
         concat = min(walk.pending, key=order.index)  # config order is topological
         _release_concat(walk, concat, walk.pending.pop(concat))
+    reached = {t.layer: t for t in plan.touches if t.how == "depthwise"}
+    for path, removed in followers.items():
+        touch = reached.get(path)
+        if touch is None or sorted(set(range(touch.of)) - set(touch.keep)) != removed:
+            # coupling gave every member the same channels, so the walk from the producers
+            # reaches each depthwise member with exactly its selection
+            raise ModelError("the depthwise layer's selection differs from the channels its "
+                             "producers lose; please report this as a bug", layer=path)
     return plan
 
 
@@ -282,8 +331,9 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     result.approximate = bool(plan.statistics_changed)
     result.dropped_layers = list(plan.dropped)
     for touch in plan.touches:
+        # an operation node (`x + 3.0`) is no layer and holds no weights: it only passes
         apply_touch(touch.how, list(touch.keep), touch.class_name,
-                    graph.layers[touch.layer].config, weights[touch.layer])
+                    graph.layers[touch.layer].config, weights.get(touch.layer, {}))
         by_name[touch.layer].pop("build_config", None)  # its stale input shape fails a rebuild
         if touch.how == "filters":
             by_name[touch.layer]["config"]["filters"] = len(touch.keep)

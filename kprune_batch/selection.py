@@ -271,7 +271,7 @@ class _Stage:
             if layer.options.action != "remove" or path in done:
                 continue
             try:
-                members, _merges = coupled_group(self.graph, path)
+                members, merges = coupled_group(self.graph, path)
             except ModelError as exc:
                 # e.g. its channels meet a depthwise layer's: only an error if the layer ends up
                 # losing filters (a removal entry whose rules select nothing stays harmless)
@@ -290,6 +290,14 @@ class _Stage:
                     self.layers[m].max_fraction = min(x.max_fraction for x in listed)
                     self.layers[m].allow_empty_layer = all(x.allow_empty_layer for x in listed)
                 self.layers[m].group = list(members)
+            sizes = {self.layers[m].n for m in members}
+            if len(sizes) > 1:  # a merge that broadcasts (a one-channel gate, say)
+                counts = ", ".join(f"{m} ({self.layers[m].n})" for m in members[:MAX_LISTED])
+                raise ModelError(f"the coupled layers {counts} meet in {', '.join(merges)} "
+                                 f"with different channel counts (a broadcast), so their "
+                                 f"channels cannot be removed together", layer=path,
+                                 hint="remove filters of other layers, or zero these "
+                                      "(action: zero)")
 
     def _measure(self) -> None:
         """Data statistics of every layer a data rule looks at (a ranking unit's coupled members

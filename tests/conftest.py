@@ -103,6 +103,32 @@ def assert_only_changed(before: dict, after: dict, allowed: dict[tuple[str, str]
                     f"{layer}/{name} changed outside the zeroed filters"
 
 
+def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
+                     bias: str = "zero", neutralize: bool = True) -> Any:
+    """The contract's reference: zero the kernel slice (and the bias unless bias: keep);
+    neutralise a direct BN follower (gamma = beta = 0) unless batchnorm: keep."""
+    ref = keras.models.clone_model(model)
+    ref.set_weights(model.get_weights())
+    for name, filters in selection.items():
+        layer = ref.get_layer(name)
+        w = layer.get_weights()
+        cls = type(layer).__name__
+        if cls.startswith("Depthwise"):  # kernel (..., in, mult): filter c is input channel c
+            assert layer.depth_multiplier == 1
+            w[0][..., filters, :] = 0
+        else:  # pointwise kernel for separable, else kernel: filters on the last axis
+            w[1 if "Separable" in cls else 0][..., filters] = 0
+        if bias == "zero" and layer.use_bias:
+            w[-1][filters] = 0
+        layer.set_weights(w)
+        for bn in [l for l in ref.layers if l.__class__.__name__ == "BatchNormalization"]:
+            if neutralize and bn.input is layer.output:
+                g, b, mm, mv = bn.get_weights()
+                g[filters], b[filters] = 0, 0
+                bn.set_weights([g, b, mm, mv])
+    return ref
+
+
 def run_model(keras: Any, model: Any, x: Any, training: bool = False,
               layer: str | None = None) -> np.ndarray:
     """The model's output (or `layer`'s output) on `x`, run as kprune runs models: on the

@@ -10,31 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import _seeded_weights, kprune, run_model, write_spec
+from conftest import _seeded_weights, kprune, run_model, write_spec, zeroed_reference
 from kprune_batch.errors import ModelError
 from kprune_batch.removal import remove_filters
-
-
-def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
-                     bias: str = "zero", neutralize: bool = True) -> Any:
-    """The contract's reference: zero the kernel slice (and the bias unless bias: keep);
-    neutralise a direct BN follower (gamma = beta = 0) unless batchnorm: keep."""
-    ref = keras.models.clone_model(model)
-    ref.set_weights(model.get_weights())
-    for name, filters in selection.items():
-        layer = ref.get_layer(name)
-        w = layer.get_weights()
-        separable = "Separable" in type(layer).__name__
-        w[1 if separable else 0][..., filters] = 0  # pointwise for separable, else kernel
-        if bias == "zero" and layer.use_bias:
-            w[-1][filters] = 0
-        layer.set_weights(w)
-        for bn in [l for l in ref.layers if l.__class__.__name__ == "BatchNormalization"]:
-            if neutralize and bn.input is layer.output:
-                g, b, mm, mv = bn.get_weights()
-                g[filters], b[filters] = 0, 0
-                bn.set_weights([g, b, mm, mv])
-    return ref
 
 
 def check(keras: Any, model: Any, selection: dict[str, list[int]], removed_params: int,
@@ -453,10 +431,12 @@ def test_residual_groups(keras: Any, tmp_path: Path, coupled: str, c2: list[int]
     assert out.get_layer("c3").kernel.shape == (1, 1, 6 - len(removed), 6 - len(removed))
 
 
-def remove_by_index(model: Any, folder: Path, layers: dict[str, list[int]]) -> dict[str, Any]:
-    """Save `model` as m.keras, remove the listed filters with `kprune apply`, return the log."""
+def remove_by_index(model: Any, folder: Path, layers: dict[str, list[int]],
+                    options: str = "") -> dict[str, Any]:
+    """Save `model` as m.keras, remove the listed filters with `kprune apply` (each entry with
+    `options`, e.g. 'batchnorm: keep, '), return the log."""
     model.save(folder / "m.keras")
-    entries = "\n".join(f"      - {{name: {k}, action: remove, rules: [{{index: {v}}}]}}"
+    entries = "\n".join(f"      - {{name: {k}, action: remove, {options}rules: [{{index: {v}}}]}}"
                         for k, v in layers.items())
     spec = write_spec(folder, f"version: 1\nmodels:\n  - path: m.keras\n    layers:\n{entries}\n")
     kprune("apply", spec, "--audit-log", folder / "log.json").expect(0)
@@ -604,9 +584,10 @@ def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
 
 @pytest.mark.slow
 def test_mobilenetv2_removal_folds_into_projections(keras: Any, tmp_path: Path) -> None:
-    """Expand convs feed depthwise chains whose BN (trained-looking statistics) turns the
-    removed channels into constants: they are folded into the 1x1 projections (which have no
-    bias, so they gain one); block_5_project couples a residual stage."""
+    """Expand convs feed depthwise layers, which join their coupled groups (zeroed and removed
+    with them); with batchnorm: keep, each depthwise chain's BN (trained-looking statistics)
+    turns the removed channels into constants: they are folded into the 1x1 projections (which
+    have no bias, so they gain one); block_5_project couples a residual stage."""
     model = keras.applications.MobileNetV2(weights=None, input_shape=(64, 64, 3), classes=5)
     rng = np.random.default_rng(4)
     for layer in model.layers:
@@ -616,19 +597,24 @@ def test_mobilenetv2_removal_folds_into_projections(keras: Any, tmp_path: Path) 
                                rng.normal(0, 0.3, n), rng.uniform(0.5, 2.0, n)])
     layers = {"Conv1": [0, 3], "block_2_expand": [1, 2, 3], "block_3_expand": [5],
               "block_5_project": [0]}
-    log = remove_by_index(model, tmp_path, layers)
+    log = remove_by_index(model, tmp_path, layers, "batchnorm: keep, ")
     removal = log["models"][0]["removal"]
     assert removal["probe_deviation"] <= 1e-5 and removal["approximate"] is False
     folded = {f["layer"] for f in removal["folded"]}
     assert {"expanded_conv_project", "block_2_project", "block_3_project"} <= folded
-    assert {r["layer"] for r in log["removed"]} >= {"block_3_project", "block_4_project"}
+    removed: dict[str, list[int]] = {}
+    for r in log["removed"]:
+        removed.setdefault(r["layer"], []).append(r["filter"])
+    dw = {"expanded_conv_depthwise": [0, 3], "block_2_depthwise": [1, 2, 3],
+          "block_3_depthwise": [5]}
+    selection = {**layers, **dw, "block_3_project": [0], "block_4_project": [0]}
+    assert {k: sorted(v) for k, v in removed.items()} == selection
     out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
     assert out.count_params() == removal["params_after"] < removal["params_before"]
     assert out.get_layer("block_2_project").use_bias
     kprune("verify", tmp_path / "log.json").expect(0)
     x = np.random.default_rng(9).normal(size=(2, 64, 64, 3)).astype("float32")
-    selection = {**layers, "block_3_project": [0], "block_4_project": [0]}
-    reference = zeroed_reference(keras, model, selection)
+    reference = zeroed_reference(keras, model, selection, neutralize=False)
     assert np.max(np.abs(np.asarray(reference(x)) - np.asarray(out(x)))) <= 1e-5
     out.compile(optimizer="sgd", loss="mse")
     out.fit(x, rng.normal(size=(2, 5)), epochs=1, verbose=0)
