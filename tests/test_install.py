@@ -111,27 +111,20 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     process where tensorflow, keras, jax and torch cannot be imported; models built here."""
     shutil.copy(small_cnn, tmp_path / "small.keras")
     shutil.copy(small_cnn, tmp_path / "other.keras")
-    one = spec(tmp_path, "one.yaml", """
+    # one.yaml, and two.yaml's first model: small's conv2d_1 zeroed at `index`, written to `out`
+    zero_small = """
         version: 1
-        output_dir: out
+        output_dir: {out}
         models:
           - name: small
             path: small.keras
             layers:
               - name: conv2d_1
                 rules:
-                  - index: [0, 3]
-        """)
-    two = spec(tmp_path, "two.yaml", """
-        version: 1
-        output_dir: out2
-        models:
-          - name: small
-            path: small.keras
-            layers:
-              - name: conv2d_1
-                rules:
-                  - index: [3, 5]
+                  - index: {index}
+        """
+    one = spec(tmp_path, "one.yaml", zero_small.format(out="out", index="[0, 3]"))
+    two = spec(tmp_path, "two.yaml", zero_small.format(out="out2", index="[3, 5]") + """
           - name: other
             path: other.keras
             layers:
