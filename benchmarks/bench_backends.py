@@ -20,6 +20,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import measure, median_run, print_table  # noqa: E402  (one harness for all benchmarks)
+
 USUAL = textwrap.dedent("""\
     import sys
     import keras
@@ -56,24 +59,6 @@ SHA256 = textwrap.dedent("""\
             digest.update(block)
     print(digest.hexdigest())
 """)
-
-
-def measure(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Run `cmd` inside a fresh Python so that ru_maxrss of RUSAGE_CHILDREN is its own."""
-    wrapper = ("import resource, subprocess, sys, time, json\n"
-               "s = time.perf_counter()\n"
-               "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
-               "w = time.perf_counter() - s\n"
-               "assert r.returncode in (0,), r.stderr.decode()[-2000:]\n"
-               "print(json.dumps([w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
-    out = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True,
-                         env=env)
-    if out.returncode != 0:
-        raise SystemExit(f"{cmd} failed: {out.stderr[-3000:]}")
-    import json
-
-    wall, rss_kb = json.loads(out.stdout.strip().splitlines()[-1])
-    return wall, rss_kb / 1024.0
 
 
 def build(cache: Path, env: dict[str, str],
@@ -181,11 +166,7 @@ def main() -> None:
             "sha256 of the file, once": [[sys.executable, "-c", SHA256, str(path)]],
         }
         measure(ways["kprune apply, re-run, output already up to date"][0], env)  # untimed
-        results = {}
-        for way, cmds in ways.items():
-            samples = [measure(cmds[i % len(cmds)], env) for i in range(args.runs)]
-            results[way] = (statistics.median(s[0] for s in samples),
-                            max(s[1] for s in samples))
+        results = {way: median_run(cmds, env, args.runs) for way, cmds in ways.items()}
         base = results["usual script (load, set_weights, save)"][0]
         copy = results["plain file copy"][0]
         size = path.stat().st_size / 1e6
@@ -194,10 +175,7 @@ def main() -> None:
                         f"{wall / copy:.1f}x | {rss:.0f} |")
         shutil.rmtree(work, ignore_errors=True)
     batch = batch_lines(env, args.runs)
-    print(f"runs per cell: {args.runs} (median wall time; peak RSS of the child process)\n")
-    print("| model | way | wall s | vs usual | vs copy | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print_table(args.runs, ["model", "way", "wall s", "vs usual", "vs copy", "peak RSS MB"], rows)
     print("\n" + "\n".join(batch))
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backends import COPY, build, measure  # noqa: E402  (one harness for all benchmarks)
+from _timing import median_run, print_table  # noqa: E402  (one harness for all benchmarks)
+from bench_backends import COPY, build  # noqa: E402
 
 USUAL = textwrap.dedent("""\
     import sys
@@ -75,10 +75,9 @@ def main() -> None:
         if name == "ResNet50":
             cases.append(("25 % smallest l1, one ranking across all convs", "entry"))
         usual = [sys.executable, str(work / "usual.py"), str(path), str(work / "usual.keras")]
-        base = statistics.median(measure(usual, env)[0] for _ in range(args.runs))
-        copy = statistics.median(
-            measure([sys.executable, "-c", COPY, str(path), str(work / "copy.keras")], env)[0]
-            for _ in range(args.runs))
+        base = median_run([usual], env, args.runs)[0]
+        copy = median_run([[sys.executable, "-c", COPY, str(path), str(work / "copy.keras")]],
+                          env, args.runs)[0]
         size = path.stat().st_size / 1e6
         rows.append(f"| {name} ({size:.0f} MB) | usual script | {base:.2f} | 1.000x | "
                     f"{base / copy:.1f}x | |")
@@ -89,17 +88,12 @@ def main() -> None:
                     ("kprune apply (direct)", kprune + ["apply", str(spec), "--audit-log",
                                                         str(work / "log.json")]),
                     ("kprune plan", kprune + ["plan", str(spec)])):
-                samples = [measure(cmd, env) for _ in range(args.runs)]
-                wall = statistics.median(s[0] for s in samples)
-                rss = max(s[1] for s in samples)
+                wall, rss = median_run([cmd], env, args.runs)
                 rows.append(f"| {name} ({size:.0f} MB) | {way}: {label} | {wall:.2f} | "
                             f"{wall / base:.3f}x | {wall / copy:.1f}x | {rss:.0f} |")
         rows.append(f"| {name} ({size:.0f} MB) | plain file copy | {copy:.2f} | "
                     f"{copy / base:.3f}x | 1.0x | |")
-    print(f"runs per cell: {args.runs} (median wall time; peak RSS of the child process)\n")
-    print("| model | way | wall s | vs usual | vs copy | peak RSS MB |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    print_table(args.runs, ["model", "way", "wall s", "vs usual", "vs copy", "peak RSS MB"], rows)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backends import build, measure, small_batch  # noqa: E402
+from _timing import median_run, print_table  # noqa: E402
+from bench_backends import build, small_batch  # noqa: E402
 from bench_selection import spec_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent.parent
@@ -81,15 +81,9 @@ def main() -> None:
                     assert probe.returncode != 0
                     rows.append(f"| {label} | {version} | {tf} | fails (needs Keras) | |")
                     continue
-                samples = [measure(kprune + ["verify", str(log)], case_env)
-                           for _ in range(args.runs)]
-                wall = statistics.median(s[0] for s in samples)
-                rss = max(s[1] for s in samples)
+                wall, rss = median_run([kprune + ["verify", str(log)]], case_env, args.runs)
                 rows.append(f"| {label} | {version} | {tf} | {wall:.2f} | {rss:.0f} |")
-    print(f"runs per cell: {args.runs} (median wall time; peak RSS of the child process)\n")
-    print("| log | verify | TensorFlow | wall s | peak RSS MB |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
+    print_table(args.runs, ["log", "verify", "TensorFlow", "wall s", "peak RSS MB"], rows)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
-# numpy is imported by each function that computes: spec.py reads this module's rule kinds while
-# validating, and `kprune validate` never imports numpy (it is most of its start-up otherwise)
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
 from kprune_batch.errors import KpruneError
 # the kind names live in rule_kinds (no numpy: validate reads them and must start fast)
@@ -34,8 +31,6 @@ def filter_stats(slices: np.ndarray) -> dict[str, np.ndarray]:
     faster than gathering each filter's slice into a contiguous row first (a ranking over every
     conv of ResNet50 computes this for 23 M weights).
     """
-    import numpy as np
-
     values = np.asarray(slices)
     axes = tuple(range(1, values.ndim))
     size = int(np.prod(values.shape[1:], dtype=np.int64))
@@ -50,8 +45,6 @@ def filter_stats(slices: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _nonfinite_filters(slices: np.ndarray) -> list[int]:
-    import numpy as np
-
     flat = np.asarray(slices, dtype=np.float64).reshape(slices.shape[0], -1)
     return [int(i) for i in np.flatnonzero(~np.isfinite(flat).all(axis=1))]
 
@@ -62,8 +55,6 @@ def check_finite(kind: str, slices: np.ndarray | None,
     so such a filter would silently never be selected (nor kept on purpose). With the slices'
     `stats` at hand, their l1 tells without another pass (finite exactly when every weight is:
     float64 sums of float32 values cannot overflow)."""
-    import numpy as np
-
     if stats is not None:
         nonfinite = [int(i) for i in np.flatnonzero(~np.isfinite(stats["l1"]))]
     else:
@@ -78,8 +69,6 @@ def check_finite(kind: str, slices: np.ndarray | None,
 
 def threshold(values: np.ndarray, params: Mapping[str, Any]) -> list[int]:
     """The filters whose statistic is strictly below (or above) the rule's bound."""
-    import numpy as np
-
     if "below" in params:
         return [int(i) for i in np.flatnonzero(values < float(params["below"]))]
     return [int(i) for i in np.flatnonzero(values > float(params["above"]))]
@@ -101,8 +90,6 @@ def rank_order(scores: np.ndarray, kind: str, tiebreak: np.ndarray | None = None
     """Candidate positions in ranking order: smallest (or largest) score first, ties by
     `tiebreak` (default: the position itself, i.e. the filter index), lowest first. np.lexsort
     sorts by its last key first and is stable, so the order never depends on sort stability."""
-    import numpy as np
-
     scores = np.asarray(scores, dtype=np.float64)
     key = scores if kind == "smallest" else -scores
     ties = np.arange(len(scores)) if tiebreak is None else tiebreak
@@ -113,8 +100,6 @@ def normalized(scores: np.ndarray, how: str) -> np.ndarray:
     """A layer's scores scaled for one ranking across layers: divided by their mean, their max
     (of absolute values: scores may be negative, e.g. `mean`), or left as they are. An all-zero
     layer stays all zero (no division by zero)."""
-    import numpy as np
-
     scores = np.asarray(scores, dtype=np.float64)
     if how == "none" or not len(scores):
         return scores
@@ -145,8 +130,6 @@ def select(kind: str, params: Any, slices: np.ndarray) -> list[int]:
 
 
 def _select_sign(params: Mapping[str, Any], slices: np.ndarray) -> list[int]:
-    import numpy as np
-
     element = [int(e) for e in params["element"]]
     slice_shape = tuple(slices.shape[1:])
     if len(element) != len(slice_shape):

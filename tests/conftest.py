@@ -61,6 +61,42 @@ def kprune_fixture() -> Any:
     return kprune
 
 
+# --- a child process in which no Keras framework can be imported ------------------------------
+
+FRAMEWORKS = ("tensorflow", "keras", "jax", "torch")
+
+# Put on a child's PYTHONPATH only: Python imports sitecustomize at start-up (site.py), before
+# any kprune code, so every import of a blocked framework fails as on a machine where `pip install
+# kprune-batch` installed none of them. Each attempt is recorded in sitecustomize.ATTEMPTS (a
+# child that imports sitecustomize reads them); the message says the test blocked it.
+BLOCKER = '''\
+import sys
+
+ATTEMPTS = []
+
+
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in {blocked!r}:
+            ATTEMPTS.append(name)
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by the test)",
+                                      name=name)
+        return None
+
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def without_frameworks(folder: Path, frameworks: tuple[str, ...] = FRAMEWORKS) -> dict[str, str]:
+    """The PYTHONPATH of a child process in which none of `frameworks` can be imported: the
+    blocker written into `folder`, then this checkout, then the caller's own PYTHONPATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(BLOCKER.format(blocked=tuple(frameworks)))
+    extra = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    return {"PYTHONPATH": os.pathsep.join([str(folder), str(REPO), *extra])}
+
+
 def write_spec(folder: Path, text: str, name: str = "spec.yaml") -> Path:
     path = Path(folder) / name
     path.write_text(textwrap.dedent(text).lstrip())

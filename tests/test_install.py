@@ -19,30 +19,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, layer_weights
+from conftest import FRAMEWORKS, REPO, layer_weights, without_frameworks
 
-FRAMEWORKS = ("tensorflow", "keras", "jax", "torch")
 EXTRAS = "pip install 'kprune-batch[tensorflow]' (or [jax], [torch])"
-
-# Put on the child's PYTHONPATH only: Python imports sitecustomize at start-up (site.py), before
-# any kprune code, so every `import keras` (and tensorflow, jax, torch) fails as on a machine
-# where `pip install kprune-batch` installed none of them. Each attempt is recorded.
-BLOCKER = '''
-import sys
-
-ATTEMPTS = []
-
-
-class _NoFrameworks:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {frameworks!r}:
-            ATTEMPTS.append(name)
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-        return None
-
-
-sys.meta_path.insert(0, _NoFrameworks())
-'''.format(frameworks=set(FRAMEWORKS))
 
 # Runs many command lines in one process (one interpreter start for all cases): for each, the
 # exit code, stdout, stderr, the framework imports attempted and whether numpy was imported yet.
@@ -76,21 +55,12 @@ if __name__ == "__main__":  # --jobs workers are spawned: they import this file 
 '''
 
 
-def without_frameworks(tmp_path: Path) -> dict[str, str]:
-    """The environment of a child process in which no Keras framework can be imported."""
-    folder = tmp_path / "blocker"
-    folder.mkdir(exist_ok=True)
-    (folder / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(folder), str(REPO)])
-    return env
-
-
 def run_cases(tmp_path: Path, cases: list[tuple[str, ...]]) -> list[dict[str, Any]]:
     (tmp_path / "driver.py").write_text(DRIVER)
     payload = json.dumps([{"args": list(c), "cwd": str(tmp_path)} for c in cases])
     proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), payload],
-                          capture_output=True, text=True, env=without_frameworks(tmp_path),
+                          capture_output=True, text=True,
+                          env={**os.environ, **without_frameworks(tmp_path / "blocker")},
                           timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])
@@ -141,27 +111,20 @@ def test_core_paths_run_without_any_framework(tmp_path: Path, keras: Any,
     process where tensorflow, keras, jax and torch cannot be imported; models built here."""
     shutil.copy(small_cnn, tmp_path / "small.keras")
     shutil.copy(small_cnn, tmp_path / "other.keras")
-    one = spec(tmp_path, "one.yaml", """
+    # one.yaml, and two.yaml's first model: small's conv2d_1 zeroed at `index`, written to `out`
+    zero_small = """
         version: 1
-        output_dir: out
+        output_dir: {out}
         models:
           - name: small
             path: small.keras
             layers:
               - name: conv2d_1
                 rules:
-                  - index: [0, 3]
-        """)
-    two = spec(tmp_path, "two.yaml", """
-        version: 1
-        output_dir: out2
-        models:
-          - name: small
-            path: small.keras
-            layers:
-              - name: conv2d_1
-                rules:
-                  - index: [3, 5]
+                  - index: {index}
+        """
+    one = spec(tmp_path, "one.yaml", zero_small.format(out="out", index="[0, 3]"))
+    two = spec(tmp_path, "two.yaml", zero_small.format(out="out2", index="[3, 5]") + """
           - name: other
             path: other.keras
             layers:

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, kprune, write_spec
+from conftest import FRAMEWORKS, kprune, without_frameworks, write_spec
 
 SPEC = """\
 version: 1
@@ -213,22 +213,6 @@ def test_log_that_does_not_fit_the_input_is_a_mismatch(run: dict[str, Any], chan
 
 # --- the direct reader: no framework needed; bit flips found; a run moved elsewhere -------------
 
-BLOCKER = """\
-import sys
-
-
-class _NoFrameworks:
-    \"\"\"verify must not need a deep-learning framework: importing one fails in this child.\"\"\"
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("tensorflow", "keras", "jax", "torch"):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-
-sys.meta_path.insert(0, _NoFrameworks())
-"""
-
 ZERO_SPEC = """\
 version: 1
 output_dir: {out}
@@ -294,15 +278,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, keras: Any, small_cnn: Path,
     spec = write_spec(folder, REMOVE_SPEC, "remove.yaml")
     kprune("apply", spec, "--audit-log", folder / "remove.json").expect(0)
     blocker = folder.parent / f"{folder.name}-blocker"
-    blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(BLOCKER)
-    extra = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
-    path = os.pathsep.join([str(blocker), str(REPO), *extra])
-    return {"folder": folder, "no_frameworks": {"PYTHONPATH": path}}
+    return {"folder": folder, "no_frameworks": without_frameworks(blocker)}
 
 
 def test_the_blocker_blocks(runs: dict[str, Any]) -> None:
-    for module in ("tensorflow", "keras", "jax", "torch"):
+    for module in FRAMEWORKS:
         proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
                               text=True, env={**os.environ, **runs["no_frameworks"]})
         assert f"ModuleNotFoundError: No module named '{module}' (blocked by the test)" in \
