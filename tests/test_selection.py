@@ -424,6 +424,21 @@ def test_a_listed_depthwise_layer_removes_its_producers_channels(
     assert out.get_layer("bn2").gamma.shape == (5,)
 
 
+def test_a_concatenate_inside_a_group_is_refused_naming_it(keras: Any, tmp_path: Path) -> None:
+    # NASNet's cells add a concatenation of two convs to a third conv's output
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    cat = L.Concatenate(name="cat")([L.Conv2D(2, 1, name="a")(i), L.Conv2D(2, 1, name="b")(i)])
+    x = L.Add(name="add")([cat, L.Conv2D(4, 1, name="c")(i)])
+    keras.Model(i, L.Conv2D(2, 1, name="head")(x)).save(tmp_path / "cat.keras")
+    write_spec(tmp_path, "version: 1\nmodels:\n  - path: cat.keras\n    layers: "
+                         "[{name: c, action: remove, rules: [{index: [0]}]}]\n")
+    assert kprune("plan", tmp_path / "spec.yaml").expect(1).stderr == (
+        "error: model 'cat', layer 'cat': its channels meet those of 'c' in Add 'add', and a "
+        "Concatenate inside a coupled group is not supported yet (each input's channels would "
+        "map to an offset in the group)\n")
+
+
 def test_guard_holds_after_coupling(tmp_path: Path, residual: Path) -> None:
     # each entry alone selects <= half, but the union makes c2, c3 and stem lose 4 of 6
     result, log = run(tmp_path, f"""\
