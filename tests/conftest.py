@@ -151,9 +151,8 @@ def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
         layer = ref.get_layer(name)
         w = layer.get_weights()
         cls = type(layer).__name__
-        if cls.startswith("Depthwise"):  # kernel (..., in, mult): filter c is input channel c
-            assert layer.depth_multiplier == 1
-            w[0][..., filters, :] = 0
+        if cls.startswith("Depthwise"):  # kernel (..., in, mult): filter f = c * mult + m
+            w[0].reshape(w[0].shape[:-2] + (-1,))[..., filters] = 0  # a view of w[0]
         else:  # pointwise kernel for separable, else kernel: filters on the last axis
             w[1 if "Separable" in cls else 0][..., filters] = 0
         if bias == "zero" and layer.use_bias:

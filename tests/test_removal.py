@@ -76,6 +76,26 @@ def test_depthwise_chain_and_global_pooling(keras: Any) -> None:
     check(keras, model, {"c1": [1]}, 4 + 18 + 8)
 
 
+def test_depthwise_multiplier_in_a_group(keras: Any) -> None:
+    """c0's channel c is the depthwise outputs 2c and 2c+1, which meet c1's filters 2c, 2c+1
+    in an Add: removing c1's filter 0 takes c1's 0-1, the depthwise layer's 0-1 and c0's 0."""
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    y = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(
+        L.Conv2D(2, 1, name="c0")(i))
+    x = L.Add(name="add")([L.Conv2D(4, 1, name="c1")(i), y])
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
+    from kprune_batch.graph import build_graph
+    from kprune_batch.removal import group_of
+
+    group = group_of(build_graph(keras.saving.serialize_keras_object(model)), "c1")
+    assert (sorted(group.members), dict(group.divisor), group.size) == (
+        ["c0", "c1", "dw"], {"c1": 2, "dw": 2, "c0": 1}, 2)
+    # c0 (3*2 + 2 -> 3 + 1), dw (9*2*2 + 4 -> 9*2 + 2), c1 (12 + 4 -> 6 + 2), head (8 + 2 -> 4 + 2)
+    result = check(keras, model, {"c1": [0, 1], "dw": [0, 1], "c0": [0]}, 4 + 20 + 8 + 4)
+    assert result.model.get_layer("dw").kernel.shape == (3, 3, 1, 2)
+
+
 def test_depthwise_bias_is_folded_downstream(keras: Any) -> None:
     L = keras.layers
     i = keras.Input((8, 8, 3))
@@ -572,11 +592,11 @@ RESNET_STAGE4 = {f"conv4_block{i}_3_conv": [7] for i in range(1, 7)}
                   "conv4_block1_0_conv": [7]}, RESNET_STAGE4),
     ("DenseNet121", {"conv2_block1_2_conv": [0, 5], "conv3_block4_1_conv": [3]}, {}),  # concat
     # a depthwise layer joins its producer's group: listed expand conv or listed depthwise
-    ("MobileNetV2", {"block_1_expand": [0, 3], "block_2_depthwise": [1, 4]},
+    # (Conv_1, top_conv so that the edit shows: an untrained network's output may hardly
+    # depend on its early blocks)
+    ("MobileNetV2", {"block_1_expand": [0, 3], "block_2_depthwise": [1, 4], "Conv_1": [1, 2, 3]},
      {"block_1_depthwise": [0, 3], "block_2_expand": [1, 4]}),
     # squeeze-excitation: the gate conv's filters are the feature map's channels
-    # (top_conv so that the edit shows: this untrained network's output hardly depends on
-    # its early blocks)
     ("EfficientNetB0", {"block2a_expand_conv": [0, 5], "block3b_se_expand": [2],
                         "top_conv": [1, 2, 3]},
      {"block2a_dwconv": [0, 5], "block2a_se_expand": [0, 5], "block3b_expand_conv": [2],

@@ -602,19 +602,17 @@ def test_a_group_that_cannot_be_removed_only_fails_a_selection(keras: Any,
                                                                tmp_path: Path) -> None:
     L = keras.layers
     i = keras.Input((6, 6, 3))
-    x = L.Conv2D(4, 1, name="c1")(i)
-    # depth_multiplier 2: each of c0's 2 channels carries 2 of the depthwise outputs
-    y = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(
-        L.Conv2D(2, 1, name="c0")(i))
-    model = keras.Model(i, L.Conv2D(2, 1, name="head")(L.Add(name="add")([x, y])))
+    # a one-channel gate broadcast over c1's four channels: they cannot lose the same ones
+    x = L.Multiply(name="mul")([L.Conv2D(4, 1, name="c1")(i), L.Conv2D(1, 1, name="g")(i)])
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
     _seeded_weights(model, 3)
-    model.save(tmp_path / "dw.keras")
-    spec = "version: 1\nmodels:\n  - path: dw.keras\n    layers: [{name: c1, action: remove, " \
+    model.save(tmp_path / "bc.keras")
+    spec = "version: 1\nmodels:\n  - path: bc.keras\n    layers: [{name: c1, action: remove, " \
            "rules: [{index: %s}]}]\n"
     write_spec(tmp_path, spec % "[0]")
     assert kprune("plan", tmp_path / "spec.yaml").expect(1).stderr == (
-        "error: model 'dw', layer 'dw': its channels meet those of 'c1' in Add 'add', and a "
-        "DepthwiseConv2D with depth_multiplier 2 cannot be grouped yet\n")
+        "error: model 'bc', layer 'g': its channels meet those of 'c1' in Multiply 'mul', and "
+        "the tensors it joins have different channel counts (a broadcast)\n")
     # the same entry whose rule selects nothing is harmless
     write_spec(tmp_path, spec.replace("{index: %s}", "{l1: {below: -1}}"))
     kprune("plan", tmp_path / "spec.yaml").expect(0)
