@@ -424,6 +424,35 @@ def test_a_listed_depthwise_layer_removes_its_producers_channels(
     assert out.get_layer("bn2").gamma.shape == (5,)
 
 
+def test_a_depthwise_multiplier_ranks_channels(keras: Any, tmp_path: Path) -> None:
+    # depth_multiplier 2: the depthwise layer's filters 2c, 2c+1 are c0's channel c, one unit
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(L.Conv2D(5, 1, name="c0")(i))
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
+    _seeded_weights(model, 5)
+    model.save(tmp_path / "m2.keras")
+    _, log = run(tmp_path, """\
+        version: 1
+        models:
+          - path: m2.keras
+            layers: [{name: dw, action: remove, rules: [{smallest: {by: l1, count: 2}}]}]
+        """)
+    w = layer_weights(keras, tmp_path / "m2.keras")
+    dw = np.abs(w["dw"]["kernel"].astype(np.float64)).sum(axis=(0, 1, 3))  # (3, 3, 5, 2)
+    want = smallest(l1(w["c0"]["kernel"]) + dw, 2)
+    assert zeroed_by_layer(log, "removed") == {
+        "c0": want, "dw": sorted(2 * c + m for c in want for m in (0, 1))}
+    picks = {r["filter"]: r["ranking"][0]["position"] for r in log["removed"]
+             if r["layer"] == "dw"}
+    assert sorted(picks.values()) == [1, 1, 2, 2]  # a channel's two filters share its place
+    out = keras.saving.load_model(tmp_path / "pruned" / "m2.keras")
+    kept = [c for c in range(5) if c not in want]
+    np.testing.assert_array_equal(out.get_layer("dw").kernel.numpy(),
+                                  w["dw"]["kernel"][:, :, kept])
+    assert out.get_layer("head").kernel.shape == (1, 1, 6, 2)
+
+
 def test_a_concatenate_inside_a_group_is_refused_naming_it(keras: Any, tmp_path: Path) -> None:
     # NASNet's cells add a concatenation of two convs to a third conv's output
     L = keras.layers
