@@ -279,7 +279,8 @@ def _ungroupable(graph: Any, start: str, src: str, via: str, why: str) -> ModelE
     """Why `src`, whose channels the group of `start` reaches (at `via`), cannot lose them."""
     cls, node = graph.layers[via].class_name, graph.layers[src]
     meet = (f"meet those of '{start}' in {cls} '{via}'" if cls in MERGES else
-            f"are the filters of {cls} '{via}' (coupled with '{start}')")
+            f"are the filters of {cls} '{via}'" + (f" (coupled with '{start}')" if via != start
+                                                     else ""))
     family = family_of(node.class_name)
     if why == "broadcast":
         what = "the tensors it joins have different channel counts (a broadcast)"
@@ -313,7 +314,8 @@ def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[s
         values = list(listed.values())
         if coupled == "error" and any(v != values[0] for v in values):
             raise ModelError(
-                f"the layers {', '.join(group.members)} meet in {', '.join(group.merges)} and "
+                f"the layers {', '.join(group.members)} "
+                f"{'meet in ' + ', '.join(group.merges) if group.merges else 'share channels'} and "
                 f"must lose the same filters, but their rules select different ones",
                 layer=path, hint="set coupled: union or coupled: intersection on the entries")
         chosen = set(values[0])

@@ -74,13 +74,15 @@ def threshold(values: np.ndarray, params: Mapping[str, Any]) -> list[int]:
     return [int(i) for i in np.flatnonzero(values > float(params["above"]))]
 
 
-def budget(params: Mapping[str, Any], n: int, where: str = "the layer") -> int:
-    """How many filters a ranking takes of `n`: floor(fraction * n) (1e-9 slack so that a decimal
-    fraction such as 0.29 of 100 gives 29, not 28), or count, which may not exceed n."""
+def budget(params: Mapping[str, Any], n: int, where: str = "the layer",
+           unit: str = "filters") -> int:
+    """How many filters (or channels: `unit`) a ranking takes of `n`: floor(fraction * n) (1e-9
+    slack so that a decimal fraction such as 0.29 of 100 gives 29, not 28), or count, which may
+    not exceed n."""
     if params.get("count") is not None:
         count = int(params["count"])
         if count > n:
-            raise RuleError(f"count {count} is more than {where} has: {n} filters",
+            raise RuleError(f"count {count} is more than {where} has: {n} {unit}",
                             hint=f"use a count of at most {n}, or a fraction")
         return count
     return int(math.floor(float(params["fraction"]) * n + 1e-9))

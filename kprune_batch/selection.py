@@ -177,6 +177,7 @@ class _Layer:
     # filter f is channel f // div of its coupled group (div > 1: a depthwise layer with
     # depth_multiplier > 1, or a layer its outputs meet); 1 outside groups
     div: int = 1
+    merges: list[str] = field(default_factory=list)  # the merges coupling its group, if any
 
     @property
     def channels(self) -> int:
@@ -306,6 +307,7 @@ class _Stage:
                     self.layers[m].allow_empty_layer = all(x.allow_empty_layer for x in listed)
                 self.layers[m].group = list(members)
                 self.layers[m].div = group.divisor[m]
+                self.layers[m].merges = merges
                 if self.layers[m].n != group.size * group.divisor[m]:
                     raise ModelError(f"the config gives the layer {group.size * group.divisor[m]}"
                                      f" filters, its kernel {self.layers[m].n}", layer=m)
@@ -421,7 +423,11 @@ class _Stage:
         are of channels, each a depthwise multiplier's filters at once), as its filters."""
         p = rule.params
         scores = self._scores(p["by"], self._unit(layer), rule.loc)
-        k = budget(p, layer.channels)
+        if layer.div > 1:  # the count is of channels, each several of the layer's filters
+            k = budget(p, layer.channels, "the layer's coupled group",
+                       f"channels ({layer.div} of the layer's {layer.n} filters each)")
+        else:
+            k = budget(p, layer.channels)
         chosen = [int(c) for c in rank_order(scores, rule.kind)[:k]]
         for position, c in enumerate(chosen, start=1):
             for f in layer.to_filters([c]):
@@ -510,8 +516,11 @@ class _Stage:
                 if len(listed) > MAX_LISTED:
                     detail.append(f"… and {len(listed) - MAX_LISTED} more")
                 group = group_text(layer.group, [m.path for m in listed])
+                # a depthwise layer and its producer share channels without any merge
+                how = ("meet in an Add-type merge" if layer.merges else
+                       "are coupled by a depthwise layer (its filters are its input's channels)")
                 raise ModelError(
-                    f"the layers {group} meet in an Add-type merge and must lose the same "
+                    f"the layers {group} {how} and must lose the same "
                     f"filters, but their rules select different ones: {'; '.join(detail)}",
                     layer=listed[0].path,
                     hint="set coupled: union or coupled: intersection on the entries")

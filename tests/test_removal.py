@@ -766,3 +766,43 @@ def test_large_outputs_are_bounded_relatively(keras: Any, tmp_path: Path) -> Non
     assert np.abs(want).max() > 1e6
     assert np.all(np.abs(got - want) <= 1e-5 + 1e-5 * np.abs(want))
     assert out.get_layer("c2").kernel.shape == (1, 1, 13, 8)
+
+
+def test_depthwise_output_added_to_its_own_input(keras: Any, tmp_path: Path) -> None:
+    """Add([x, dw(x)]): the depthwise layer's channel c meets its input channel c, so listing
+    dw takes c0's filter and verify counts both removed filters (it counted the depthwise
+    layer's, which has no mapping of its own, as zeroed)."""
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    c = L.Conv2D(4, 1, name="c0")(i)
+    x = L.Add(name="add")([c, L.DepthwiseConv2D(3, padding="same", name="dw")(c)])
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
+    _seeded_weights(model, 31)
+    log = remove_by_index(model, tmp_path, {"dw": [1]})
+    assert sorted((r["layer"], r["filter"]) for r in log["removed"]) == [("c0", 1), ("dw", 1)]
+    assert log["zeroed"] == []
+    assert kprune("verify", tmp_path / "log.json").expect(0).stdout == (
+        "ok      m: 0 zeroed and 2 removed filter(s) verified: every weight equals the input's "
+        "with the logged slices and edits applied\n")
+    ref = zeroed_reference(keras, keras.saving.load_model(tmp_path / "m.keras"),
+                           {"c0": [1], "dw": [1]})
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    assert out.get_layer("dw").kernel.shape == (3, 3, 3, 1)
+    x = np.random.default_rng(3).normal(size=(2, 8, 8, 3)).astype("float32")
+    expected, got = run_model(keras, ref, x), run_model(keras, out, x)
+    assert np.all(np.abs(expected - got) <= 1e-5 + 1e-5 * np.abs(expected))
+
+
+def test_depthwise_on_the_model_input_is_refused_in_one_line(keras: Any, tmp_path: Path) -> None:
+    L = keras.layers
+    i = keras.Input((8, 8, 3), name="image")
+    keras.Model(i, L.Conv2D(2, 1)(L.DepthwiseConv2D(3, name="dw")(i))).save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n"
+                                "    layers: [{name: dw, action: remove, rules: [{index: [0]}]}]\n")
+    # the depthwise layer's channels are the input's: nothing upstream can lose them (the line
+    # said "coupled with 'dw'" of dw itself)
+    line = ("error: model 'm', layer 'image': its channels are the filters of "
+            "DepthwiseConv2D 'dw', and they come from the model input\n")
+    assert kprune("plan", spec).expect(1).stderr == line
+    assert kprune("apply", spec).expect(1).stderr == line
+    assert not (tmp_path / "pruned" / "m.keras").exists()

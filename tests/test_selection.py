@@ -453,6 +453,63 @@ def test_a_depthwise_multiplier_ranks_channels(keras: Any, tmp_path: Path) -> No
     assert out.get_layer("head").kernel.shape == (1, 1, 6, 2)
 
 
+@pytest.fixture(scope="session")
+def multiplier_chain(keras: Any, models_dir: Path) -> Path:
+    """c0 (4) -> dw (depth_multiplier 2, 8 filters: two per channel of c0) -> head."""
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(L.Conv2D(4, 1, name="c0")(i))
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
+    _seeded_weights(model, 6)
+    path = models_dir / "mult.keras"
+    model.save(path)
+    return path
+
+
+def test_a_count_beyond_a_multiplier_groups_channels_names_channels(
+        tmp_path: Path, multiplier_chain: Path) -> None:
+    # 8 filters but 4 channels: the count is of channels, and the message says so (it said
+    # "4 filters" of an 8-filter layer)
+    result, _ = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {multiplier_chain}
+            layers: [{{name: dw, action: remove, rules: [{{smallest: {{by: l1, count: 5}}}}]}}]
+        """, code=1)
+    assert result.stderr == (
+        "error: model 'mult', layer 'dw': models[0].layers[0].rules[0]: count 5 is more than "
+        "the layer's coupled group has: 4 channels (2 of the layer's 8 filters each); use a count "
+        "of at most 4, or a fraction\n")
+
+
+@pytest.mark.parametrize("coupled, removed", [
+    ("error", None), ("union", {"c0": [0, 1, 2], "dw": [0, 1, 2, 3, 4, 5]}),
+    ("intersection", {"c0": [1], "dw": [2, 3]})])
+def test_a_listed_depthwise_layer_and_its_listed_producer_couple(
+        tmp_path: Path, multiplier_chain: Path, coupled: str,
+        removed: dict[str, list[int]] | None) -> None:
+    # dw's filters 0 and 3 are channels 0 and 1; c0 selects 1 and 2: no merge couples them,
+    # the depthwise layer does (the message said "meet in an Add-type merge")
+    result, log = run(tmp_path, f"""\
+        version: 1
+        defaults: {{action: remove, coupled: {coupled}, max_fraction: 0.75}}
+        models:
+          - path: {multiplier_chain}
+            layers:
+              - {{name: dw, rules: [{{index: [0, 3]}}]}}
+              - {{name: c0, rules: [{{index: [1, 2]}}]}}
+        """, code=1 if removed is None else 0)
+    if removed is None:
+        assert result.stderr == (
+            "error: model 'mult', layer 'dw': the layers dw, c0 (listed) are coupled by a "
+            "depthwise layer (its filters are its input's channels) and must lose the same "
+            "filters, but their rules select different ones: dw (models[0].layers[0]) selects "
+            "0, 3; c0 (models[0].layers[1]) selects 1-2; set coupled: union or coupled: "
+            "intersection on the entries\n")
+        return
+    assert zeroed_by_layer(log, "removed") == removed
+
+
 def test_a_concatenate_inside_a_group_is_refused_naming_it(keras: Any, tmp_path: Path) -> None:
     # NASNet's cells add a concatenation of two convs to a third conv's output
     L = keras.layers

@@ -73,7 +73,9 @@ def verify(log_path: str, probe: bool = False, root: str | None = None) -> Resul
             if note:
                 result.out.append(f"note     {model['name']}: {note}")
         elif removal:
-            removed = sum(1 for r in records if r["layer"] in removal["mappings"])
+            # counted from the log's removed list: a depthwise member loses filters without a
+            # mapping of its own (its producers' mapping slices it)
+            removed = sum(1 for r in log.get("removed", []) if r["model"] == model["name"])
             result.out.append(
                 f"ok      {model['name']}: {len(records) - removed} zeroed and {removed} removed "
                 f"filter(s) verified: every weight equals the input's with the logged slices"
