@@ -291,6 +291,9 @@ def _ungroupable(graph: Any, start: str, src: str, via: str, why: str) -> ModelE
     elif node.class_name == "Concatenate":
         what = ("a Concatenate inside a coupled group is not supported yet (each input's "
                 "channels would map to an offset in the group)")
+    elif family is not None and int(node.config.get("groups", 1)) != 1:
+        what = (f"it is a grouped convolution (groups={node.config['groups']}), whose filters "
+                f"cannot be removed yet")
     else:
         what = f"filters of a {node.class_name} layer cannot be removed"
     return ModelError(f"its channels {meet}, and {what}", layer=src)

@@ -806,3 +806,17 @@ def test_depthwise_on_the_model_input_is_refused_in_one_line(keras: Any, tmp_pat
     assert kprune("plan", spec).expect(1).stderr == line
     assert kprune("apply", spec).expect(1).stderr == line
     assert not (tmp_path / "pruned" / "m.keras").exists()
+
+
+def test_a_grouped_producer_of_a_depthwise_layer_is_refused_naming_groups(
+        keras: Any, tmp_path: Path) -> None:
+    L = keras.layers
+    i = keras.Input((8, 8, 4))
+    x = L.DepthwiseConv2D(3, name="dw")(L.Conv2D(4, 1, groups=2, name="c0")(i))
+    keras.Model(i, L.Conv2D(2, 1)(x)).save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n"
+                                "    layers: [{name: dw, action: remove, rules: [{index: [1]}]}]\n")
+    # it said "filters of a Conv2D layer cannot be removed", as if no Conv2D could lose any
+    assert kprune("plan", spec).expect(1).stderr == (
+        "error: model 'm', layer 'c0': its channels are the filters of DepthwiseConv2D 'dw', and "
+        "it is a grouped convolution (groups=2), whose filters cannot be removed yet\n")
