@@ -456,7 +456,11 @@ class _Stage:
         norm = [normalized(s, p["normalize"]) for s in raw]
         total = sum(len(s) for s in raw)
         try:
-            k = budget(p, total, where=f"the entry ({len(units)} layer(s))")
+            if any(len(unit) > 1 for unit in units):  # a group's members count its channels once
+                k = budget(p, total, f"the entry ({len(units)} ranking unit(s), a coupled group "
+                                     f"being one)", "channels")
+            else:
+                k = budget(p, total, where=f"the entry ({len(units)} layer(s))")
         except RuleError as exc:
             raise ModelError(f"{rule.loc}: {exc.message}", hint=exc.hint) from None
         scores = np.concatenate(norm) if norm else np.zeros(0)

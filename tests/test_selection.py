@@ -482,6 +482,24 @@ def test_a_count_beyond_a_multiplier_groups_channels_names_channels(
         "of at most 4, or a fraction\n")
 
 
+def test_a_global_count_beyond_an_entry_with_a_group_names_units_and_channels(
+        tmp_path: Path, multiplier_chain: Path) -> None:
+    # c0 and dw are one unit of 4 channels (12 filters), head 2: it said "the entry (2 layer(s))
+    # has: 6 filters" of an entry of 3 layers and 14 filters
+    result, _ = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {multiplier_chain}
+            layers:
+              - {{match: "*", action: remove,
+                 rules: [{{smallest: {{by: l1, count: 7, across: entry}}}}]}}
+        """, code=1)
+    assert result.stderr == (
+        "error: model 'mult': models[0].layers[0].rules[0]: count 7 is more than the entry "
+        "(2 ranking unit(s), a coupled group being one) has: 6 channels; use a count of at most "
+        "6, or a fraction\n")
+
+
 @pytest.mark.parametrize("coupled, removed", [
     ("error", None), ("union", {"c0": [0, 1, 2], "dw": [0, 1, 2, 3, 4, 5]}),
     ("intersection", {"c0": [1], "dw": [2, 3]})])
