@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import latency, timed  # noqa: E402  (one harness for all benchmarks)
 
 
 def removable(keras, model, scope: str) -> list[list[str]]:
@@ -37,22 +36,6 @@ def removable(keras, model, scope: str) -> list[list[str]]:
         if type(layer).__name__ == "Conv2D" and not any(layer.name in g for g in groups):
             groups.append(sorted(coupled_group(graph, layer.name)[0]))
     return [g for g in groups if scope == "every conv" or len(g) == 1]
-
-
-def latency(model, batch: int, runs: int) -> float:
-    import numpy as np
-
-    x = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype("float32")
-    # predict_on_batch: one forward pass. model.predict() was tried first and is not usable
-    # here: after its first call it took 2.58 s at batch 32 for VGG16 with and without 25 % of
-    # the filters removed (predict_on_batch: 2.38 s vs 1.36 s), so it hid the speed-up.
-    model.predict_on_batch(x)  # warm-up (traces the function)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.predict_on_batch(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -91,11 +74,8 @@ def main() -> None:
                 spec.write_text("version: 1\noutput_dir: out\ndefaults: {max_fraction: 0.75}\n"
                                 f"models:\n  - path: {path}\n    layers:\n"
                                 + "\n".join(entries) + "\n")
-                start = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "kprune_batch", "apply", str(spec),
-                                       "--audit-log", str(work / "log.json")],
-                                      capture_output=True, text=True)
-                took = time.perf_counter() - start
+                took, proc = timed([sys.executable, "-m", "kprune_batch", "apply", str(spec),
+                                    "--audit-log", str(work / "log.json")])
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr)
                 removal = json.loads((work / "log.json").read_text())["models"][0]["removal"]
