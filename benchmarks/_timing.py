@@ -52,16 +52,26 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, sub
 def latency(model: Any, batch: int, runs: int) -> float:
     """Median wall time (s) of `runs` predict_on_batch calls on a seeded normal batch of the
     model's input shape, after one warm-up call."""
+    return latencies([model], batch, runs)[0]
+
+
+def latencies(models: list[Any], batch: int, runs: int) -> list[float]:
+    """latency() of each model, their calls taken in turn (one call of each model per round), so
+    that load from other processes on a shared machine falls on all of them alike and their
+    ratios stay comparable."""
     import numpy as np
 
-    x = np.random.default_rng(0).normal(size=(batch, *model.input_shape[1:])).astype("float32")
+    xs = [np.random.default_rng(0).normal(size=(batch, *m.input_shape[1:])).astype("float32")
+          for m in models]
     # predict_on_batch: one forward pass. model.predict() was tried first and is not usable
     # here: after its first call it took 2.58 s at batch 32 for VGG16 with and without 25 % of
     # the filters removed (predict_on_batch: 2.38 s vs 1.36 s), so it hid the speed-up.
-    model.predict_on_batch(x)  # warm-up (traces the function)
-    times = []
+    for model, x in zip(models, xs):
+        model.predict_on_batch(x)  # warm-up (traces the function)
+    times: list[list[float]] = [[] for _ in models]
     for _ in range(runs):
-        start = time.perf_counter()
-        model.predict_on_batch(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for model, x, took in zip(models, xs, times):
+            start = time.perf_counter()
+            model.predict_on_batch(x)
+            took.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]

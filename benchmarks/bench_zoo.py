@@ -4,11 +4,12 @@ Run: python benchmarks/bench_zoo.py [--runs 3] [--cache DIR] [--families VGG16,R
 Each family is built with weights=None at 224x224, its BatchNormalization moving statistics made
 trained-looking with a seeded rng (as tests/test_zoo.py does), and saved as .keras in the cache.
 One spec per family lists every convolution layer by name except those whose channels are the
-model output (MobileNet's conv_preds, MobileNetV3's Logits), each with
+model output (MobileNet's conv_preds, MobileNetV3Small's logits), each with
 `smallest: {by: l1, fraction: 0.25}`, `action: remove`, `coupled: union`; one `kprune apply` per
 family (timed). Params and MACs come from the audit log's `removal` block (params_after checked
 against the written model's count_params()); latency is the median predict_on_batch at batch 32
-of the input and the output model. A family kprune refuses gets one row with its first error line.
+of the input and the output model, their calls taken in turn. A family kprune refuses gets one
+row with its first error line.
 Prints a Markdown table for the README.
 """
 from __future__ import annotations
@@ -24,13 +25,13 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import latency, timed  # noqa: E402  (one harness for all benchmarks)
+from _timing import latencies, timed  # noqa: E402  (one harness for all benchmarks)
 
 FAMILIES = ["VGG16", "ResNet50", "ResNet50V2", "DenseNet121", "InceptionV3", "Xception",
             "MobileNet", "MobileNetV2", "MobileNetV3Small", "EfficientNetB0", "EfficientNetV2B0",
             "NASNetMobile", "ConvNeXtTiny"]
 BATCH = 32
-ERROR_CHARS = 110  # a refusal's line, shortened so that the table stays readable
+ERROR_CHARS = 170  # a refusal's line, shortened in the middle (its reason is at the end)
 
 
 def cached_model(keras: Any, family: str, cache: Path) -> Path:
@@ -93,17 +94,15 @@ def first_error(proc: Any, family: str) -> str:
                 next((x for x in lines if x), f"exit {proc.returncode}, no output"))
     line = line.replace(f"error: model '{family}', ", "")  # the row names the model already
     line = line.replace("|", "\\|")  # a Markdown cell
-    return line if len(line) <= ERROR_CHARS else line[:ERROR_CHARS - 1] + "…"
+    half = (ERROR_CHARS - 1) // 2
+    return line if len(line) <= ERROR_CHARS else line[:half] + "…" + line[-half:]
 
 
 def bench(keras: Any, family: str, cache: Path, runs: int) -> str:
     path = cached_model(keras, family, cache)
     model = keras.saving.load_model(path)
     layers, left_out = conv_layers(keras, model)
-    before = latency(model, BATCH, runs)
     params_input = int(model.count_params())
-    del model
-    keras.backend.clear_session()
     work = Path(tempfile.mkdtemp(prefix=f"bench-zoo-{family}-"))
     try:
         (work / "spec.yaml").write_text(spec_text(path, layers))
@@ -120,8 +119,8 @@ def bench(keras: Any, family: str, cache: Path, runs: int) -> str:
             raise SystemExit(f"{family}: the log says params {removal['params_before']} -> "
                              f"{removal['params_after']}, the files have {params_input} -> "
                              f"{counted}")
-        after = latency(pruned, BATCH, runs)
-        del pruned
+        before, after = latencies([model, pruned], BATCH, runs)
+        del model, pruned
         keras.backend.clear_session()
     finally:
         shutil.rmtree(work)  # ~0.5 GB for VGG16: do not leave it in /tmp
@@ -154,7 +153,7 @@ def main() -> None:
         rows.append(bench(keras, family, cache, args.runs))
         print(rows[-1], file=sys.stderr, flush=True)  # progress: a full run takes ~20 min
     print(f"latency: median of {args.runs} predict_on_batch calls at batch {BATCH} after a warm-up "
-          f"(CPU); ratios are after/before\n")
+          f"(CPU; input and output model in turn); ratios are after/before\n")
     print("| model | convs pruned | left out (model output) | params before → after | "
           "MACs before → after | kprune apply s | latency b32 before ms | after ms | "
           "latency after/before | probe deviation |")
