@@ -173,6 +173,9 @@ def _ungroupable(graph: Any, start: str, via: str, src: str) -> ModelError:
     family = family_of(node.class_name)
     if node.class_name == "InputLayer":
         what = "they come from the model input"
+    elif node.class_name == "Concatenate":
+        what = ("a Concatenate inside a coupled group is not supported yet (each input's "
+                "channels would map to an offset in the group)")
     elif family is not None and family.name == "depthwise":
         what = (f"a {node.class_name} with depth_multiplier "
                 f"{node.config.get('depth_multiplier')} cannot be grouped yet")

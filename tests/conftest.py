@@ -140,11 +140,13 @@ def assert_only_changed(before: dict, after: dict, allowed: dict[tuple[str, str]
 
 
 def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
-                     bias: str = "zero", neutralize: bool = True) -> Any:
+                     bias: str = "zero", neutralize: bool = True, clone: bool = True) -> Any:
     """The contract's reference: zero the kernel slice (and the bias unless bias: keep);
-    neutralise a direct BN follower (gamma = beta = 0) unless batchnorm: keep."""
-    ref = keras.models.clone_model(model)
-    ref.set_weights(model.get_weights())
+    neutralise a direct BN follower (gamma = beta = 0) unless batchnorm: keep. With
+    clone=False the model itself is edited (for graphs clone_model cannot rebuild)."""
+    ref = keras.models.clone_model(model) if clone else model
+    if clone:
+        ref.set_weights(model.get_weights())
     for name, filters in selection.items():
         layer = ref.get_layer(name)
         w = layer.get_weights()

@@ -383,6 +383,62 @@ def test_ranking_in_a_coupled_group_scores_the_group(keras: Any, tmp_path: Path,
                                   w["c3"]["kernel"][:, :, kept][..., kept])
 
 
+@pytest.fixture(scope="session")
+def depthwise_chain(keras: Any, models_dir: Path) -> Path:
+    """c1 -> BN -> ReLU -> dw (depth_multiplier 1) -> BN -> ReLU -> c2 (MobileNet's pattern)."""
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization(name="bn1")(L.Conv2D(8, 3, name="c1")(i)))
+    x = L.ReLU()(L.BatchNormalization(name="bn2")(
+        L.DepthwiseConv2D(3, padding="same", name="dw")(x)))
+    model = keras.Model(i, L.Conv2D(4, 1, name="c2")(x))
+    _seeded_weights(model, 12)
+    path = models_dir / "dwchain.keras"
+    model.save(path)
+    return path
+
+
+def test_a_listed_depthwise_layer_removes_its_producers_channels(
+        keras: Any, tmp_path: Path, depthwise_chain: Path) -> None:
+    # the depthwise layer's filter c is its input channel c: ranking it ranks c1's filters and
+    # its own together (summed l1), and both lose them; c2 loses the input channels
+    _, log = run(tmp_path, f"""\
+        version: 1
+        models:
+          - path: {depthwise_chain}
+            layers: [{{name: dw, action: remove, rules: [{{smallest: {{by: l1, count: 3}}}}]}}]
+        """)
+    w = layer_weights(keras, depthwise_chain)
+    dw = np.abs(w["dw"]["kernel"].astype(np.float64)).sum(axis=(0, 1, 3))  # (3, 3, 8, 1)
+    want = smallest(l1(w["c1"]["kernel"]) + dw, 3)
+    assert zeroed_by_layer(log, "removed") == {"c1": want, "dw": want}
+    group = {r["layer"]: r["group"] for r in log["removed"]}
+    assert group == {"c1": ["dw", "c1"], "dw": ["dw", "c1"]}
+    out = keras.saving.load_model(tmp_path / "pruned" / "dwchain.keras")
+    kept = [f for f in range(8) if f not in want]
+    np.testing.assert_array_equal(out.get_layer("c1").kernel.numpy(), w["c1"]["kernel"][..., kept])
+    np.testing.assert_array_equal(out.get_layer("dw").kernel.numpy(),
+                                  w["dw"]["kernel"][:, :, kept])
+    np.testing.assert_array_equal(out.get_layer("c2").kernel.numpy(),
+                                  w["c2"]["kernel"][:, :, kept])
+    assert out.get_layer("bn2").gamma.shape == (5,)
+
+
+def test_a_concatenate_inside_a_group_is_refused_naming_it(keras: Any, tmp_path: Path) -> None:
+    # NASNet's cells add a concatenation of two convs to a third conv's output
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    cat = L.Concatenate(name="cat")([L.Conv2D(2, 1, name="a")(i), L.Conv2D(2, 1, name="b")(i)])
+    x = L.Add(name="add")([cat, L.Conv2D(4, 1, name="c")(i)])
+    keras.Model(i, L.Conv2D(2, 1, name="head")(x)).save(tmp_path / "cat.keras")
+    write_spec(tmp_path, "version: 1\nmodels:\n  - path: cat.keras\n    layers: "
+                         "[{name: c, action: remove, rules: [{index: [0]}]}]\n")
+    assert kprune("plan", tmp_path / "spec.yaml").expect(1).stderr == (
+        "error: model 'cat', layer 'cat': its channels meet those of 'c' in Add 'add', and a "
+        "Concatenate inside a coupled group is not supported yet (each input's channels would "
+        "map to an offset in the group)\n")
+
+
 def test_guard_holds_after_coupling(tmp_path: Path, residual: Path) -> None:
     # each entry alone selects <= half, but the union makes c2, c3 and stem lose 4 of 6
     result, log = run(tmp_path, f"""\

@@ -1,4 +1,5 @@
-"""keras.applications models nobody here wrote (operation nodes, nested Sequentials): zeroed, probed, verified."""
+"""keras.applications models nobody here wrote (operation nodes, nested Sequentials, depthwise
+and squeeze-excitation groups): zeroed, probed and verified; removed exactly."""
 from __future__ import annotations
 
 import io
@@ -11,23 +12,36 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import kprune, write_spec
+from conftest import kprune, write_spec, zeroed_reference
 
 ZOO = {
     # `x + 3.0` / `x * (1/6)` of hard_sigmoid are keras.src.ops.numpy nodes; SE blocks
     "mnv3": lambda keras: keras.applications.MobileNetV3Small(
-        weights=None, input_shape=(32, 32, 3), minimalistic=False, include_preprocessing=True),
+        weights=None, input_shape=(32, 32, 3), minimalistic=False, include_preprocessing=True,
+        classifier_activation=None),
     # a nested Sequential stem starting with keras.Input, Sequentials fed by ops.numpy.Add,
     # grouped (depthwise) Conv2D, LayerScale, LayerNormalization
     "cnx": lambda keras: keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3)),
 }
 
 
+# removal: depthwise layers join their producers' groups, SE gates the feature map's
+# (logits, no softmax: a near-uniform softmax of an untrained model would hide a difference)
+REMOVABLE = {
+    name: (lambda build: lambda keras: getattr(keras.applications, build)(
+        weights=None, input_shape=(32, 32, 3), classifier_activation=None))(build)
+    for name, build in {"mn": "MobileNet", "mnv2": "MobileNetV2", "effb0": "EfficientNetB0",
+                        "effv2b0": "EfficientNetV2B0"}.items()}
+# every conv but the classifier (whose channels are the model's output)
+REMOVE_MATCH = {"mn": ["conv1", "conv_[dp]w_*"], "mnv3": ["*onv*"], "mnv2": ["*"],
+                "effb0": ["*"], "effv2b0": ["*"]}
+
+
 @pytest.fixture(scope="session")
 def zoo(keras: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("zoo")
     rng = np.random.default_rng(19)
-    for name, build in ZOO.items():
+    for name, build in {**ZOO, **REMOVABLE}.items():
         model = build(keras)
         for layer in model._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, keras.layers.BatchNormalization):  # trained-looking statistics
@@ -93,3 +107,72 @@ def test_zoo_zero_probe_verify(zoo: Path, tmp_path: Path) -> None:
         for r in records:  # a channel claimed silent measured 0 where it was judged
             if r["silent"]:
                 assert r["probe"]["max_abs"] == 0.0
+
+
+def _group_l1(before: dict[str, list[np.ndarray]], members: list[str],
+              classes: dict[str, str]) -> np.ndarray:
+    """A coupled group's per-channel score: the members' per-filter l1 summed (design.md)."""
+    return sum(np.abs(_filters(before[m][0], classes[m] == "DepthwiseConv2D")
+                      .astype(np.float64)).sum(axis=1) for m in members)
+
+
+def _params(path: Path) -> int:
+    """Every variable of every layer in a .keras file, counted with h5py."""
+    return sum(int(np.prod(v.shape)) for vs in _weights(path).values() for v in vs)
+
+
+@pytest.mark.slow
+def test_zoo_removal_equals_zeroing(keras: Any, zoo: Path, tmp_path: Path) -> None:
+    """25 % smallest l1 of every conv removed (coupled: union); each group loses the channels
+    of its summed l1 (recomputed here), the written model equals the input zeroed here on the
+    same filters within the documented bound, it has the parameters its file holds, reloads
+    and trains a step; verify agrees."""
+    names = list(REMOVE_MATCH)
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
+                      "models:\n" + "".join(
+                          f"  - path: {zoo / name}.keras\n    layers:\n" + "".join(
+                              f"      - {{match: '{m}', rules: [{{smallest: {{by: l1, "
+                              f"fraction: 0.25}}}}]}}\n" for m in REMOVE_MATCH[name])
+                          for name in names))
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    rng = np.random.default_rng(3)
+    for entry in log["models"]:
+        name = entry["name"]
+        assert entry["status"] == "ok", entry
+        before = _weights(zoo / f"{name}.keras")
+        records = [r for r in log["removed"] if r["model"] == name]
+        classes = {r["layer"]: r["layer_class"] for r in records}
+        removed: dict[str, set[int]] = {}
+        for r in records:
+            removed.setdefault(r["layer"], set()).add(r["filter"])
+        groups = {r["layer"]: r.get("group", [r["layer"]]) for r in records}
+        for layer, members in groups.items():
+            n = _filters(before[layer][0], classes[layer] == "DepthwiseConv2D").shape[0]
+            scores = _group_l1(before, members, classes)
+            want = set(sorted(range(n), key=lambda f: (scores[f], f))[:n // 4])
+            assert removed[layer] == want, (name, layer)
+        # depthwise layers and SE gates came with their producers' groups
+        grouped = {"mn": ("conv_pw_1", "conv_dw_2"), "mnv2": ("block_1_expand",
+                   "block_1_depthwise"), "mnv3": ("expanded_conv_1_expand",
+                   "expanded_conv_1_depthwise"), "effb0": ("block2a_expand_conv",
+                   "block2a_se_expand"), "effv2b0": ("block4a_expand_conv",
+                   "block4a_se_expand")}[name]
+        assert grouped[1] in groups[grouped[0]], (name, groups[grouped[0]])
+        model = keras.saving.load_model(zoo / f"{name}.keras")
+        out = keras.saving.load_model(tmp_path / "pruned" / f"{name}.keras")
+        x = rng.normal(size=(2, 32, 32, 3)).astype("float32") * 50.0
+        original = np.asarray(model(x), np.float64)
+        zeroed = np.asarray(zeroed_reference(
+            keras, model, {k: sorted(v) for k, v in removed.items()}, clone=False)(x),
+            np.float64)
+        got = np.asarray(out(x), np.float64)
+        bound = 1e-5 + 1e-5 * np.abs(zeroed)
+        assert np.all(np.abs(got - zeroed) <= bound), (name, np.abs(got - zeroed).max())
+        assert np.abs(zeroed - original).max() > 100 * bound.max(), name  # the edit shows
+        params = _params(tmp_path / "pruned" / f"{name}.keras")
+        assert params == out.count_params() == entry["removal"]["params_after"]
+        assert params < _params(zoo / f"{name}.keras") == entry["removal"]["params_before"]
+        out.compile(optimizer="sgd", loss="mse")
+        out.fit(x, rng.normal(size=(2,) + tuple(out.output.shape[1:])), epochs=1, verbose=0)

@@ -277,7 +277,8 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
                        for shape in shapes_of(path).values()), default=0)
         for t in removal["touched"] + removal["folded"]:
             node = layers.get(t["layer"])
-            if node is None or not node.holds_weights:
+            # an operation node (`x + 3.0`) on the path holds no weights: it only passes
+            if node is None or not node.holds_weights and t.get("how") != "passes":
                 problems.append(f"the log's removal touches layer '{t['layer']}', which the "
                                 f"input does not have")
             elif t.get("of", 0) > largest:
