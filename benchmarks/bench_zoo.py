@@ -31,7 +31,7 @@ FAMILIES = ["VGG16", "ResNet50", "ResNet50V2", "DenseNet121", "InceptionV3", "Xc
             "MobileNet", "MobileNetV2", "MobileNetV3Small", "EfficientNetB0", "EfficientNetV2B0",
             "NASNetMobile", "ConvNeXtTiny"]
 BATCH = 32
-ERROR_CHARS = 170  # a refusal's line, shortened in the middle (its reason is at the end)
+ERROR_CHARS = 220  # a refusal's line, shortened in the middle (its reason is at the end)
 
 
 def cached_model(keras: Any, family: str, cache: Path) -> Path:
