@@ -21,7 +21,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import latency, timed  # noqa: E402  (one harness for all benchmarks)
+from _timing import child_env, latency, timed  # noqa: E402  (one harness for all benchmarks)
 
 
 def removable(keras, model, scope: str) -> list[list[str]]:
@@ -48,6 +48,7 @@ def main() -> None:
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    env = child_env()
     rows = []
     cases = [("VGG16", "every conv"), ("ResNet50", "outside groups"), ("ResNet50", "every conv")]
     base: dict[str, dict[int, float]] = {}
@@ -75,7 +76,7 @@ def main() -> None:
                                 f"models:\n  - path: {path}\n    layers:\n"
                                 + "\n".join(entries) + "\n")
                 took, proc = timed([sys.executable, "-m", "kprune_batch", "apply", str(spec),
-                                    "--audit-log", str(work / "log.json")])
+                                    "--audit-log", str(work / "log.json")], env)
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr)
                 removal = json.loads((work / "log.json").read_text())["models"][0]["removal"]

@@ -25,7 +25,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import latencies, timed  # noqa: E402  (one harness for all benchmarks)
+from _timing import child_env, latencies, timed  # noqa: E402  (one harness for all benchmarks)
 
 FAMILIES = ["VGG16", "ResNet50", "ResNet50V2", "DenseNet121", "InceptionV3", "Xception",
             "MobileNet", "MobileNetV2", "MobileNetV3Small", "EfficientNetB0", "EfficientNetV2B0",
@@ -98,7 +98,7 @@ def first_error(proc: Any, family: str) -> str:
     return line if len(line) <= ERROR_CHARS else line[:half] + "…" + line[-half:]
 
 
-def bench(keras: Any, family: str, cache: Path, runs: int) -> str:
+def bench(keras: Any, family: str, cache: Path, runs: int, env: dict[str, str]) -> str:
     path = cached_model(keras, family, cache)
     model = keras.saving.load_model(path)
     layers, left_out = conv_layers(keras, model)
@@ -107,7 +107,7 @@ def bench(keras: Any, family: str, cache: Path, runs: int) -> str:
     try:
         (work / "spec.yaml").write_text(spec_text(path, layers))
         took, proc = timed([sys.executable, "-m", "kprune_batch", "apply", str(work / "spec.yaml"),
-                            "--audit-log", str(work / "log.json")])
+                            "--audit-log", str(work / "log.json")], env)
         kept_out = ", ".join(p.rsplit("/", 1)[-1] for p in left_out) or "–"
         if proc.returncode != 0:
             return (f"| {family} | {len(layers)} | {kept_out} | refused (exit {proc.returncode}, "
@@ -148,9 +148,10 @@ def main() -> None:
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    env = child_env()
     rows = []
     for family in families:
-        rows.append(bench(keras, family, cache, args.runs))
+        rows.append(bench(keras, family, cache, args.runs, env))
         print(rows[-1], file=sys.stderr, flush=True)  # progress: a full run takes ~20 min
     print(f"latency: median of {args.runs} predict_on_batch calls at batch {BATCH} after a warm-up "
           f"(CPU; input and output model in turn); ratios are after/before\n")

@@ -17,7 +17,7 @@ still carries where it ends is folded into that layer's bias (see `_fold`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -98,119 +98,233 @@ def _prunable(node: Any) -> bool:
 
 
 def depthwise_member(node: Any) -> bool:
-    """A depthwise layer whose filters are its input's channels one to one (depth_multiplier
-    1, called once): it joins its input's coupled group, as DepGraph groups it, filter c with
-    channel c (keras/src/layers/convolutional/base_depthwise_conv.py: output c*mult+m)."""
+    """A depthwise layer called once: its filters c*mult..c*mult+mult-1 are made from its input
+    channel c alone (keras/src/layers/convolutional/base_depthwise_conv.py), so it joins its
+    input's coupled group, as DepGraph groups it, at channel c."""
     family = family_of(node.class_name)
-    return (family is not None and family.name == "depthwise" and node.calls == 1
-            and int(node.config.get("depth_multiplier", 1)) == 1)
+    return family is not None and family.name == "depthwise" and node.calls == 1
 
 
-def coupled_group(graph: Any, start: str) -> tuple[list[str], list[str]]:
-    """(member layers, merge layers) whose channels must go together with `start`'s.
+@dataclass(frozen=True)
+class Group:
+    """A coupled group: members whose filters are `size` shared channels, member m's filter f
+    being channel f // divisor[m] (1 but for depthwise layers with depth_multiplier > 1 and
+    layers their outputs meet); the merges that couple them."""
+
+    members: tuple[str, ...]
+    merges: tuple[str, ...]
+    divisor: Mapping[str, int]
+    size: int
+
+
+class _Spaces:
+    """Channel spaces joined by merges: a tensor is (space, d), its channel c being channel
+    c // d of the space; union-find whose edges carry divisors (space s is channel x //
+    k of its parent for the k on its edge), so a depthwise layer's outputs (its input's
+    space, d * mult) can meet a conv's filters in an Add."""
+
+    def __init__(self) -> None:
+        self.parent: list[tuple[int, int]] = []
+        self.width: list[int] = []
+
+    def new(self, width: int) -> int:
+        self.parent.append((len(self.parent), 1))
+        self.width.append(width)
+        return len(self.parent) - 1
+
+    def find(self, space: int) -> tuple[int, int]:
+        """(root, k): the space's channel x is the root's channel x // k."""
+        k = 1
+        while True:
+            up, step = self.parent[space]
+            if up == space:
+                return space, k
+            space, k = up, k * step
+
+    def root(self, tensor: tuple[int, int]) -> tuple[int, int]:
+        """(root space, d): the tensor's channel c is the root's channel c // d."""
+        space, k = self.find(tensor[0])
+        return space, tensor[1] * k
+
+    def tensor_width(self, tensor: tuple[int, int]) -> int:
+        space, d = self.root(tensor)
+        return self.width[space] * d
+
+    def union(self, a: tuple[int, int], b: tuple[int, int]) -> str | None:
+        """Make two tensors' channels the same channels; why not, if they cannot be."""
+        (ra, da), (rb, db) = self.root(a), self.root(b)
+        if self.width[ra] * da != self.width[rb] * db:
+            return "broadcast"
+        if ra == rb:
+            return None if da == db else "inconsistent"
+        if da > db:
+            (ra, da), (rb, db) = (rb, db), (ra, da)
+        if db % da:
+            return "inconsistent"
+        self.parent[ra] = (rb, db // da)  # ra's channel x is rb's channel x // (db / da)
+        return None
+
+
+def group_of(graph: Any, start: str) -> Group:
+    """The coupled group of `start`: layers whose filters must go together with its own.
 
     Layers whose outputs meet in an Add-type merge (directly or through BN, activations and
     other channel-preserving layers) share channel indices, as in DepGraph's grouping; so does
     a Multiply of a feature map with a squeeze-and-excitation gate (the gate conv's filters are
-    the map's channels). A depthwise layer (depth_multiplier 1) is a member too: its filters
-    are its input's channels, so its producers' filters join the group, and so does whatever
-    its own outputs meet.
+    the map's channels). A depthwise layer is a member too: its filters are its input's
+    channels (mult of them each), so its producers' filters join the group, and so does
+    whatever its own outputs meet. Raises ModelError naming the layer that cannot lose them.
     """
     producers = _producers(graph)
-    members, merges, seen = [start], [], {start}
+    spaces = _Spaces()
+    tensor: dict[str, tuple[int, int]] = {start: (spaces.new(_n_filters(graph, start)), 1)}
+    members, merges = [start], []
+    problems: list[tuple[str, str, str]] = []  # (layer, via, why)
     forward = [start]  # layers whose consumers are still to visit
     # (layer whose producers are still to visit, the merge or depthwise member it leads to)
     backward = [(start, start)] if depthwise_member(graph.layers[start]) else []
     while forward or backward:
         while backward:
             path, via = backward.pop()
+            node = graph.layers[path]
             for src in producers[path]:
-                if src in seen:
+                want = tensor[path]
+                if depthwise_member(node):  # its input channel c is its outputs' c*mult + m
+                    mult = int(node.config.get("depth_multiplier", 1))
+                    space, d = spaces.root(want)
+                    if d % mult:
+                        fresh = spaces.new(spaces.tensor_width(want) // mult)
+                        spaces.union((fresh, mult), want)
+                        want = (fresh, 1)
+                    else:
+                        want = (space, d // mult)
+                if src in tensor:
+                    why = spaces.union(tensor[src], want)
+                    if why:
+                        problems.append((src, via, why))
                     continue
-                seen.add(src)
-                node = graph.layers[src]
-                if node.class_name in BATCHNORM_CLASSES or node.class_name in PASS_THROUGH:
+                tensor[src] = want
+                cls = graph.layers[src].class_name
+                if (_prunable(graph.layers[src]) or depthwise_member(graph.layers[src])) and \
+                        _n_filters(graph, src) != spaces.tensor_width(want):
+                    problems.append((src, via, "broadcast"))  # a one-channel gate, say
+                    continue
+                if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH:
                     backward.append((src, via))
-                elif node.class_name in MERGES:
+                elif cls in MERGES:
                     merges.append(src)
                     backward.append((src, src))
-                elif _prunable(node):
+                elif _prunable(graph.layers[src]):
                     members.append(src)
-                elif depthwise_member(node):
+                elif depthwise_member(graph.layers[src]):
                     members.append(src)
                     backward.append((src, src))
                 else:
-                    raise _ungroupable(graph, start, via, src)
+                    problems.append((src, via, "cannot lose"))
+                    continue
                 forward.append(src)
         if not forward:
             break
         path = forward.pop()
         for nxt in graph.consumers(path):
-            if nxt == OUTPUT or nxt in seen:
+            if nxt == OUTPUT:
                 continue
             node = graph.layers[nxt]
             cls = node.class_name
-            if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH or cls in GLOBAL_POOLING:
-                seen.add(nxt)
-                forward.append(nxt)
-            elif cls in MERGES:
-                seen.add(nxt)
+            have = tensor[path]
+            if depthwise_member(node):
+                have = (have[0], have[1] * int(node.config.get("depth_multiplier", 1)))
+            elif not (cls in BATCHNORM_CLASSES or cls in PASS_THROUGH or cls in GLOBAL_POOLING
+                      or cls in MERGES):
+                continue  # it consumes the channels (a sink): no coupling through it
+            if nxt in tensor:  # a merge reached again
+                why = spaces.union(tensor[nxt], have)
+                if why:
+                    problems.append((nxt, nxt, why))
+                continue
+            tensor[nxt] = have
+            forward.append(nxt)
+            if cls in MERGES:
                 merges.append(nxt)
-                forward.append(nxt)
                 backward.append((nxt, nxt))
-            elif depthwise_member(node):  # its one input is this group's: nothing to go back to
-                seen.add(nxt)
+            elif depthwise_member(node):
                 members.append(nxt)
-                forward.append(nxt)
-    return members, merges
+    if problems:
+        raise _ungroupable(graph, start, *problems[0])
+    size = spaces.width[spaces.root(tensor[start])[0]]
+    return Group(tuple(members), tuple(merges),
+                 {m: spaces.root(tensor[m])[1] for m in members}, size)
 
 
-def _ungroupable(graph: Any, start: str, via: str, src: str) -> ModelError:
+def coupled_group(graph: Any, start: str) -> tuple[list[str], list[str]]:
+    """(member layers, merge layers) whose channels must go together with `start`'s."""
+    group = group_of(graph, start)
+    return list(group.members), list(group.merges)
+
+
+def _n_filters(graph: Any, path: str) -> int:
+    node = graph.layers[path]
+    family = family_of(node.class_name)
+    if family is not None and family.name == "depthwise":
+        shape = node.build_config.get("input_shape")
+        if not isinstance(shape, (list, tuple)):
+            raise ModelError("the model config does not record this layer's input shape",
+                             layer=path, hint="save the model with Keras 3 after building it")
+        axis = 1 if _format(node.config) == "channels_first" else -1
+        return int(shape[axis]) * int(node.config.get("depth_multiplier", 1))
+    return int(node.config["filters"])
+
+
+def _ungroupable(graph: Any, start: str, src: str, via: str, why: str) -> ModelError:
     """Why `src`, whose channels the group of `start` reaches (at `via`), cannot lose them."""
     cls, node = graph.layers[via].class_name, graph.layers[src]
     meet = (f"meet those of '{start}' in {cls} '{via}'" if cls in MERGES else
             f"are the filters of {cls} '{via}' (coupled with '{start}')")
     family = family_of(node.class_name)
-    if node.class_name == "InputLayer":
+    if why == "broadcast":
+        what = "the tensors it joins have different channel counts (a broadcast)"
+    elif why == "inconsistent":
+        what = "depthwise multipliers on the way map its channels to the group's two ways"
+    elif node.class_name == "InputLayer":
         what = "they come from the model input"
     elif node.class_name == "Concatenate":
         what = ("a Concatenate inside a coupled group is not supported yet (each input's "
                 "channels would map to an offset in the group)")
-    elif family is not None and family.name == "depthwise":
-        what = (f"a {node.class_name} with depth_multiplier "
-                f"{node.config.get('depth_multiplier')} cannot be grouped yet")
     else:
         what = f"filters of a {node.class_name} layer cannot be removed"
     return ModelError(f"its channels {meet}, and {what}", layer=src)
 
 
 def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[str, list[int]]:
-    """The selection with every coupled group losing the same filters (union/intersection)."""
+    """The selection with every coupled group losing the same channels (union/intersection):
+    member m's filter f is the group's channel f // divisor[m]."""
     out: dict[str, list[int]] = {}
     done: set[str] = set()
     for path in selection:
         if path in done:
             continue
-        members, merges = coupled_group(graph, path)
-        done.update(members)
-        listed = {m: sorted(set(selection[m])) for m in members if m in selection}
-        if len(members) == 1:
-            out[path] = listed[path]
+        group = group_of(graph, path)
+        done.update(group.members)
+        listed = {m: {f // group.divisor[m] for f in selection[m]}
+                  for m in group.members if m in selection}
+        if len(group.members) == 1:
+            out[path] = sorted(set(selection[path]))
             continue
         values = list(listed.values())
         if coupled == "error" and any(v != values[0] for v in values):
             raise ModelError(
-                f"the layers {', '.join(members)} meet in {', '.join(merges)} and must lose the "
-                f"same filters, but their rules select different ones",
+                f"the layers {', '.join(group.members)} meet in {', '.join(group.merges)} and "
+                f"must lose the same filters, but their rules select different ones",
                 layer=path, hint="set coupled: union or coupled: intersection on the entries")
         chosen = set(values[0])
         for v in values[1:]:
-            chosen = chosen | set(v) if coupled == "union" else chosen & set(v)
+            chosen = chosen | v if coupled == "union" else chosen & v
         if coupled == "intersection" and not chosen:
-            raise ModelError(f"the coupled layers {', '.join(members)} have no filter in common "
-                             f"to remove (coupled: intersection)", layer=path)
-        for m in members:
-            out[m] = sorted(chosen)
+            raise ModelError(f"the coupled layers {', '.join(group.members)} have no filter in "
+                             f"common to remove (coupled: intersection)", layer=path)
+        for m in group.members:
+            d = group.divisor[m]
+            out[m] = [c * d + j for c in sorted(chosen) for j in range(d)]
     return out
 
 
@@ -277,7 +391,7 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
     for path, removed in plan.selection.items():
         node = graph.layers[path]
         family = family_of(node.class_name)
-        if depthwise_member(node) and len(coupled_group(graph, path)[0]) > 1:
+        if depthwise_member(node):  # its group holds its producers (else group_of refused)
             followers[path] = sorted(set(removed))  # sliced where the walk reaches them
             continue
         if family is None or family.name not in REMOVABLE_FAMILIES or \
@@ -301,7 +415,9 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
     reached = {t.layer: t for t in plan.touches if t.how == "depthwise"}
     for path, removed in followers.items():
         touch = reached.get(path)
-        if touch is None or sorted(set(range(touch.of)) - set(touch.keep)) != removed:
+        mult = int(graph.layers[path].config.get("depth_multiplier", 1))
+        if touch is None or [c * mult + m for c in range(touch.of) if c not in set(touch.keep)
+                             for m in range(mult)] != removed:
             # coupling gave every member the same channels, so the walk from the producers
             # reaches each depthwise member with exactly its selection
             raise ModelError("the depthwise layer's selection differs from the channels its "

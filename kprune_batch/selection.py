@@ -174,6 +174,20 @@ class _Layer:
     rankings: list[Ranking] = field(default_factory=list)
     final: list[int] = field(default_factory=list)
     kept_back: list[int] = field(default_factory=list)
+    # filter f is channel f // div of its coupled group (div > 1: a depthwise layer with
+    # depth_multiplier > 1, or a layer its outputs meet); 1 outside groups
+    div: int = 1
+
+    @property
+    def channels(self) -> int:
+        """Channels of its ranking unit (its group's, or its own filters)."""
+        return self.n // self.div
+
+    def to_channels(self, filters: Iterable[int]) -> set[int]:
+        return {f // self.div for f in filters}
+
+    def to_filters(self, channels: Iterable[int]) -> list[int]:
+        return sorted(c * self.div + j for c in channels for j in range(self.div))
 
     @property
     def slices(self) -> np.ndarray:
@@ -263,7 +277,7 @@ class _Stage:
     def _form_groups(self) -> None:
         """Coupled groups of the removing layers (DepGraph-style, from the config): unlisted
         members join with the options of the listed members of their own group."""
-        from kprune_batch.removal import coupled_group
+        from kprune_batch.removal import group_of
 
         done: set[str] = set()
         for path in list(self.layers):
@@ -271,7 +285,8 @@ class _Stage:
             if layer.options.action != "remove" or path in done:
                 continue
             try:
-                members, merges = coupled_group(self.graph, path)
+                group = group_of(self.graph, path)
+                members, merges = list(group.members), list(group.merges)
             except ModelError as exc:
                 # e.g. its channels meet a depthwise layer's: only an error if the layer ends up
                 # losing filters (a removal entry whose rules select nothing stays harmless)
@@ -290,14 +305,10 @@ class _Stage:
                     self.layers[m].max_fraction = min(x.max_fraction for x in listed)
                     self.layers[m].allow_empty_layer = all(x.allow_empty_layer for x in listed)
                 self.layers[m].group = list(members)
-            sizes = {self.layers[m].n for m in members}
-            if len(sizes) > 1:  # a merge that broadcasts (a one-channel gate, say)
-                counts = ", ".join(f"{m} ({self.layers[m].n})" for m in members[:MAX_LISTED])
-                raise ModelError(f"the coupled layers {counts} meet in {', '.join(merges)} "
-                                 f"with different channel counts (a broadcast), so their "
-                                 f"channels cannot be removed together", layer=path,
-                                 hint="remove filters of other layers, or zero these "
-                                      "(action: zero)")
+                self.layers[m].div = group.divisor[m]
+                if self.layers[m].n != group.size * group.divisor[m]:
+                    raise ModelError(f"the config gives the layer {group.size * group.divisor[m]}"
+                                     f" filters, its kernel {self.layers[m].n}", layer=m)
 
     def _measure(self) -> None:
         """Data statistics of every layer a data rule looks at (a ranking unit's coupled members
@@ -336,17 +347,19 @@ class _Stage:
         return [self.layers[m] for m in layer.group] if layer.group else [layer]
 
     def _scores(self, by: str, unit: list[_Layer], loc: str) -> np.ndarray:
-        """Statistic `by` of each channel of a ranking unit (summed over a group's members)."""
-        total = np.zeros(unit[0].n, dtype=np.float64)
+        """Statistic `by` of each channel of a ranking unit: summed over a group's members, and
+        over the filters of a member that are one channel (a depthwise multiplier's)."""
+        total = np.zeros(unit[0].channels, dtype=np.float64)
         for layer in unit:
             try:
                 if by == "bn_gamma":
-                    total += self._bn_gamma(layer, loc)
+                    values = self._bn_gamma(layer, loc)
                 elif by in DATA_KINDS:
-                    total += self._data_stat(by, layer)
+                    values = self._data_stat(by, layer)
                 else:
                     check_finite(by, None, layer.stats)
-                    total += layer.stats[by]
+                    values = layer.stats[by]
+                total += values.reshape(layer.channels, layer.div).sum(axis=1)
             except RuleError as exc:
                 raise ModelError(f"{loc}: {exc.message}", layer=layer.path, hint=exc.hint) from None
         return total
@@ -404,18 +417,21 @@ class _Stage:
         layer.by_rule[rule.loc] = sorted(set(layer.by_rule.get(rule.loc, [])) | set(chosen))
 
     def _rank_layer(self, rule: RuleOp, layer: _Layer) -> list[int]:
+        """The layer's k best channels (of its group under action: remove: fraction and count
+        are of channels, each a depthwise multiplier's filters at once), as its filters."""
         p = rule.params
         scores = self._scores(p["by"], self._unit(layer), rule.loc)
-        k = budget(p, layer.n)
-        order = rank_order(scores, rule.kind)[:k]
-        chosen = [int(f) for f in order]
-        for position, f in enumerate(chosen, start=1):
-            layer.ranked.setdefault(f, []).append(RankPick(rule.loc, position, float(scores[f])))
+        k = budget(p, layer.channels)
+        chosen = [int(c) for c in rank_order(scores, rule.kind)[:k]]
+        for position, c in enumerate(chosen, start=1):
+            for f in layer.to_filters([c]):
+                layer.ranked.setdefault(f, []).append(
+                    RankPick(rule.loc, position, float(scores[c])))
         layer.rankings.append(Ranking(
             rule=rule.loc, order=rule.kind, by=p["by"], across="layer", normalize=None,
             requested=k, taken=len(chosen),
             cutoff=float(scores[chosen[-1]]) if chosen else None))
-        return chosen
+        return layer.to_filters(chosen)
 
     def _rank_entry(self, rule: RuleOp, paths: list[str]) -> None:
         """One ranking over every layer the entry resolved to ("global pruning"). A coupled
@@ -444,9 +460,9 @@ class _Stage:
             else np.zeros(0, dtype=np.int64)
         # ties by filter index, lowest first, then by the layer's place in the entry
         order = rank_order(scores, rule.kind, tiebreak=filter_of * len(units) + unit_of)
-        taken: list[set[int]] = [set() for _ in units]
-        already = [set().union(*(m.selected() for m in unit)) for unit in units]
-        caps = [min(m.cap() for m in unit) for unit in units]
+        taken: list[set[int]] = [set() for _ in units]  # channels
+        already = [set().union(*(m.to_channels(m.selected()) for m in unit)) for unit in units]
+        caps = [min(m.cap() // m.div for m in unit) for unit in units]  # in channels
         bound = [False] * len(units)
         position = 0
         cutoff = None
@@ -461,12 +477,14 @@ class _Stage:
             taken[u].add(f)
             cutoff = float(scores[i])
             for m in units[u]:
-                m.ranked.setdefault(f, []).append(
-                    RankPick(rule.loc, position, float(raw[u][f]), float(norm[u][f])))
+                for g in m.to_filters([f]):
+                    m.ranked.setdefault(g, []).append(
+                        RankPick(rule.loc, position, float(raw[u][f]), float(norm[u][f])))
         for u, unit in enumerate(units):
             for m in unit:
                 if m.path in paths:  # a member outside the entry follows by coupling
-                    m.by_rule[rule.loc] = sorted(set(m.by_rule.get(rule.loc, [])) | taken[u])
+                    m.by_rule[rule.loc] = sorted(set(m.by_rule.get(rule.loc, []))
+                                                 | set(m.to_filters(taken[u])))
                 m.rankings.append(Ranking(
                     rule=rule.loc, order=rule.kind, by=p["by"], across="entry",
                     normalize=p["normalize"], requested=k, taken=len(taken[u]), cutoff=cutoff,
@@ -485,7 +503,7 @@ class _Stage:
             done.update(layer.group)
             listed = [m for m in members if m.entries]
             mode = listed[0].options.coupled
-            values = [set(m.final) for m in listed]
+            values = [m.to_channels(m.final) for m in listed]
             if mode == "error" and any(v != values[0] for v in values):
                 detail = [f"{m.path} ({m.entries[0]}) selects {_short(m.final)}"
                           for m in listed[:MAX_LISTED]]
@@ -504,11 +522,12 @@ class _Stage:
                 raise ModelError(f"the coupled layers {', '.join(layer.group)} have no filter in "
                                  f"common to remove (coupled: intersection)", layer=listed[0].path)
             for m in members:
-                m.final = sorted(chosen)
+                m.final = m.to_filters(chosen)
 
     def _round_to(self) -> None:
         """Keep selected filters back, largest l1 norm first (summed over a coupled group's
-        members), until each removing layer's remaining count is a multiple of round_to."""
+        members), until each removing layer's remaining count is a multiple of round_to (of
+        channels, where a group's member has several filters per channel)."""
         done: set[str] = set()
         for layer in self.layers.values():
             step = layer.options.round_to
@@ -516,26 +535,30 @@ class _Stage:
                 continue
             unit = self._unit(layer)
             done.update(m.path for m in unit)
-            chosen = list(layer.final)
-            l1 = {f: sum(float(m.stats["l1"][f]) for m in unit) for f in chosen}
+            chosen = sorted(layer.to_channels(layer.final))
+            scores = self._scores("l1", unit, "round_to")
             kept_back = []
-            while chosen and (layer.n - len(chosen)) % step:
-                f = max(chosen, key=lambda g: (l1[g], -g))
-                chosen.remove(f)
-                kept_back.append(f)
+            while chosen and (layer.channels - len(chosen)) % step:
+                c = max(chosen, key=lambda g: (float(scores[g]), -g))
+                chosen.remove(c)
+                kept_back.append(c)
             for m in unit:
-                m.final = sorted(chosen)
-                m.kept_back = sorted(kept_back)
+                m.final = m.to_filters(chosen)
+                m.kept_back = m.to_filters(kept_back)
 
     def _freeze(self, layer: _Layer) -> LayerSelection:
         final = set(layer.final)
         group = set(layer.group) or {layer.path}
         filters = {}
+        # a group member's filter is there because of every member's rules that chose its channel
+        by_channel: dict[int, set[str]] = {}
+        for m in group:
+            member = self.layers[m]
+            for loc, chosen in member.by_rule.items():
+                for c in member.to_channels(chosen):
+                    by_channel.setdefault(c, set()).add(loc)
         for f in layer.final:
-            # a group member's filter is there because of every member's rules that chose it
-            locs = {loc for m in group for loc, chosen in self.layers[m].by_rule.items()
-                    if f in chosen}
-            filters[f] = tuple(sorted(locs, key=loc_key))
+            filters[f] = tuple(sorted(by_channel.get(f // layer.div, ()), key=loc_key))
         keep = sorted(final | set(layer.kept_back))
         data = self._data.get(layer.path)
         # a filter's record carries its data statistics where they were measured

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import _seeded_weights, kprune, run_model, write_spec, zeroed_reference
+from conftest import (_seeded_weights, expected_removal_params, kprune, run_model, write_spec,
+                      zeroed_reference)
 from kprune_batch.errors import ModelError
 from kprune_batch.removal import remove_filters
 
@@ -74,6 +75,26 @@ def test_depthwise_chain_and_global_pooling(keras: Any) -> None:
     model = keras.Model(i, L.Dense(2)(L.GlobalMaxPooling2D()(x)))
     # c1 filter 1: 3+1; dw loses channel 1 (2 outputs): 2*9 kernel; c2 loses 2 rows of 4
     check(keras, model, {"c1": [1]}, 4 + 18 + 8)
+
+
+def test_depthwise_multiplier_in_a_group(keras: Any) -> None:
+    """c0's channel c is the depthwise outputs 2c and 2c+1, which meet c1's filters 2c, 2c+1
+    in an Add: removing c1's filter 0 takes c1's 0-1, the depthwise layer's 0-1 and c0's 0."""
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    y = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(
+        L.Conv2D(2, 1, name="c0")(i))
+    x = L.Add(name="add")([L.Conv2D(4, 1, name="c1")(i), y])
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
+    from kprune_batch.graph import build_graph
+    from kprune_batch.removal import group_of
+
+    group = group_of(build_graph(keras.saving.serialize_keras_object(model)), "c1")
+    assert (sorted(group.members), dict(group.divisor), group.size) == (
+        ["c0", "c1", "dw"], {"c1": 2, "dw": 2, "c0": 1}, 2)
+    # c0 (3*2 + 2 -> 3 + 1), dw (9*2*2 + 4 -> 9*2 + 2), c1 (12 + 4 -> 6 + 2), head (8 + 2 -> 4 + 2)
+    result = check(keras, model, {"c1": [0, 1], "dw": [0, 1], "c0": [0]}, 4 + 20 + 8 + 4)
+    assert result.model.get_layer("dw").kernel.shape == (3, 3, 1, 2)
 
 
 def test_depthwise_bias_is_folded_downstream(keras: Any) -> None:
@@ -443,108 +464,6 @@ def remove_by_index(model: Any, folder: Path, layers: dict[str, list[int]],
     return json.loads((folder / "log.json").read_text())
 
 
-PASS_THROUGH = {"Activation", "ReLU", "MaxPooling2D", "AveragePooling2D", "Dropout",
-                "GlobalAveragePooling2D", "GlobalMaxPooling2D", "ZeroPadding2D"}
-
-
-def _through(layer: Any, value: float | None) -> float | None:
-    """A constant channel value after an elementwise layer (Keras's own function of it)."""
-    if value is None:
-        return None
-    fn = getattr(layer, "activation", None)
-    x = np.full((1, 1), value, np.float32)
-    return float(np.asarray(fn(x) if fn is not None else layer(x))[0, 0])
-
-
-def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict[str, int]:
-    """Each layer's parameter count after removing `selection` (with the design's defaults:
-    bias zeroed, a direct BN follower neutralised), worked out here from the input model's
-    shapes alone, not from kprune.
-
-    Walks the graph in layer order, carrying per tensor {removed channel: the constant it holds}
-    (None where it varies across positions): a removed filter outputs its activation of 0 (a
-    depthwise layer's too: its filters are its input's channels, so the selection must name
-    exactly the channels it receives); a neutralised BN follower outputs 0; another BN maps c
-    to gamma*(c - mean)/sqrt(var + eps) + beta; an activation applies Keras's function to the
-    constant; Concatenate offsets the channels, Flatten spreads them over the positions, a
-    Reshape keeping the channel axis last passes them, Add and Multiply must see the same
-    channels from every input (a coupled group) and sum or multiply them. A consumer loses the
-    input rows of the removed channels; one without a bias gains one where a non-zero constant
-    is folded into it. A layer no removed channel reaches keeps its parameters."""
-    producer = {id(layer.output): layer for layer in model.layers}
-    gone: dict[str, dict[int, float | None]] = {}
-    params: dict[str, int] = {}
-    for layer in model.layers:
-        cls = type(layer).__name__
-        ins = layer.input if isinstance(layer.input, list) else [layer.input]
-        feeds = [producer[id(t)] for t in ins] if cls != "InputLayer" else []
-        removed = [gone[p.name] for p in feeds]
-        channels = int(layer.output.shape[-1])
-        if cls == "InputLayer" or not any(removed) and layer.name not in selection:
-            out: dict[int, float | None] = {}
-        elif cls in ("Conv2D", "Dense"):
-            assert cls == "Dense" or layer.groups == 1, layer.name
-            (rin,) = removed
-            assert None not in rin.values(), f"{layer.name}: a varying constant (not foldable)"
-            kernel = tuple(layer.kernel.shape)
-            kept_in = kernel[-2] - len(rin)
-            kept_out = kernel[-1] - len(selection.get(layer.name, []))
-            gains_bias = not layer.use_bias and any(rin.values())
-            params[layer.name] = (int(np.prod(kernel[:-2])) * kept_in * kept_out
-                                  + (kept_out if layer.use_bias or gains_bias else 0))
-            out = {f: _through(layer, 0.0) for f in selection.get(layer.name, [])}
-        elif cls == "DepthwiseConv2D":
-            (rin,) = removed
-            assert layer.depth_multiplier == 1 and \
-                sorted(rin) == sorted(selection.get(layer.name, [])), \
-                f"{layer.name}: a depthwise layer loses exactly its input's removed channels"
-            kept = channels - len(rin)
-            params[layer.name] = int(np.prod(layer.kernel.shape[:-2])) * kept + \
-                (kept if layer.use_bias else 0)
-            out = {c: _through(layer, 0.0) for c in rin}
-        elif cls == "BatchNormalization":
-            (rin,) = removed
-            assert layer.center and layer.scale, layer.name
-            g, b, mean, var = (np.asarray(v.numpy(), np.float64) for v in layer.weights)
-            follower = feeds[0].name in selection  # directly after a removed filter: neutralised
-            out = {c: 0.0 if follower else (None if v is None else float(
-                g[c] * (v - mean[c]) / np.sqrt(var[c] + layer.epsilon) + b[c]))
-                for c, v in rin.items()}
-            params[layer.name] = len(layer.weights) * (channels - len(out))
-        elif cls in PASS_THROUGH:
-            (rin,) = removed
-            out = {c: _through(layer, v) if cls in ("Activation", "ReLU") else v
-                   for c, v in rin.items()}
-            if cls == "ZeroPadding2D":  # the border is 0, the inside the constant
-                out = {c: (0.0 if v == 0 else None) for c, v in out.items()}
-        elif cls == "Reshape":
-            (rin,) = removed
-            assert layer.target_shape[-1] == ins[0].shape[-1], layer.name
-            out = dict(rin)
-        elif cls == "Flatten":
-            (rin,) = removed
-            depth = int(ins[0].shape[-1])
-            positions = int(np.prod(ins[0].shape[1:-1]))
-            out = {p * depth + c: v for p in range(positions) for c, v in rin.items()}
-        elif cls == "Concatenate":
-            assert layer.axis in (-1, 3), layer.name
-            out, offset = {}, 0
-            for t, rin in zip(ins, removed, strict=True):
-                out.update({offset + c: v for c, v in rin.items()})
-                offset += int(t.shape[-1])
-        elif cls in ("Add", "Multiply"):
-            assert all(set(r) == set(removed[0]) for r in removed), \
-                f"{layer.name}: its inputs lose different channels (a coupled group)"
-            join = sum if cls == "Add" else np.prod
-            out = {c: (None if any(r[c] is None for r in removed) else
-                       float(join([r[c] for r in removed]))) for c in removed[0]}
-        else:
-            raise AssertionError(f"{layer.name}: no rule here for a {cls} layer")
-        params.setdefault(layer.name, layer.count_params())
-        gone[layer.name] = out
-    return params
-
-
 def perturbed(model: Any, seed: int) -> Any:
     """Trained-looking BN statistics and conv/dense biases (Keras initialises them to 1, 0, 0, 1
     and 0, which would make every BN edit and bias zeroing invisible in the outputs); kernels
@@ -572,11 +491,11 @@ RESNET_STAGE4 = {f"conv4_block{i}_3_conv": [7] for i in range(1, 7)}
                   "conv4_block1_0_conv": [7]}, RESNET_STAGE4),
     ("DenseNet121", {"conv2_block1_2_conv": [0, 5], "conv3_block4_1_conv": [3]}, {}),  # concat
     # a depthwise layer joins its producer's group: listed expand conv or listed depthwise
-    ("MobileNetV2", {"block_1_expand": [0, 3], "block_2_depthwise": [1, 4]},
+    # (Conv_1, top_conv so that the edit shows: an untrained network's output may hardly
+    # depend on its early blocks)
+    ("MobileNetV2", {"block_1_expand": [0, 3], "block_2_depthwise": [1, 4], "Conv_1": [1, 2, 3]},
      {"block_1_depthwise": [0, 3], "block_2_expand": [1, 4]}),
     # squeeze-excitation: the gate conv's filters are the feature map's channels
-    # (top_conv so that the edit shows: this untrained network's output hardly depends on
-    # its early blocks)
     ("EfficientNetB0", {"block2a_expand_conv": [0, 5], "block3b_se_expand": [2],
                         "top_conv": [1, 2, 3]},
      {"block2a_dwconv": [0, 5], "block2a_se_expand": [0, 5], "block3b_expand_conv": [2],

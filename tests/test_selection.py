@@ -422,6 +422,39 @@ def test_a_listed_depthwise_layer_removes_its_producers_channels(
     np.testing.assert_array_equal(out.get_layer("c2").kernel.numpy(),
                                   w["c2"]["kernel"][:, :, kept])
     assert out.get_layer("bn2").gamma.shape == (5,)
+    plan = kprune("plan", tmp_path / "spec.yaml").expect(0).stdout.splitlines()
+    starts = [i for i, line in enumerate(plan) if line.startswith(("  dw (", "  c1 ("))]
+    assert "    coupled with c1" in plan[starts[0]:starts[1]]  # under dw, listed
+    assert "    (not listed: follows its coupled group dw, c1)" in plan
+
+
+def test_a_depthwise_multiplier_ranks_channels(keras: Any, tmp_path: Path) -> None:
+    # depth_multiplier 2: the depthwise layer's filters 2c, 2c+1 are c0's channel c, one unit
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(L.Conv2D(5, 1, name="c0")(i))
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
+    _seeded_weights(model, 5)
+    model.save(tmp_path / "m2.keras")
+    _, log = run(tmp_path, """\
+        version: 1
+        models:
+          - path: m2.keras
+            layers: [{name: dw, action: remove, rules: [{smallest: {by: l1, count: 2}}]}]
+        """)
+    w = layer_weights(keras, tmp_path / "m2.keras")
+    dw = np.abs(w["dw"]["kernel"].astype(np.float64)).sum(axis=(0, 1, 3))  # (3, 3, 5, 2)
+    want = smallest(l1(w["c0"]["kernel"]) + dw, 2)
+    assert zeroed_by_layer(log, "removed") == {
+        "c0": want, "dw": sorted(2 * c + m for c in want for m in (0, 1))}
+    picks = {r["filter"]: r["ranking"][0]["position"] for r in log["removed"]
+             if r["layer"] == "dw"}
+    assert sorted(picks.values()) == [1, 1, 2, 2]  # a channel's two filters share its place
+    out = keras.saving.load_model(tmp_path / "pruned" / "m2.keras")
+    kept = [c for c in range(5) if c not in want]
+    np.testing.assert_array_equal(out.get_layer("dw").kernel.numpy(),
+                                  w["dw"]["kernel"][:, :, kept])
+    assert out.get_layer("head").kernel.shape == (1, 1, 6, 2)
 
 
 def test_a_concatenate_inside_a_group_is_refused_naming_it(keras: Any, tmp_path: Path) -> None:
@@ -602,19 +635,17 @@ def test_a_group_that_cannot_be_removed_only_fails_a_selection(keras: Any,
                                                                tmp_path: Path) -> None:
     L = keras.layers
     i = keras.Input((6, 6, 3))
-    x = L.Conv2D(4, 1, name="c1")(i)
-    # depth_multiplier 2: each of c0's 2 channels carries 2 of the depthwise outputs
-    y = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw")(
-        L.Conv2D(2, 1, name="c0")(i))
-    model = keras.Model(i, L.Conv2D(2, 1, name="head")(L.Add(name="add")([x, y])))
+    # a one-channel gate broadcast over c1's four channels: they cannot lose the same ones
+    x = L.Multiply(name="mul")([L.Conv2D(4, 1, name="c1")(i), L.Conv2D(1, 1, name="g")(i)])
+    model = keras.Model(i, L.Conv2D(2, 1, name="head")(x))
     _seeded_weights(model, 3)
-    model.save(tmp_path / "dw.keras")
-    spec = "version: 1\nmodels:\n  - path: dw.keras\n    layers: [{name: c1, action: remove, " \
+    model.save(tmp_path / "bc.keras")
+    spec = "version: 1\nmodels:\n  - path: bc.keras\n    layers: [{name: c1, action: remove, " \
            "rules: [{index: %s}]}]\n"
     write_spec(tmp_path, spec % "[0]")
     assert kprune("plan", tmp_path / "spec.yaml").expect(1).stderr == (
-        "error: model 'dw', layer 'dw': its channels meet those of 'c1' in Add 'add', and a "
-        "DepthwiseConv2D with depth_multiplier 2 cannot be grouped yet\n")
+        "error: model 'bc', layer 'g': its channels meet those of 'c1' in Multiply 'mul', and "
+        "the tensors it joins have different channel counts (a broadcast)\n")
     # the same entry whose rule selects nothing is harmless
     write_spec(tmp_path, spec.replace("{index: %s}", "{l1: {below: -1}}"))
     kprune("plan", tmp_path / "spec.yaml").expect(0)

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import kprune, write_spec, zeroed_reference
+from conftest import expected_removal_params, kprune, write_spec, zeroed_reference
 
 ZOO = {
     # `x + 3.0` / `x * (1/6)` of hard_sigmoid are keras.src.ops.numpy nodes; SE blocks
@@ -173,6 +173,9 @@ def test_zoo_removal_equals_zeroing(keras: Any, zoo: Path, tmp_path: Path) -> No
         assert np.abs(zeroed - original).max() > 100 * bound.max(), name  # the edit shows
         params = _params(tmp_path / "pruned" / f"{name}.keras")
         assert params == out.count_params() == entry["removal"]["params_after"]
+        if name != "mnv3":  # (its operation nodes are not layers the count walks through)
+            expected = expected_removal_params(model, {k: sorted(v) for k, v in removed.items()})
+            assert {layer.name: layer.count_params() for layer in out.layers} == expected
         assert params < _params(zoo / f"{name}.keras") == entry["removal"]["params_before"]
         out.compile(optimizer="sgd", loss="mse")
         out.fit(x, rng.normal(size=(2,) + tuple(out.output.shape[1:])), epochs=1, verbose=0)
