@@ -508,6 +508,7 @@ def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
     filters zeroed and their direct BN followers neutralised), on a seeded batch, within
     |removed - zeroed| <= 1e-5 + 1e-5 * |zeroed|; and its parameters, layer by layer, against a
     count worked out from the input's shapes. Logits (no softmax) so that a difference shows."""
+    keras.utils.set_random_seed(5)  # Keras's initialisers: the same untrained model every run
     model = perturbed(getattr(keras.applications, name)(
         weights=None, input_shape=(64, 64, 3), classes=5, classifier_activation=None), 3)
     log = remove_by_index(model, tmp_path, layers)

@@ -42,6 +42,7 @@ def zoo(keras: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("zoo")
     rng = np.random.default_rng(19)
     for name, build in {**ZOO, **REMOVABLE}.items():
+        keras.utils.set_random_seed(19)  # Keras's initialisers: the same model every run
         model = build(keras)
         for layer in model._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, keras.layers.BatchNormalization):  # trained-looking statistics
