@@ -21,7 +21,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import measure, median_run, print_table  # noqa: E402  (one harness for all benchmarks)
+from _timing import child_env, measure, median_run, print_table  # noqa: E402  (one harness)
 
 USUAL = textwrap.dedent("""\
     import sys
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--batch-only", action="store_true",
                         help="Time only the 100-model batch (--jobs 1 and --jobs 2).")
     args = parser.parse_args()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = child_env()
     if args.batch_only:
         print("\n".join(batch_lines(env, args.runs)))
         return

@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import child_env, latency, timed  # noqa: E402  (one harness for all benchmarks)
 
 
 def removable(keras, model, scope: str) -> list[list[str]]:
@@ -39,22 +38,6 @@ def removable(keras, model, scope: str) -> list[list[str]]:
     return [g for g in groups if scope == "every conv" or len(g) == 1]
 
 
-def latency(model, batch: int, runs: int) -> float:
-    import numpy as np
-
-    x = np.random.default_rng(0).normal(size=(batch, 224, 224, 3)).astype("float32")
-    # predict_on_batch: one forward pass. model.predict() was tried first and is not usable
-    # here: after its first call it took 2.58 s at batch 32 for VGG16 with and without 25 % of
-    # the filters removed (predict_on_batch: 2.38 s vs 1.36 s), so it hid the speed-up.
-    model.predict_on_batch(x)  # warm-up (traces the function)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model.predict_on_batch(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=3)
@@ -65,6 +48,7 @@ def main() -> None:
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
+    env = child_env()
     rows = []
     cases = [("VGG16", "every conv"), ("ResNet50", "outside groups"), ("ResNet50", "every conv")]
     base: dict[str, dict[int, float]] = {}
@@ -91,11 +75,8 @@ def main() -> None:
                 spec.write_text("version: 1\noutput_dir: out\ndefaults: {max_fraction: 0.75}\n"
                                 f"models:\n  - path: {path}\n    layers:\n"
                                 + "\n".join(entries) + "\n")
-                start = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-m", "kprune_batch", "apply", str(spec),
-                                       "--audit-log", str(work / "log.json")],
-                                      capture_output=True, text=True)
-                took = time.perf_counter() - start
+                took, proc = timed([sys.executable, "-m", "kprune_batch", "apply", str(spec),
+                                    "--audit-log", str(work / "log.json")], env)
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr)
                 removal = json.loads((work / "log.json").read_text())["models"][0]["removal"]

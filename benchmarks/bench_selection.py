@@ -19,7 +19,7 @@ import textwrap
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_run, print_table  # noqa: E402  (one harness for all benchmarks)
+from _timing import child_env, median_run, print_table  # noqa: E402  (one harness for all benchmarks)
 from bench_backends import COPY, build  # noqa: E402
 
 USUAL = textwrap.dedent("""\
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "kprune-bench"))
     args = parser.parse_args()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env = child_env()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     models = build(cache, env, MODELS)

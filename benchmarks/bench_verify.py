@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import median_run, print_table  # noqa: E402
+from _timing import child_env, median_run, print_table  # noqa: E402
 from bench_backends import build, small_batch  # noqa: E402
 from bench_selection import spec_text  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "kprune-bench"))
     args = parser.parse_args()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=str(HERE))
+    env = child_env(PYTHONPATH=str(HERE))
     cache, before = Path(args.cache).resolve(), Path(args.before).resolve()
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-verify-"))

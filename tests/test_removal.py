@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import _seeded_weights, kprune, run_model, write_spec, zeroed_reference
+from conftest import (_seeded_weights, expected_removal_params, kprune, run_model, write_spec,
+                      zeroed_reference)
 from kprune_batch.errors import ModelError
 from kprune_batch.removal import remove_filters
 
@@ -463,108 +464,6 @@ def remove_by_index(model: Any, folder: Path, layers: dict[str, list[int]],
     return json.loads((folder / "log.json").read_text())
 
 
-PASS_THROUGH = {"Activation", "ReLU", "MaxPooling2D", "AveragePooling2D", "Dropout",
-                "GlobalAveragePooling2D", "GlobalMaxPooling2D", "ZeroPadding2D"}
-
-
-def _through(layer: Any, value: float | None) -> float | None:
-    """A constant channel value after an elementwise layer (Keras's own function of it)."""
-    if value is None:
-        return None
-    fn = getattr(layer, "activation", None)
-    x = np.full((1, 1), value, np.float32)
-    return float(np.asarray(fn(x) if fn is not None else layer(x))[0, 0])
-
-
-def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict[str, int]:
-    """Each layer's parameter count after removing `selection` (with the design's defaults:
-    bias zeroed, a direct BN follower neutralised), worked out here from the input model's
-    shapes alone, not from kprune.
-
-    Walks the graph in layer order, carrying per tensor {removed channel: the constant it holds}
-    (None where it varies across positions): a removed filter outputs its activation of 0 (a
-    depthwise layer's too: its filters are its input's channels, so the selection must name
-    exactly the channels it receives); a neutralised BN follower outputs 0; another BN maps c
-    to gamma*(c - mean)/sqrt(var + eps) + beta; an activation applies Keras's function to the
-    constant; Concatenate offsets the channels, Flatten spreads them over the positions, a
-    Reshape keeping the channel axis last passes them, Add and Multiply must see the same
-    channels from every input (a coupled group) and sum or multiply them. A consumer loses the
-    input rows of the removed channels; one without a bias gains one where a non-zero constant
-    is folded into it. A layer no removed channel reaches keeps its parameters."""
-    producer = {id(layer.output): layer for layer in model.layers}
-    gone: dict[str, dict[int, float | None]] = {}
-    params: dict[str, int] = {}
-    for layer in model.layers:
-        cls = type(layer).__name__
-        ins = layer.input if isinstance(layer.input, list) else [layer.input]
-        feeds = [producer[id(t)] for t in ins] if cls != "InputLayer" else []
-        removed = [gone[p.name] for p in feeds]
-        channels = int(layer.output.shape[-1])
-        if cls == "InputLayer" or not any(removed) and layer.name not in selection:
-            out: dict[int, float | None] = {}
-        elif cls in ("Conv2D", "Dense"):
-            assert cls == "Dense" or layer.groups == 1, layer.name
-            (rin,) = removed
-            assert None not in rin.values(), f"{layer.name}: a varying constant (not foldable)"
-            kernel = tuple(layer.kernel.shape)
-            kept_in = kernel[-2] - len(rin)
-            kept_out = kernel[-1] - len(selection.get(layer.name, []))
-            gains_bias = not layer.use_bias and any(rin.values())
-            params[layer.name] = (int(np.prod(kernel[:-2])) * kept_in * kept_out
-                                  + (kept_out if layer.use_bias or gains_bias else 0))
-            out = {f: _through(layer, 0.0) for f in selection.get(layer.name, [])}
-        elif cls == "DepthwiseConv2D":
-            (rin,) = removed
-            assert layer.depth_multiplier == 1 and \
-                sorted(rin) == sorted(selection.get(layer.name, [])), \
-                f"{layer.name}: a depthwise layer loses exactly its input's removed channels"
-            kept = channels - len(rin)
-            params[layer.name] = int(np.prod(layer.kernel.shape[:-2])) * kept + \
-                (kept if layer.use_bias else 0)
-            out = {c: _through(layer, 0.0) for c in rin}
-        elif cls == "BatchNormalization":
-            (rin,) = removed
-            assert layer.center and layer.scale, layer.name
-            g, b, mean, var = (np.asarray(v.numpy(), np.float64) for v in layer.weights)
-            follower = feeds[0].name in selection  # directly after a removed filter: neutralised
-            out = {c: 0.0 if follower else (None if v is None else float(
-                g[c] * (v - mean[c]) / np.sqrt(var[c] + layer.epsilon) + b[c]))
-                for c, v in rin.items()}
-            params[layer.name] = len(layer.weights) * (channels - len(out))
-        elif cls in PASS_THROUGH:
-            (rin,) = removed
-            out = {c: _through(layer, v) if cls in ("Activation", "ReLU") else v
-                   for c, v in rin.items()}
-            if cls == "ZeroPadding2D":  # the border is 0, the inside the constant
-                out = {c: (0.0 if v == 0 else None) for c, v in out.items()}
-        elif cls == "Reshape":
-            (rin,) = removed
-            assert layer.target_shape[-1] == ins[0].shape[-1], layer.name
-            out = dict(rin)
-        elif cls == "Flatten":
-            (rin,) = removed
-            depth = int(ins[0].shape[-1])
-            positions = int(np.prod(ins[0].shape[1:-1]))
-            out = {p * depth + c: v for p in range(positions) for c, v in rin.items()}
-        elif cls == "Concatenate":
-            assert layer.axis in (-1, 3), layer.name
-            out, offset = {}, 0
-            for t, rin in zip(ins, removed, strict=True):
-                out.update({offset + c: v for c, v in rin.items()})
-                offset += int(t.shape[-1])
-        elif cls in ("Add", "Multiply"):
-            assert all(set(r) == set(removed[0]) for r in removed), \
-                f"{layer.name}: its inputs lose different channels (a coupled group)"
-            join = sum if cls == "Add" else np.prod
-            out = {c: (None if any(r[c] is None for r in removed) else
-                       float(join([r[c] for r in removed]))) for c in removed[0]}
-        else:
-            raise AssertionError(f"{layer.name}: no rule here for a {cls} layer")
-        params.setdefault(layer.name, layer.count_params())
-        gone[layer.name] = out
-    return params
-
-
 def perturbed(model: Any, seed: int) -> Any:
     """Trained-looking BN statistics and conv/dense biases (Keras initialises them to 1, 0, 0, 1
     and 0, which would make every BN edit and bias zeroing invisible in the outputs); kernels
@@ -609,6 +508,7 @@ def test_keras_applications_removal(keras: Any, tmp_path: Path, name: str,
     filters zeroed and their direct BN followers neutralised), on a seeded batch, within
     |removed - zeroed| <= 1e-5 + 1e-5 * |zeroed|; and its parameters, layer by layer, against a
     count worked out from the input's shapes. Logits (no softmax) so that a difference shows."""
+    keras.utils.set_random_seed(5)  # Keras's initialisers: the same untrained model every run
     model = perturbed(getattr(keras.applications, name)(
         weights=None, input_shape=(64, 64, 3), classes=5, classifier_activation=None), 3)
     log = remove_by_index(model, tmp_path, layers)

@@ -422,6 +422,10 @@ def test_a_listed_depthwise_layer_removes_its_producers_channels(
     np.testing.assert_array_equal(out.get_layer("c2").kernel.numpy(),
                                   w["c2"]["kernel"][:, :, kept])
     assert out.get_layer("bn2").gamma.shape == (5,)
+    plan = kprune("plan", tmp_path / "spec.yaml").expect(0).stdout.splitlines()
+    starts = [i for i, line in enumerate(plan) if line.startswith(("  dw (", "  c1 ("))]
+    assert "    coupled with c1" in plan[starts[0]:starts[1]]  # under dw, listed
+    assert "    (not listed: follows its coupled group dw, c1)" in plan
 
 
 def test_a_depthwise_multiplier_ranks_channels(keras: Any, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import kprune, write_spec, zeroed_reference
+from conftest import expected_removal_params, kprune, write_spec, zeroed_reference
 
 ZOO = {
     # `x + 3.0` / `x * (1/6)` of hard_sigmoid are keras.src.ops.numpy nodes; SE blocks
@@ -42,6 +42,7 @@ def zoo(keras: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("zoo")
     rng = np.random.default_rng(19)
     for name, build in {**ZOO, **REMOVABLE}.items():
+        keras.utils.set_random_seed(19)  # Keras's initialisers: the same model every run
         model = build(keras)
         for layer in model._flatten_layers(include_self=False, recursive=True):
             if isinstance(layer, keras.layers.BatchNormalization):  # trained-looking statistics
@@ -173,6 +174,9 @@ def test_zoo_removal_equals_zeroing(keras: Any, zoo: Path, tmp_path: Path) -> No
         assert np.abs(zeroed - original).max() > 100 * bound.max(), name  # the edit shows
         params = _params(tmp_path / "pruned" / f"{name}.keras")
         assert params == out.count_params() == entry["removal"]["params_after"]
+        if name != "mnv3":  # (its operation nodes are not layers the count walks through)
+            expected = expected_removal_params(model, {k: sorted(v) for k, v in removed.items()})
+            assert {layer.name: layer.count_params() for layer in out.layers} == expected
         assert params < _params(zoo / f"{name}.keras") == entry["removal"]["params_before"]
         out.compile(optimizer="sgd", loss="mse")
         out.fit(x, rng.normal(size=(2,) + tuple(out.output.shape[1:])), epochs=1, verbose=0)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kprune_batch.commands import EXIT_FAILED, EXIT_INVALID, Result
-from kprune_batch.errors import SpecError
+from kprune_batch.errors import SpecError, name_list
 from kprune_batch.executor import STATUS_OK, Opener, open_auto, run_job
 from kprune_batch.plan import compile_plan
 from kprune_batch.ranges import compact_ranges
@@ -63,6 +63,9 @@ def _text(name: str, src: str, dest: str, status: str, layers: list[LayerSelecti
             lines.extend(_ranking_lines(sel, loc))
         if not sel.listed:
             lines.append(f"    (not listed: follows its coupled group {', '.join(sel.group)})")
+        elif len(sel.group) > 1:  # its channels are its group's: ranked and removed together
+            others = [m for m in sel.group if m != sel.path]
+            lines.append(f"    coupled with {name_list(others)}")
         if sel.kept_back:
             lines.append(f"    kept back for round_to: {compact_ranges(list(sel.kept_back))}")
         lines.extend(_data_lines(sel))
