@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from conftest import kprune, write_spec
+from conftest import kprune, layer_weights, write_spec
 
 SPEC = """\
 version: 1
@@ -108,10 +109,13 @@ def removal_runs(tmp_path_factory: pytest.TempPathFactory, keras: Any) -> dict[s
     keras.Model(i, L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(x))).save(
         folder / "m.keras")
     logs = {}
-    for name, c1, c2 in (("one", [3, 5], [0]), ("two", [3, 6], [0, 1]), ("zero", [3, 6], [0, 1])):
+    for name, c1, c2 in (("one", [3, 5], [0]), ("two", [3, 6], [0, 1]), ("zero", [3, 6], [0, 1]),
+                         ("rounded", [2, 3, 5], [0])):
         text = REMOVAL_SPEC.format(c1=c1, c2=c2)
         if name == "zero":  # the same selection, zeroed instead of removed
             text = text.replace("action: remove", "action: zero")
+        if name == "rounded":  # 8 - 3 leaves 5: round_to 2 keeps one back
+            text = text.replace("action: remove", "action: remove, round_to: 2")
         spec = write_spec(folder, text, f"{name}.yaml")
         kprune("apply", spec, "--audit-log", folder / f"{name}.json", "--output-dir",
                folder / name).expect(0)
@@ -165,3 +169,15 @@ def test_markdown_cells_stay_cells(runs: dict[str, Path], tmp_path: Path) -> Non
     assert "\x1b" not in out
     text = kprune("report", tmp_path / "log.json").expect(0).stdout.splitlines()
     assert "  conv|2d\\n| x | y |\\x1b[31m`tick`<b>: 0, 3-5 (4 of 8, 50.0%)" in text
+
+
+def test_report_shows_filters_kept_back_for_round_to(keras: Any,
+                                                     removal_runs: dict[str, Path]) -> None:
+    # the filter kept back is the selected one of largest l1 (design.md), computed here
+    kernel = layer_weights(keras, removal_runs["rounded"].parent / "m.keras")["c1"]["kernel"]
+    l1 = np.abs(kernel.astype(np.float64)).reshape(-1, 8).sum(axis=0)
+    back = max([2, 3, 5], key=lambda f: l1[f])
+    out = kprune("report", removal_runs["rounded"]).expect(0).stdout
+    assert f"; kept back for round_to: c1 {back}\n" in out
+    md = kprune("report", removal_runs["rounded"], "--format", "markdown").expect(0).stdout
+    assert f"; kept back for round_to: c1 {back}\n" in md

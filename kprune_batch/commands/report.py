@@ -7,7 +7,7 @@ from typing import Any
 
 from kprune_batch.audit import read_log
 from kprune_batch.commands import EXIT_FAILED, Result
-from kprune_batch.errors import AuditLogError, printable
+from kprune_batch.errors import MAX_LISTED, AuditLogError, printable
 from kprune_batch.logfacts import REMOVED, filter_fates
 from kprune_batch.ranges import compact_ranges
 
@@ -53,7 +53,7 @@ def summarize(log: dict[str, Any]) -> dict[str, Any]:
                        "removal": None if not removal else {
                            key: removal.get(key) for key in (
                                "params_before", "params_after", "macs_before", "macs_after",
-                               "probe_deviation", "probe_ran_on", "optimizer_state")},
+                               "probe_deviation", "probe_ran_on", "optimizer_state", "kept_back")},
                        "layers": layers, "impact": m.get("impact")})
     return {"run_id": log["run_id"], "status": log["status"], "spec": log["spec"]["path"],
             "commit": git.get("commit"), "dirty": git.get("dirty"),
@@ -82,6 +82,13 @@ def _removal_line(removal: dict[str, Any]) -> str:
         out += f", probe deviation {removal['probe_deviation']:.3g}"
         if removal.get("probe_ran_on") == "channels_last twin":
             out += " (on the channels_last twin)"
+    kept = removal.get("kept_back") or {}
+    if isinstance(kept, dict) and kept:  # selected but kept for round_to: a reviewer asks why
+        # they are still there
+        items = [f"{printable(str(layer))} {compact_ranges(list(filters))}"
+                 for layer, filters in kept.items()]
+        more = f" … and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+        out += f"; kept back for round_to: {'; '.join(items[:MAX_LISTED])}{more}"
     return out
 
 
