@@ -107,62 +107,114 @@ def depthwise_member(node: Any) -> bool:
 
 @dataclass(frozen=True)
 class Group:
-    """A coupled group: members whose filters are `size` shared channels, member m's filter f
-    being channel f // divisor[m] (1 but for depthwise layers with depth_multiplier > 1 and
-    layers their outputs meet); the merges that couple them."""
+    """A coupled group: member m's filter f is the group's channel (ranking unit)
+    `unit_of[m][f]` of `size`; removing a unit removes every member filter mapped to it. A
+    depthwise layer's filters c*mult..c*mult+mult-1 are one unit (its input's channel c); a
+    member feeding input i of a Concatenate inside the group has its filter c at the group's
+    channel offset_i + c, so it covers only part of the units (`support`). `merges`: the
+    Add-type merges that couple them."""
 
     members: tuple[str, ...]
     merges: tuple[str, ...]
-    divisor: Mapping[str, int]
+    unit_of: Mapping[str, np.ndarray] = field(compare=False)
     size: int
 
+    def support(self, member: str) -> set[int]:
+        """The units in which `member` has filters."""
+        return set(int(u) for u in np.unique(self.unit_of[member]))
 
-class _Spaces:
-    """Channel spaces joined by merges: a tensor is (space, d), its channel c being channel
-    c // d of the space; union-find whose edges carry divisors (space s is channel x //
-    k of its parent for the k on its edge), so a depthwise layer's outputs (its input's
-    space, d * mult) can meet a conv's filters in an Add."""
+    def filters_of(self, member: str, units: Any) -> list[int]:
+        """`member`'s filters that the units stand for, ascending."""
+        units = np.fromiter((int(u) for u in units), dtype=np.int64)
+        return [int(f) for f in np.flatnonzero(np.isin(self.unit_of[member], units))]
+
+    @property
+    def divisor(self) -> dict[str, int]:
+        """{member: d} where every member's filter f is unit f // d (groups without a
+        Concatenate inside); a ValueError otherwise."""
+        out = {}
+        for m, units in self.unit_of.items():
+            d = len(units) // self.size if self.size else 1
+            if d * self.size != len(units) or \
+                    not np.array_equal(units, np.arange(len(units)) // d):
+                raise ValueError(f"'{m}' maps its filters to the group's channels at offsets")
+            out[m] = d
+        return out
+
+
+def combine_units(group: Group, chosen: Mapping[str, set[int]], mode: str) -> set[int] | None:
+    """The units a coupled group loses from what its listed members choose (`chosen`, units):
+    `union`, what any chooses; `intersection`, the units every listed member that has filters
+    in them chooses (a member feeding one input of a Concatenate inside the group has no say
+    about the others' units). None for `error` when two listed members disagree on a unit both
+    have filters in."""
+    supports = {m: group.support(m) for m in chosen}
+    units = set().union(*supports.values()) if supports else set()
+    out = set()
+    for u in units:
+        votes = [u in chosen[m] for m in chosen if u in supports[m]]
+        if mode == "error" and any(v != votes[0] for v in votes):
+            return None
+        if all(votes) if mode == "intersection" else any(votes):
+            out.add(u)
+    return out
+
+
+class _Channels:
+    """Union-find over individual channels: every tensor a coupled group reaches is an array
+    of channel ids (its channel c is id ids[c]), and two ids united are one channel of the
+    group. A depthwise layer's outputs repeat its input's ids (mult each); a Concatenate's
+    output is its inputs' ids one after the other (input i's channel c at offset_i + c)."""
 
     def __init__(self) -> None:
-        self.parent: list[tuple[int, int]] = []
-        self.width: list[int] = []
+        self.parent = np.zeros(0, dtype=np.int64)
 
-    def new(self, width: int) -> int:
-        self.parent.append((len(self.parent), 1))
-        self.width.append(width)
-        return len(self.parent) - 1
+    def new(self, width: int) -> np.ndarray:
+        start = len(self.parent)
+        ids = np.arange(start, start + width, dtype=np.int64)
+        self.parent = np.concatenate([self.parent, ids])
+        return ids
 
-    def find(self, space: int) -> tuple[int, int]:
-        """(root, k): the space's channel x is the root's channel x // k."""
-        k = 1
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        roots = np.asarray(ids, dtype=np.int64)
         while True:
-            up, step = self.parent[space]
-            if up == space:
-                return space, k
-            space, k = up, k * step
+            up = self.parent[roots]
+            if np.array_equal(up, roots):
+                break
+            roots = up
+        self.parent[ids] = roots  # path compression
+        return roots
 
-    def root(self, tensor: tuple[int, int]) -> tuple[int, int]:
-        """(root space, d): the tensor's channel c is the root's channel c // d."""
-        space, k = self.find(tensor[0])
-        return space, tensor[1] * k
-
-    def tensor_width(self, tensor: tuple[int, int]) -> int:
-        space, d = self.root(tensor)
-        return self.width[space] * d
-
-    def union(self, a: tuple[int, int], b: tuple[int, int]) -> str | None:
+    def union(self, a: np.ndarray, b: np.ndarray) -> str | None:
         """Make two tensors' channels the same channels; why not, if they cannot be."""
-        (ra, da), (rb, db) = self.root(a), self.root(b)
-        if self.width[ra] * da != self.width[rb] * db:
+        if len(a) != len(b):
             return "broadcast"
-        if ra == rb:
-            return None if da == db else "inconsistent"
-        if da > db:
-            (ra, da), (rb, db) = (rb, db), (ra, da)
-        if db % da:
-            return "inconsistent"
-        self.parent[ra] = (rb, db // da)  # ra's channel x is rb's channel x // (db / da)
+        while True:  # links that lost a write race to another link of the same root retry
+            ra, rb = self.find(a), self.find(b)
+            differ = ra != rb
+            if not differ.any():
+                return None
+            lo, hi = np.minimum(ra, rb)[differ], np.maximum(ra, rb)[differ]
+            self.parent[hi] = lo
+
+
+def _channel_concat(graph: Any, path: str, data_format: str) -> list[int] | None:
+    """The widths of a Concatenate's inputs if it joins them on the channel axis (called once,
+    each input once), so that input i's channel c is its channel offset_i + c; else None."""
+    node = graph.layers[path]
+    shapes = node.build_config.get("input_shape")
+    if node.class_name != "Concatenate" or node.calls != 1 or \
+            len(set(node.sources)) != len(node.sources) or \
+            not isinstance(shapes, (list, tuple)) or len(shapes) != len(node.sources) or \
+            not all(isinstance(s, (list, tuple)) and s for s in shapes):
         return None
+    rank = len(shapes[0])
+    axis = node.config.get("axis", -1)
+    channel = 1 if data_format == "channels_first" else rank - 1
+    if not isinstance(axis, int) or axis % rank != channel or \
+            not all(isinstance(s[channel], int) for s in shapes):
+        return None
+    return [int(s[channel]) for s in shapes]
 
 
 def group_of(graph: Any, start: str) -> Group:
@@ -173,56 +225,90 @@ def group_of(graph: Any, start: str) -> Group:
     a Multiply of a feature map with a squeeze-and-excitation gate (the gate conv's filters are
     the map's channels). A depthwise layer is a member too: its filters are its input's
     channels (mult of them each), so its producers' filters join the group, and so does
-    whatever its own outputs meet. Raises ModelError naming the layer that cannot lose them.
+    whatever its own outputs meet. A Concatenate on the channel axis whose output meets a
+    merge (or a depthwise member) puts each input's channels at its offset in the group, so
+    its inputs' producers join it; one whose output only feeds consumers (DenseNet's) couples
+    nothing. Raises ModelError naming the layer that cannot lose them.
     """
     producers = _producers(graph)
-    spaces = _Spaces()
-    tensor: dict[str, tuple[int, int]] = {start: (spaces.new(_n_filters(graph, start)), 1)}
+    fmt = _format(graph.layers[start].config)
+    ch = _Channels()
+    tensor: dict[str, np.ndarray] = {start: ch.new(_n_filters(graph, start))}
+    # inputs of a Concatenate the forward walk entered: their channels are in the group's
+    # tensors downstream, but their producers join only once those channels meet a merge or
+    # a depthwise member (input layer -> (the Concatenate, its channel ids))
+    dormant: dict[str, tuple[str, np.ndarray]] = {}
     members, merges = [start], []
     problems: list[tuple[str, str, str]] = []  # (layer, via, why)
     forward = [start]  # layers whose consumers are still to visit
     # (layer whose producers are still to visit, the merge or depthwise member it leads to)
     backward = [(start, start)] if depthwise_member(graph.layers[start]) else []
+
+    def wake(ids: np.ndarray, via: str) -> None:
+        """Channels `ids` couple (they reach a merge or a depthwise member): the dormant
+        Concatenate inputs that carry any of them join the group."""
+        if not dormant:
+            return
+        roots = ch.find(ids)
+        for src in [s for s, (_, own) in dormant.items() if np.isin(ch.find(own), roots).any()]:
+            concat, _ = dormant.pop(src)
+            reach(src, concat)
+
+    def reach(src: str, via: str) -> None:
+        """`src`'s output (tensor[src]) is in the group: classify its layer."""
+        node = graph.layers[src]
+        cls = node.class_name
+        if (_prunable(node) or depthwise_member(node)) and \
+                _n_filters(graph, src) != len(tensor[src]):
+            problems.append((src, via, "broadcast"))  # a one-channel gate, say
+            return
+        if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH:
+            backward.append((src, via))
+        elif cls in MERGES:
+            merges.append(src)
+            backward.append((src, src))
+        elif cls == "Concatenate" and _channel_concat(graph, src, fmt) is not None:
+            backward.append((src, via))
+        elif _prunable(node):
+            members.append(src)
+        elif depthwise_member(node):
+            members.append(src)
+            backward.append((src, src))
+        else:
+            problems.append((src, via, "cannot lose"))
+            return
+        forward.append(src)
+
     while forward or backward:
         while backward:
             path, via = backward.pop()
             node = graph.layers[path]
-            for src in producers[path]:
+            widths = _channel_concat(graph, path, fmt) if node.class_name == "Concatenate" \
+                else None
+            offsets = np.cumsum([0] + widths) if widths else None
+            # a Concatenate's inputs in their order (each at its offset)
+            for slot, src in enumerate(node.sources if offsets is not None
+                                       else producers[path]):
                 want = tensor[path]
                 if depthwise_member(node):  # its input channel c is its outputs' c*mult + m
                     mult = int(node.config.get("depth_multiplier", 1))
-                    space, d = spaces.root(want)
-                    if d % mult:
-                        fresh = spaces.new(spaces.tensor_width(want) // mult)
-                        spaces.union((fresh, mult), want)
-                        want = (fresh, 1)
-                    else:
-                        want = (space, d // mult)
+                    fresh = ch.new(len(want) // mult)
+                    if len(want) % mult or ch.union(np.repeat(fresh, mult), want):
+                        problems.append((src, via, "broadcast"))
+                        continue
+                    want = fresh
+                elif offsets is not None:  # input slot's channel c is the output's off + c
+                    want = want[offsets[slot]:offsets[slot + 1]]
                 if src in tensor:
-                    why = spaces.union(tensor[src], want)
+                    why = ch.union(tensor[src], want)
                     if why:
                         problems.append((src, via, why))
+                    elif src in dormant:  # a Concatenate input the group now reaches
+                        dormant.pop(src)
+                        reach(src, via)
                     continue
                 tensor[src] = want
-                cls = graph.layers[src].class_name
-                if (_prunable(graph.layers[src]) or depthwise_member(graph.layers[src])) and \
-                        _n_filters(graph, src) != spaces.tensor_width(want):
-                    problems.append((src, via, "broadcast"))  # a one-channel gate, say
-                    continue
-                if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH:
-                    backward.append((src, via))
-                elif cls in MERGES:
-                    merges.append(src)
-                    backward.append((src, src))
-                elif _prunable(graph.layers[src]):
-                    members.append(src)
-                elif depthwise_member(graph.layers[src]):
-                    members.append(src)
-                    backward.append((src, src))
-                else:
-                    problems.append((src, via, "cannot lose"))
-                    continue
-                forward.append(src)
+                reach(src, via)
         if not forward:
             break
         path = forward.pop()
@@ -232,28 +318,59 @@ def group_of(graph: Any, start: str) -> Group:
             node = graph.layers[nxt]
             cls = node.class_name
             have = tensor[path]
+            widths = _channel_concat(graph, nxt, fmt) if cls == "Concatenate" else None
             if depthwise_member(node):
-                have = (have[0], have[1] * int(node.config.get("depth_multiplier", 1)))
+                have = np.repeat(have, int(node.config.get("depth_multiplier", 1)))
+                wake(have, nxt)
+            elif widths is not None:
+                slot = graph.layers[nxt].sources.index(path)
+                offsets = np.cumsum([0] + widths)
+                if nxt in tensor:  # reached again from another input
+                    why = ch.union(tensor[nxt][offsets[slot]:offsets[slot + 1]], have)
+                    if why:
+                        problems.append((nxt, nxt, why))
+                    continue
+                parts = []
+                for j, src in enumerate(node.sources):
+                    if src not in tensor:
+                        tensor[src] = ch.new(widths[j])
+                        dormant[src] = (nxt, tensor[src])
+                    if len(tensor[src]) != widths[j]:
+                        problems.append((src, nxt, "broadcast"))
+                        break
+                    parts.append(tensor[src])
+                else:
+                    tensor[nxt] = np.concatenate(parts)
+                    forward.append(nxt)
+                continue
             elif not (cls in BATCHNORM_CLASSES or cls in PASS_THROUGH or cls in GLOBAL_POOLING
                       or cls in MERGES):
                 continue  # it consumes the channels (a sink): no coupling through it
             if nxt in tensor:  # a merge reached again
-                why = spaces.union(tensor[nxt], have)
+                why = ch.union(tensor[nxt], have)
                 if why:
                     problems.append((nxt, nxt, why))
+                else:
+                    wake(have, nxt)
                 continue
             tensor[nxt] = have
             forward.append(nxt)
             if cls in MERGES:
                 merges.append(nxt)
                 backward.append((nxt, nxt))
+                wake(have, nxt)
             elif depthwise_member(node):
                 members.append(nxt)
     if problems:
         raise _ungroupable(graph, start, *problems[0])
-    size = spaces.width[spaces.root(tensor[start])[0]]
+    roots = {m: ch.find(tensor[m]) for m in members}
+    number: dict[int, int] = {}  # the group's channels in order of first appearance
+    for m in members:
+        for r in roots[m].tolist():
+            number.setdefault(r, len(number))
     return Group(tuple(members), tuple(merges),
-                 {m: spaces.root(tensor[m])[1] for m in members}, size)
+                 {m: np.array([number[r] for r in roots[m].tolist()], dtype=np.int64)
+                  for m in members}, len(number))
 
 
 def coupled_group(graph: Any, start: str) -> tuple[list[str], list[str]]:
@@ -284,13 +401,11 @@ def _ungroupable(graph: Any, start: str, src: str, via: str, why: str) -> ModelE
     family = family_of(node.class_name)
     if why == "broadcast":
         what = "the tensors it joins have different channel counts (a broadcast)"
-    elif why == "inconsistent":
-        what = "depthwise multipliers on the way map its channels to the group's two ways"
     elif node.class_name == "InputLayer":
         what = "they come from the model input"
-    elif node.class_name == "Concatenate":
-        what = ("a Concatenate inside a coupled group is not supported yet (each input's "
-                "channels would map to an offset in the group)")
+    elif node.class_name == "Concatenate":  # _channel_concat said no
+        what = ("a Concatenate inside a coupled group must be called once, join each tensor "
+                "once and join on the channel axis (with known input shapes)")
     elif family is not None and int(node.config.get("groups", 1)) != 1:
         what = (f"it is a grouped convolution (groups={node.config['groups']}), whose filters "
                 f"cannot be removed yet")
@@ -301,7 +416,7 @@ def _ungroupable(graph: Any, start: str, src: str, via: str, why: str) -> ModelE
 
 def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[str, list[int]]:
     """The selection with every coupled group losing the same channels (union/intersection):
-    member m's filter f is the group's channel f // divisor[m]."""
+    member m's filter f is the group's channel unit_of[m][f]."""
     out: dict[str, list[int]] = {}
     done: set[str] = set()
     for path in selection:
@@ -309,27 +424,25 @@ def _couple(graph: Any, selection: dict[str, list[int]], coupled: str) -> dict[s
             continue
         group = group_of(graph, path)
         done.update(group.members)
-        listed = {m: {f // group.divisor[m] for f in selection[m]}
-                  for m in group.members if m in selection}
         if len(group.members) == 1:
             out[path] = sorted(set(selection[path]))
             continue
-        values = list(listed.values())
-        if coupled == "error" and any(v != values[0] for v in values):
+        listed = {m: {int(group.unit_of[m][f]) for f in selection[m]}
+                  for m in group.members if m in selection}
+        chosen = combine_units(group, listed, coupled)
+        if chosen is None:
             raise ModelError(
                 f"the layers {', '.join(group.members)} "
                 f"{'meet in ' + ', '.join(group.merges) if group.merges else 'share channels'} and "
                 f"must lose the same filters, but their rules select different ones",
                 layer=path, hint="set coupled: union or coupled: intersection on the entries")
-        chosen = set(values[0])
-        for v in values[1:]:
-            chosen = chosen | v if coupled == "union" else chosen & v
         if coupled == "intersection" and not chosen:
             raise ModelError(f"the coupled layers {', '.join(group.members)} have no filter in "
                              f"common to remove (coupled: intersection)", layer=path)
         for m in group.members:
-            d = group.divisor[m]
-            out[m] = [c * d + j for c in sorted(chosen) for j in range(d)]
+            filters = group.filters_of(m, chosen)
+            if filters or m in selection:  # a Concatenate input may lose none of its own
+                out[m] = filters
     return out
 
 

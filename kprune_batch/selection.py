@@ -174,21 +174,46 @@ class _Layer:
     rankings: list[Ranking] = field(default_factory=list)
     final: list[int] = field(default_factory=list)
     kept_back: list[int] = field(default_factory=list)
-    # filter f is channel f // div of its coupled group (div > 1: a depthwise layer with
-    # depth_multiplier > 1, or a layer its outputs meet); 1 outside groups
-    div: int = 1
+    # filter f is channel unit_of[f] of its coupled group's `units` channels (several filters
+    # per channel: a depthwise layer with depth_multiplier > 1, or a layer its outputs meet;
+    # only some of the channels: an input of a Concatenate inside the group); None outside
+    # groups (filter f is channel f)
+    unit_of: np.ndarray | None = None
+    units: int = 0
     merges: list[str] = field(default_factory=list)  # the merges coupling its group, if any
 
     @property
     def channels(self) -> int:
         """Channels of its ranking unit (its group's, or its own filters)."""
-        return self.n // self.div
+        return self.n if self.unit_of is None else self.units
+
+    @property
+    def div(self) -> int:
+        """d where filter f is channel f // d of all the group's channels (1 outside groups);
+        0 where the layer covers only some of them (a Concatenate input)."""
+        if self.unit_of is None:
+            return 1
+        d = self.n // self.units if self.units else 0
+        uniform = d * self.units == self.n and np.array_equal(self.unit_of,
+                                                              np.arange(self.n) // max(d, 1))
+        return d if uniform else 0
+
+    def per_channel(self) -> np.ndarray:
+        """How many of its filters each channel of its unit stands for."""
+        if self.unit_of is None:
+            return np.ones(self.n, dtype=np.int64)
+        return np.bincount(self.unit_of, minlength=self.units)
 
     def to_channels(self, filters: Iterable[int]) -> set[int]:
-        return {f // self.div for f in filters}
+        if self.unit_of is None:
+            return {int(f) for f in filters}
+        return {int(self.unit_of[f]) for f in filters}
 
     def to_filters(self, channels: Iterable[int]) -> list[int]:
-        return sorted(c * self.div + j for c in channels for j in range(self.div))
+        if self.unit_of is None:
+            return sorted(int(c) for c in channels)
+        wanted = np.fromiter((int(c) for c in channels), dtype=np.int64)
+        return [int(f) for f in np.flatnonzero(np.isin(self.unit_of, wanted))]
 
     @property
     def slices(self) -> np.ndarray:
@@ -306,10 +331,11 @@ class _Stage:
                     self.layers[m].max_fraction = min(x.max_fraction for x in listed)
                     self.layers[m].allow_empty_layer = all(x.allow_empty_layer for x in listed)
                 self.layers[m].group = list(members)
-                self.layers[m].div = group.divisor[m]
+                self.layers[m].unit_of = np.asarray(group.unit_of[m], dtype=np.int64)
+                self.layers[m].units = group.size
                 self.layers[m].merges = merges
-                if self.layers[m].n != group.size * group.divisor[m]:
-                    raise ModelError(f"the config gives the layer {group.size * group.divisor[m]}"
+                if self.layers[m].n != len(group.unit_of[m]):
+                    raise ModelError(f"the config gives the layer {len(group.unit_of[m])}"
                                      f" filters, its kernel {self.layers[m].n}", layer=m)
 
     def _measure(self) -> None:
@@ -361,7 +387,9 @@ class _Stage:
                 else:
                     check_finite(by, None, layer.stats)
                     values = layer.stats[by]
-                total += values.reshape(layer.channels, layer.div).sum(axis=1)
+                # a filter adds to its channel (several to one: a depthwise multiplier's)
+                total += np.bincount(layer.unit_of, weights=values, minlength=len(total)) \
+                    if layer.unit_of is not None else values
             except RuleError as exc:
                 raise ModelError(f"{loc}: {exc.message}", layer=layer.path, hint=exc.hint) from None
         return total
@@ -426,6 +454,10 @@ class _Stage:
         if layer.div > 1:  # the count is of channels, each several of the layer's filters
             k = budget(p, layer.channels, "the layer's coupled group",
                        f"channels ({layer.div} of the layer's {layer.n} filters each)")
+        elif layer.div == 0:  # the layer has filters in only some of the group's channels
+            k = budget(p, layer.channels, "the layer's coupled group",
+                       f"channels (the layer's {layer.n} filters are "
+                       f"{int(np.count_nonzero(layer.per_channel()))} of them)")
         else:
             k = budget(p, layer.channels)
         chosen = [int(c) for c in rank_order(scores, rule.kind)[:k]]
@@ -472,7 +504,11 @@ class _Stage:
         order = rank_order(scores, rule.kind, tiebreak=filter_of * len(units) + unit_of)
         taken: list[set[int]] = [set() for _ in units]  # channels
         already = [set().union(*(m.to_channels(m.selected()) for m in unit)) for unit in units]
-        caps = [min(m.cap() // m.div for m in unit) for unit in units]  # in channels
+        # a channel costs each member the filters it stands for there; none may pass its cap
+        per = [[m.per_channel() for m in unit] for unit in units]
+        spent = [[int(p[sorted(already[u])].sum()) for p in per[u]] for u in range(len(units))]
+        caps = [min(m.cap() // max(int(p.max(initial=1)), 1) for m, p in zip(unit, per[u]))
+                for u, unit in enumerate(units)]  # in channels (reported)
         bound = [False] * len(units)
         position = 0
         cutoff = None
@@ -480,9 +516,13 @@ class _Stage:
             if position == k:
                 break
             u, f = int(unit_of[i]), int(filter_of[i])
-            if f not in already[u] and len(already[u] | taken[u]) >= caps[u]:
+            fresh = f not in already[u] and f not in taken[u]
+            if fresh and any(s + int(p[f]) > m.cap()
+                             for m, p, s in zip(units[u], per[u], spent[u])):
                 bound[u] = True
                 continue
+            if fresh:
+                spent[u] = [s + int(p[f]) for p, s in zip(per[u], spent[u])]
             position += 1
             taken[u].add(f)
             cutoff = float(scores[i])
@@ -514,7 +554,9 @@ class _Stage:
             listed = [m for m in members if m.entries]
             mode = listed[0].options.coupled
             values = [m.to_channels(m.final) for m in listed]
-            if mode == "error" and any(v != values[0] for v in values):
+            supports = [m.to_channels(range(m.n)) for m in listed]
+            chosen = _combine(values, supports, mode)
+            if chosen is None:
                 detail = [f"{m.path} ({m.entries[0]}) selects {_short(m.final)}"
                           for m in listed[:MAX_LISTED]]
                 if len(listed) > MAX_LISTED:
@@ -528,9 +570,6 @@ class _Stage:
                     f"filters, but their rules select different ones: {'; '.join(detail)}",
                     layer=listed[0].path,
                     hint="set coupled: union or coupled: intersection on the entries")
-            chosen = set(values[0])
-            for v in values[1:]:
-                chosen = chosen | v if mode == "union" else chosen & v
             if mode == "intersection" and not chosen and any(values):
                 raise ModelError(f"the coupled layers {', '.join(layer.group)} have no filter in "
                                  f"common to remove (coupled: intersection)", layer=listed[0].path)
@@ -548,11 +587,19 @@ class _Stage:
                 continue
             unit = self._unit(layer)
             done.update(m.path for m in unit)
-            chosen = sorted(layer.to_channels(layer.final))
+            chosen = set(layer.to_channels(layer.final))
+            for m in unit:  # a Concatenate input's final filters are some of the group's
+                chosen |= m.to_channels(m.final)
             scores = self._scores("l1", unit, "round_to")
+            # each member's channels (its own: a Concatenate input has only some of the
+            # group's): every member's remaining count must be a multiple of round_to
+            supports = [m.to_channels(range(m.n)) for m in unit]
             kept_back = []
-            while chosen and (layer.channels - len(chosen)) % step:
-                c = max(chosen, key=lambda g: (float(scores[g]), -g))
+            while True:
+                short = [s for s in supports if chosen & s and len(s - chosen) % step]
+                if not short:
+                    break
+                c = max(chosen & short[0], key=lambda g: (float(scores[g]), -g))
                 chosen.remove(c)
                 kept_back.append(c)
             for m in unit:
@@ -571,7 +618,8 @@ class _Stage:
                 for c in member.to_channels(chosen):
                     by_channel.setdefault(c, set()).add(loc)
         for f in layer.final:
-            filters[f] = tuple(sorted(by_channel.get(f // layer.div, ()), key=loc_key))
+            channel = f if layer.unit_of is None else int(layer.unit_of[f])
+            filters[f] = tuple(sorted(by_channel.get(channel, ()), key=loc_key))
         keep = sorted(final | set(layer.kept_back))
         data = self._data.get(layer.path)
         # a filter's record carries its data statistics where they were measured
@@ -587,6 +635,21 @@ class _Stage:
             group=tuple(layer.group), kept_back=tuple(layer.kept_back),
             ranked={f: tuple(picks) for f, picks in layer.ranked.items() if f in final},
             rankings=tuple(layer.rankings), data=data)
+
+
+def _combine(values: list[set[int]], supports: list[set[int]], mode: str) -> set[int] | None:
+    """The channels a coupled group loses from its listed members' (`values`, each within its
+    `supports`, the channels it has filters in): union, or the channels every member having
+    filters in them selects (intersection); None where `error` and two members having filters
+    in one channel disagree on it."""
+    out = set()
+    for c in set().union(*supports):
+        votes = [c in v for v, s in zip(values, supports) if c in s]
+        if mode == "error" and any(v != votes[0] for v in votes):
+            return None
+        if all(votes) if mode == "intersection" else any(votes):
+            out.add(c)
+    return out
 
 
 def _across_entry(rule: RuleOp) -> bool:

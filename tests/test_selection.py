@@ -532,19 +532,49 @@ def test_a_listed_depthwise_layer_and_its_listed_producer_couple(
     assert zeroed_by_layer(log, "removed") == removed
 
 
-def test_a_concatenate_inside_a_group_is_refused_naming_it(keras: Any, tmp_path: Path) -> None:
-    # NASNet's cells add a concatenation of two convs to a third conv's output
+def test_a_concatenate_inside_a_group_maps_its_inputs_to_offsets(keras: Any,
+                                                                 tmp_path: Path) -> None:
+    # NASNet's cells add a concatenation of two convs to a third conv's output: c's filter 2
+    # is the concatenation's channel 2, b's filter 0
     L = keras.layers
     i = keras.Input((6, 6, 3))
     cat = L.Concatenate(name="cat")([L.Conv2D(2, 1, name="a")(i), L.Conv2D(2, 1, name="b")(i)])
     x = L.Add(name="add")([cat, L.Conv2D(4, 1, name="c")(i)])
     keras.Model(i, L.Conv2D(2, 1, name="head")(x)).save(tmp_path / "cat.keras")
     write_spec(tmp_path, "version: 1\nmodels:\n  - path: cat.keras\n    layers: "
+                         "[{name: c, action: remove, rules: [{index: [0, 2]}]}]\n")
+    out = kprune("plan", tmp_path / "spec.yaml").expect(0).stdout
+    assert out.split("\n")[1:] == [
+        "  c (Conv2D, 4 filters): would remove 0, 2 (2 of 4, 50.0%)",
+        "    models[0].layers[0].rules[0]: 0, 2",
+        "    coupled with a, b",
+        "  a (Conv2D, 2 filters): would remove 0 (1 of 2, 50.0%)",
+        "    (not listed: follows its coupled group c, a, b)",
+        "  b (Conv2D, 2 filters): would remove 0 (1 of 2, 50.0%)",
+        "    (not listed: follows its coupled group c, a, b)",
+        "  removal touches:",
+        "    c (Conv2D): filters removed 0, 2 (2 of 4)",
+        "    add (Add): passes through 0, 2 (2 of 4)",
+        "    head (Conv2D): input channels removed 0, 2 (2 of 4)",
+        "    a (Conv2D): filters removed 0 (1 of 2)",
+        "    b (Conv2D): filters removed 0 (1 of 2)",
+        "    cat (Concatenate): concatenated channels removed 0, 2 (2 of 4)",
+        ""]
+
+
+def test_a_concatenate_of_one_tensor_twice_inside_a_group_is_refused(keras: Any,
+                                                                     tmp_path: Path) -> None:
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    a = L.Conv2D(2, 1, name="a")(i)
+    x = L.Add(name="add")([L.Concatenate(name="cat")([a, a]), L.Conv2D(4, 1, name="c")(i)])
+    keras.Model(i, L.Conv2D(2, 1, name="head")(x)).save(tmp_path / "twice.keras")
+    write_spec(tmp_path, "version: 1\nmodels:\n  - path: twice.keras\n    layers: "
                          "[{name: c, action: remove, rules: [{index: [0]}]}]\n")
     assert kprune("plan", tmp_path / "spec.yaml").expect(1).stderr == (
-        "error: model 'cat', layer 'cat': its channels meet those of 'c' in Add 'add', and a "
-        "Concatenate inside a coupled group is not supported yet (each input's channels would "
-        "map to an offset in the group)\n")
+        "error: model 'twice', layer 'cat': its channels meet those of 'c' in Add 'add', and a "
+        "Concatenate inside a coupled group must be called once, join each tensor once and "
+        "join on the channel axis (with known input shapes)\n")
 
 
 def test_guard_holds_after_coupling(tmp_path: Path, residual: Path) -> None:
