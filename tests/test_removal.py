@@ -720,3 +720,65 @@ def test_a_grouped_producer_of_a_depthwise_layer_is_refused_naming_groups(
     assert kprune("plan", spec).expect(1).stderr == (
         "error: model 'm', layer 'c0': its channels are the filters of DepthwiseConv2D 'dw', and "
         "it is a grouped convolution (groups=2), whose filters cannot be removed yet\n")
+
+
+def concat_group_model(keras: Any, case: str) -> Any:
+    """concat(a, b) -> BN (not a direct follower: its constants are folded) added to c, so a's
+    filter f is the group's channel f, b's filter f channel width(a) + f; `sink`: the
+    concatenation also feeds a conv of its own; `widths`: a and b differ in width."""
+    L = keras.layers
+    i = keras.Input((7, 7, 3))
+    wa, wb = (3, 5) if case == "widths" else (4, 4)
+    cat = L.Concatenate(name="cat")([L.Conv2D(wa, 1, name="a")(i),
+                                     L.Conv2D(wb, 1, name="b")(i)])
+    x = L.Add(name="add")([L.BatchNormalization(name="bn")(cat),
+                           L.Conv2D(wa + wb, 1, name="c")(i)])
+    x = L.Conv2D(3, 1, name="head")(x)
+    if case == "sink":
+        x = L.Add(name="out")([x, L.Conv2D(3, 1, name="sink")(cat)])
+    return keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("case", ["equal", "sink", "widths"])
+def test_a_concatenate_inside_a_group_loses_channels_at_offsets(keras: Any, tmp_path: Path,
+                                                               case: str) -> None:
+    """Ranking the group (a, b, c listed, 25 % smallest l1): channel u scores l1(c_u) plus
+    l1(a_u) (u < width(a)) or l1(b_{u - width(a)}), computed here; the written model equals the
+    input zeroed on those filters within 1e-5 + 1e-5·|ref|, with the parameters counted here."""
+    model = concat_group_model(keras, case)
+    _seeded_weights(model, 8)
+    model.save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
+                      "models:\n  - path: m.keras\n    layers:\n" + "".join(
+                          f"      - {{name: {n}, rules: [{{smallest: {{by: l1, fraction: 0.25}}}}]}}\n"
+                          for n in "abc"))
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    l1 = {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
+          for n in "abc"}
+    wa = len(l1["a"])
+    scores = l1["c"] + np.concatenate([l1["a"], l1["b"]])
+    chosen = sorted(sorted(range(len(scores)), key=lambda u: (scores[u], u))[:len(scores) // 4])
+    selection = {"a": [u for u in chosen if u < wa], "b": [u - wa for u in chosen if u >= wa],
+                 "c": chosen}
+    selection = {k: v for k, v in selection.items() if v}
+    got: dict[str, list[int]] = {}
+    for r in log["removed"]:
+        got.setdefault(r["layer"], []).append(r["filter"])
+    assert {k: sorted(v) for k, v in got.items()} == selection
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    x = np.random.default_rng(2).normal(size=(3, 7, 7, 3)).astype("float32")
+    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
+    have = np.asarray(out(x), np.float64)
+    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
+    assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
+    expected = expected_removal_params(model, selection)
+    assert {layer.name: layer.count_params() for layer in out.layers} == expected
+    # the BN's constants, gamma * (0 - mean) / sqrt(var + eps) + beta, end in head's bias
+    g, beta, mean, var = (v.astype(np.float64) for v in model.get_layer("bn").get_weights())
+    constant = beta - g * mean / np.sqrt(var + model.get_layer("bn").epsilon)
+    (fold,) = [f for f in log["models"][0]["removal"]["folded"] if f["layer"] == "head"]
+    assert [c["channel"] for c in fold["constants"]] == chosen
+    assert [c["constant"] for c in fold["constants"]] == pytest.approx(constant[chosen],
+                                                                       abs=1e-6)
+    kprune("verify", tmp_path / "log.json").expect(0)
