@@ -1,6 +1,7 @@
 """Benchmark: `action: remove` over the keras.applications zoo: params, MACs, removal time, latency.
 
 Run: python benchmarks/bench_zoo.py [--runs 3] [--cache DIR] [--families VGG16,ResNet50,...]
+[--approximate]
 Each family is built with weights=None at 224x224, its BatchNormalization moving statistics made
 trained-looking with a seeded rng (as tests/test_zoo.py does), and saved as .keras in the cache.
 One spec per family lists every convolution layer by name except those whose channels are the
@@ -81,10 +82,11 @@ def conv_layers(keras: Any, model: Any) -> tuple[list[str], list[str]]:
     return [p for p in convs if p not in out], out
 
 
-def spec_text(path: Path, layers: list[str]) -> str:
+def spec_text(path: Path, layers: list[str], approximate: bool = False) -> str:
     entries = "".join(f"      - {{name: '{name}', rules: [{{smallest: {{by: l1, fraction: 0.25}}}}]}}\n"
                       for name in layers)
-    return ("version: 1\noutput_dir: out\ndefaults: {action: remove, coupled: union}\n"
+    extra = ", approximate: true" if approximate else ""
+    return (f"version: 1\noutput_dir: out\ndefaults: {{action: remove, coupled: union{extra}}}\n"
             f"models:\n  - path: {path}\n    layers:\n" + entries)
 
 
@@ -98,14 +100,15 @@ def first_error(proc: Any, family: str) -> str:
     return line if len(line) <= ERROR_CHARS else line[:half] + "…" + line[-half:]
 
 
-def bench(keras: Any, family: str, cache: Path, runs: int, env: dict[str, str]) -> str:
+def bench(keras: Any, family: str, cache: Path, runs: int, env: dict[str, str],
+          approximate: bool = False) -> str:
     path = cached_model(keras, family, cache)
     model = keras.saving.load_model(path)
     layers, left_out = conv_layers(keras, model)
     params_input = int(model.count_params())
     work = Path(tempfile.mkdtemp(prefix=f"bench-zoo-{family}-"))
     try:
-        (work / "spec.yaml").write_text(spec_text(path, layers))
+        (work / "spec.yaml").write_text(spec_text(path, layers, approximate))
         took, proc = timed([sys.executable, "-m", "kprune_batch", "apply", str(work / "spec.yaml"),
                             "--audit-log", str(work / "log.json")], env)
         kept_out = ", ".join(p.rsplit("/", 1)[-1] for p in left_out) or "–"
@@ -124,6 +127,8 @@ def bench(keras: Any, family: str, cache: Path, runs: int, env: dict[str, str]) 
         keras.backend.clear_session()
     finally:
         shutil.rmtree(work)  # ~0.5 GB for VGG16: do not leave it in /tmp
+    if approximate:
+        family += " (approximate: true)"
     p0, p1 = removal["params_before"], removal["params_after"]
     m0, m1 = removal["macs_before"], removal["macs_after"]
     return (f"| {family} | {len(layers)} | {kept_out} | {p0 / 1e6:.2f} M → {p1 / 1e6:.2f} M "
@@ -139,6 +144,9 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "kprune-bench-zoo"))
     parser.add_argument("--families", default=",".join(FAMILIES),
                         help="comma-separated keras.applications constructors")
+    parser.add_argument("--approximate", action="store_true",
+                        help="approximate: true in the specs' defaults (inexact folds allowed, "
+                             "the probe deviation measured and logged)")
     args = parser.parse_args()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
@@ -151,7 +159,7 @@ def main() -> None:
     env = child_env()
     rows = []
     for family in families:
-        rows.append(bench(keras, family, cache, args.runs, env))
+        rows.append(bench(keras, family, cache, args.runs, env, args.approximate))
         print(rows[-1], file=sys.stderr, flush=True)  # progress: a full run takes ~20 min
     print(f"latency: median of {args.runs} predict_on_batch calls at batch {BATCH} after a warm-up "
           f"(CPU; input and output model in turn); ratios are after/before\n")
