@@ -6,7 +6,8 @@ BatchNormalization and LayerScale (sliced), LayerNormalization (sliced; approxim
 elementwise activations, dropout and noise layers, pooling, padding, GlobalPooling, a Reshape
 keeping the channel axis, a Permute putting it first or last, Concatenate on the channel axis
 (input i's channel c is channel offset_i + c of the result) and Add-type merges (whose inputs
-form one coupled group that loses the same channels), and end in Conv*/SeparableConv*/
+form one coupled group that loses the same channels; a Concatenate whose output meets one
+puts its inputs' producers in that group at their offsets), and end in Conv*/SeparableConv*/
 Conv*Transpose (input channels sliced), DepthwiseConv* (its channels c*mult..c*mult+mult-1 go
 too and the walk goes on), Dense or LSTM/GRU/SimpleRNN (input kernel rows sliced; after Flatten
 in Flatten's channels_last order). A conv losing every filter into a Concatenate leaves the
