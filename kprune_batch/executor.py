@@ -431,9 +431,7 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
             assert family is not None
             layer_vars = written.variables(layer)
             kernel = layer_vars[family.kernel_name(layer_vars) or family.kernel_var]
-            filters = [r["filter"] for r in layer_records]
-            picked = family.filter_view(kernel)[filters]
-            loud_kernel = np.any(picked.reshape(len(filters), -1) != 0, axis=1)
+            loud_kernel = family.loud_filters(kernel, [r["filter"] for r in layer_records])
             bias = layer_vars.get("bias")
             for i, r in enumerate(layer_records):
                 problems = []
@@ -449,7 +447,7 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
                                      f"{r['filter']} ({', '.join(problems)}); nothing was written",
                                      model=job.name, layer=layer,
                                      hint="please report this as a bug, with the audit log")
-            del layer_vars, kernel, picked, bias
+            del layer_vars, kernel, bias
     finally:
         written.close()
     return "ok"
