@@ -155,6 +155,24 @@ _ONE_PER_LINE = frozenset({"zeroed", "removed", "layers", "touched", "folded"})
 _ENCODE = json.JSONEncoder(allow_nan=False).encode
 
 
+def _c_encoder() -> Any:
+    """json's C encoder, made once: JSONEncoder.encode makes one per call, with a table of the
+    objects it is inside (a circular-reference check a log built here never needs); ~25 % of
+    the encoding of a 6,640-record log. Same text as _ENCODE (NaN refused); None without the
+    C accelerator (another Python), where _ENCODE is used."""
+    from json import encoder
+
+    if encoder.c_make_encoder is None:  # pragma: no cover - CPython always has it
+        return None
+    make = encoder.c_make_encoder(None, json.JSONEncoder().default,
+                                  encoder.encode_basestring_ascii, None, ": ", ", ", False,
+                                  False, False)
+    return lambda value: "".join(make(value, 0))
+
+
+_ENCODE_ITEM = _c_encoder() or _ENCODE
+
+
 def dumps_log(log: dict[str, Any]) -> str:
     """The log as JSON text: nested objects indented, record lists one compact item per line,
     lists of plain values on one line. Deterministic (reproducible runs write the same bytes)."""
@@ -168,7 +186,7 @@ def _pretty(value: Any, level: int, compact_items: bool = False) -> str:
                  for k, v in value.items()]
         return "{\n" + ",\n".join(items) + f"\n{pad}}}"
     if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
-        items = [inner + (_ENCODE(v) if compact_items else _pretty(v, level + 1))
+        items = [inner + (_ENCODE_ITEM(v) if compact_items else _pretty(v, level + 1))
                  for v in value]
         return "[\n" + ",\n".join(items) + f"\n{pad}]"
     return _ENCODE(value)
