@@ -7,7 +7,6 @@ import math
 import os
 import platform
 import re
-import secrets
 import subprocess
 import sys
 from typing import Any
@@ -29,7 +28,7 @@ def utc_now() -> str:
 def new_run_id() -> str:
     """UTC time first, so that logs named by run id sort by time; a random tail keeps them unique."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"{stamp}-{secrets.token_hex(3)}"
+    return f"{stamp}-{os.urandom(3).hex()}"
 
 
 def _version(dist: str) -> str | None:
