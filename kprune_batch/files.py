@@ -7,7 +7,6 @@ import errno
 import hashlib
 import os
 import re
-import secrets
 import stat
 from typing import BinaryIO, Callable, Iterable, Iterator
 
@@ -303,7 +302,7 @@ def temp_path_beside(dest: str, suffix: str = "") -> Iterator[str]:
     folder = os.path.dirname(os.path.abspath(dest)) or "."
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     while True:
-        tmp = os.path.join(folder, f".{os.path.basename(dest)}.{secrets.token_hex(8)}"
+        tmp = os.path.join(folder, f".{os.path.basename(dest)}.{os.urandom(8).hex()}"
                                    f"{TEMP_MARK}{suffix}")
         try:
             os.close(os.open(tmp, flags, 0o666))

@@ -581,20 +581,26 @@ class _Stage:
             for loc, chosen in member.by_rule.items():
                 for c in member.to_channels(chosen):
                     by_channel.setdefault(c, set()).add(loc)
+        ordered: dict[frozenset[str], tuple[str, ...]] = {}  # most filters share their rules
         for f in layer.final:
-            filters[f] = tuple(sorted(by_channel.get(f // layer.div, ()), key=loc_key))
+            locs = frozenset(by_channel.get(f // layer.div, ()))
+            if locs not in ordered:
+                ordered[locs] = tuple(sorted(locs, key=loc_key))
+            filters[f] = ordered[locs]
         keep = sorted(final | set(layer.kept_back))
         data = self._data.get(layer.path)
         # a filter's record carries its data statistics where they were measured
         stats = {**layer.stats, **({k: self._data_stat(k, layer) for k in DATA_KINDS}
                                    if data is not None else {})}
+        columns = {k: np.asarray(v).tolist() for k, v in stats.items()}
         return LayerSelection(
             path=layer.path, class_name=layer.class_name, n_filters=layer.n,
             options=layer.options, max_fraction=layer.max_fraction,
             allow_empty_layer=layer.allow_empty_layer, entries=tuple(layer.entries),
             by_rule={loc: tuple(layer.by_rule[loc]) for loc in sorted(layer.by_rule, key=loc_key)},
             filters=filters,
-            stats={f: {k: float(v[f]) for k, v in stats.items()} for f in keep},
+            # as Python floats (tolist: one conversion per array, not one numpy scalar a value)
+            stats={f: {k: float(c[f]) for k, c in columns.items()} for f in keep},
             group=tuple(layer.group), kept_back=tuple(layer.kept_back),
             ranked={f: tuple(picks) for f, picks in layer.ranked.items() if f in final},
             rankings=tuple(layer.rankings), data=data)

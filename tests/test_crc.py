@@ -31,3 +31,17 @@ def test_a_patch_must_keep_its_length() -> None:
         patched_crc32(0, 10, [(2, b"ab", b"abc")])
     with pytest.raises(ValueError, match="inside the range"):
         patched_crc32(0, 10, [(9, b"ab", b"cd")])
+
+
+def test_patched_crc_of_large_memoryview_spans() -> None:
+    # the direct backend hands whole kernels as memoryviews of numpy arrays (MBs each)
+    rng = random.Random(5)
+    data = bytearray(rng.randbytes(9_000_000))
+    old = zlib.crc32(data)
+    spans = []
+    for offset, length in ((17, 2_500_000), (3_000_001, 4_000_000), (8_999_990, 10)):
+        new = memoryview(bytearray(rng.randbytes(length)))
+        spans.append((offset, bytes(data[offset:offset + length]), new))
+        data[offset:offset + length] = new
+    spans.append((2_600_000, bytes(data[2_600_000:2_600_100]), bytes(data[2_600_000:2_600_100])))
+    assert patched_crc32(old, len(data), spans) == zlib.crc32(data)

@@ -275,6 +275,39 @@ def test_static_check_finds_an_edit_that_did_not_land(tmp_path: Path, small_cnn:
         "slice, bias); nothing was written; please report this as a bug, with the audit log")
 
 
+def test_static_check_finds_a_batchnorm_edit_that_did_not_land(tmp_path: Path,
+                                                               small_cnn: Path) -> None:
+    """The BatchNorm edits are checked per record too: a recorded value the file does not hold
+    (here one no edit wrote) names the follower's variable."""
+    from kprune_batch.backends.direct import DirectModelWeights
+    from kprune_batch.errors import ModelError
+    from kprune_batch.executor import static_check
+
+    model = tmp_path / "m.keras"
+    shutil.copy(small_cnn, model)
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n"
+                                "    layers: [{name: conv2d_1, rules: [{index: [1, 5]}]}]\n")
+    (job,) = compile_plan(read_spec(spec)).jobs
+    outcome = run_job(job, opener=open_direct)
+    assert outcome.status == "ok" and outcome.static_check == "ok", outcome.error
+    second = outcome.zeroed[1]
+    assert second["filter"] == 5 and second["batchnorm"]  # neutralised: the BN is edited
+    edit = second["batchnorm"][-1]
+    claims = [outcome.zeroed[0], {**second, "batchnorm": second["batchnorm"][:-1] + [
+        {**edit, "value": 0.5}]}]
+    layout = DirectModelWeights(str(model), "m")
+    try:
+        assert static_check(job.output, job, outcome.zeroed, layout) == "ok"
+        with pytest.raises(ModelError) as err:
+            static_check(job.output, job, claims, layout)
+    finally:
+        layout.close()
+    assert err.value.render() == (
+        f"model 'm', layer 'conv2d_1': the written file does not hold the edit of filter 5 "
+        f"(bn.{edit['variable']}); nothing was written; please report this as a bug, with the "
+        f"audit log")
+
+
 @pytest.mark.parametrize("suffix, saves", [(".keras", 0), (".h5", 1)])
 def test_rerun_with_an_up_to_date_output(tmp_path: Path, small_cnn: Path, small_cnn_h5: Path,
                                          monkeypatch: pytest.MonkeyPatch, suffix: str,
