@@ -85,6 +85,8 @@ class Family:
 
     def expected_shapes(self, config: dict[str, Any], c: int) -> dict[str, tuple[int, ...]]:
         """Shapes each variable must have for `c` input channels (the build() methods)."""
+        if self.name == "units":  # Dense: kernel (in, units) (keras/src/layers/core/dense.py)
+            return {"kernel": (c, int(config["units"])), "bias": (int(config["units"]),)}
         k = tuple(int(v) for v in config["kernel_size"])
         if self.name == "depthwise":
             mult = int(config.get("depth_multiplier", 1))
@@ -201,6 +203,18 @@ _ALIASES = {
 
 CONV_CLASSES: tuple[str, ...] = tuple(_BY_CLASS) + tuple(_ALIASES)
 
+# Dense as a coupled-group member of a removal (ConvNeXt's `pointwise_conv_2`, whose units meet
+# the stage's residual Adds): kernel (in, units), bias (units,), a unit on kernel axis -1 as a
+# conv's filter (keras/src/layers/core/dense.py build()). Not in FAMILIES: no rule resolves to a
+# Dense layer; it is selected, zeroed and removed only as a member its group brings in.
+UNITS = Family("units", ("Dense",), "kernel", ("kernel",), "kernel (in, units), unit axis -1")
+
+
+def member_family_of(class_name: str) -> Family | None:
+    """The family of a layer that may lose filters as a coupled-group member: a convolution's,
+    or UNITS for a Dense layer."""
+    return family_of(class_name) or (UNITS if class_name in UNITS.classes else None)
+
 
 def family_of(class_name: str) -> Family | None:
     """The family of a layer class name, or None for a layer without filters."""
@@ -215,8 +229,8 @@ def canonical_class(class_name: str) -> str:
 
 
 def variable_names(class_name: str, config: dict[str, Any]) -> list[str] | None:
-    """A convolution's or BatchNormalization's variables in creation order, or None."""
-    family = family_of(class_name)
+    """A convolution's, Dense's or BatchNormalization's variables in creation order, or None."""
+    family = member_family_of(class_name)
     if family is not None:
         return family.variable_names(config)
     if canonical_class(class_name) in BATCHNORM_CLASSES:
@@ -246,7 +260,7 @@ def input_channels(class_name: str, config: dict[str, Any], build: dict[str, Any
         return None
     if cls in BATCHNORM_CLASSES:
         return first[0]
-    family = family_of(cls)
+    family = member_family_of(cls)
     return None if family is None else family.stored_input_channels(first, config)
 
 
@@ -258,7 +272,7 @@ def expected_shapes(class_name: str, config: dict[str, Any], build: dict[str, An
         return None
     if canonical_class(class_name) in BATCHNORM_CLASSES:
         return {k: (c,) for k in ("gamma", "beta", "moving_mean", "moving_variance")}
-    family = family_of(class_name)
+    family = member_family_of(class_name)
     return None if family is None else family.expected_shapes(config, c)
 
 

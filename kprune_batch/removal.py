@@ -28,6 +28,7 @@ from kprune_batch.errors import ModelError
 from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
                                    INPUT_TOUCHES, REMOVABLE_FAMILIES,
                                    ZERO_PRESERVING_CLASSES, channel_params_of, family_of,
+                                   member_family_of,
                                    rows_consumer_of)
 from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
 from kprune_batch.ranges import compact_ranges
@@ -65,7 +66,7 @@ def count_macs(model: Any) -> int:
     position for transposed convolutions); a Dense on a rank-3+ input once per leading position.
     """
     total = 0
-    for layer in model.layers:
+    for layer in _layers_by_path(model).values():  # a nested model's layers, one by one
         kernels = [w for w in layer.weights if len(w.shape) >= 2]
         if not kernels:
             continue
@@ -101,9 +102,56 @@ def _prunable(node: Any) -> bool:
 def depthwise_member(node: Any) -> bool:
     """A depthwise layer called once: its filters c*mult..c*mult+mult-1 are made from its input
     channel c alone (keras/src/layers/convolutional/base_depthwise_conv.py), so it joins its
-    input's coupled group, as DepGraph groups it, at channel c."""
+    input's coupled group, as DepGraph groups it, at channel c. So does a grouped Conv with
+    groups == filters == input channels (ConvNeXt's 7x7 `depthwise_conv`): its kernel is
+    (*k, 1, filters) and filter c reads input channel c alone (base_conv.py, groups)."""
     family = family_of(node.class_name)
-    return family is not None and family.name == "depthwise" and node.calls == 1
+    if family is None or node.calls != 1:
+        return False
+    return family.name == "depthwise" or grouped_depthwise(node)
+
+
+def nested_input(node: Any) -> bool:
+    """The InputLayer a nested Sequential starts with (ConvNeXt's stem): the tensor itself."""
+    return node.class_name == "InputLayer" and "/" in node.path
+
+
+def grouped_depthwise(node: Any) -> bool:
+    """A Conv* with groups == filters == its input channels: a depthwise conv of multiplier 1."""
+    family = family_of(node.class_name)
+    groups = int(node.config.get("groups", 1))
+    if family is None or family.name != "conv" or groups == 1 or \
+            int(node.config.get("filters", 0)) != groups:
+        return False
+    shape = node.build_config.get("input_shape")
+    if not isinstance(shape, (list, tuple)) or not shape:
+        return False
+    channels = shape[1] if _format(node.config) == "channels_first" else shape[-1]
+    return channels is not None and int(channels) == groups
+
+
+def units_member(node: Any) -> bool:
+    """A Dense layer called once: its units are its output's last axis, so reached backward from
+    a merge (ConvNeXt's `pointwise_conv_2`, a Dense on a channels_last feature map) its units
+    are the group's channels, as a conv's filters are."""
+    return node.class_name == "Dense" and node.operation is None and node.calls == 1
+
+
+def _channel_params_pass(node: Any) -> bool:
+    """LayerScale / a LayerNormalization over the channel axis: per-channel parameters that a
+    removal slices, so a coupled group's channels pass through them."""
+    params = channel_params_of(node.class_name)
+    if params is None or node.operation is not None:
+        return False
+    shape = node.build_config.get("input_shape")
+    rank = len(shape) if isinstance(shape, (list, tuple)) else None
+    return params.on_channel_axis(node.config, rank)
+
+
+def _renormalizes(node: Any) -> bool:
+    """A pass-through layer whose statistics over the channels change when channels go."""
+    params = channel_params_of(node.class_name)
+    return params is not None and not params.exact
 
 
 @dataclass(frozen=True)
@@ -119,6 +167,9 @@ class Group:
     merges: tuple[str, ...]
     unit_of: Mapping[str, np.ndarray] = field(compare=False)
     size: int
+    # LayerNormalizations the group's channels pass through (config order): removing a channel
+    # changes their statistics, so the group can be removed only approximately
+    normalized: tuple[str, ...] = ()
 
     def support(self, member: str) -> set[int]:
         """The units in which `member` has filters."""
@@ -240,6 +291,7 @@ def group_of(graph: Any, start: str) -> Group:
     # a depthwise member (input layer -> (the Concatenate, its channel ids))
     dormant: dict[str, tuple[str, np.ndarray]] = {}
     members, merges = [start], []
+    normalized: list[str] = []  # LayerNormalizations on the way
     problems: list[tuple[str, str, str]] = []  # (layer, via, why)
     forward = [start]  # layers whose consumers are still to visit
     # (layer whose producers are still to visit, the merge or depthwise member it leads to)
@@ -259,18 +311,22 @@ def group_of(graph: Any, start: str) -> Group:
         """`src`'s output (tensor[src]) is in the group: classify its layer."""
         node = graph.layers[src]
         cls = node.class_name
-        if (_prunable(node) or depthwise_member(node)) and \
+        if (_prunable(node) or depthwise_member(node) or units_member(node)) and \
                 _n_filters(graph, src) != len(tensor[src]):
             problems.append((src, via, "broadcast"))  # a one-channel gate, say
             return
-        if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH:
+        if cls in BATCHNORM_CLASSES or cls in PASS_THROUGH or nested_input(node):
+            backward.append((src, via))
+        elif _channel_params_pass(node):
+            if _renormalizes(node):
+                normalized.append(src)
             backward.append((src, via))
         elif cls in MERGES:
             merges.append(src)
             backward.append((src, src))
         elif cls == "Concatenate" and _channel_concat(graph, src, fmt) is not None:
             backward.append((src, via))
-        elif _prunable(node):
+        elif _prunable(node) or units_member(node):
             members.append(src)
         elif depthwise_member(node):
             members.append(src)
@@ -344,8 +400,11 @@ def group_of(graph: Any, start: str) -> Group:
                     tensor[nxt] = np.concatenate(parts)
                     forward.append(nxt)
                 continue
+            elif _channel_params_pass(node):
+                if _renormalizes(node) and nxt not in normalized:
+                    normalized.append(nxt)
             elif not (cls in BATCHNORM_CLASSES or cls in PASS_THROUGH or cls in GLOBAL_POOLING
-                      or cls in MERGES):
+                      or cls in MERGES or nested_input(node)):
                 continue  # it consumes the channels (a sink): no coupling through it
             if nxt in tensor:  # a merge reached again
                 why = ch.union(tensor[nxt], have)
@@ -369,9 +428,11 @@ def group_of(graph: Any, start: str) -> Group:
     for m in members:
         for r in roots[m].tolist():
             number.setdefault(r, len(number))
+    order = {path: i for i, path in enumerate(graph.layers)}
     return Group(tuple(members), tuple(merges),
                  {m: np.array([number[r] for r in roots[m].tolist()], dtype=np.int64)
-                  for m in members}, len(number))
+                  for m in members}, len(number),
+                 tuple(sorted(set(normalized), key=order.__getitem__)))
 
 
 def coupled_group(graph: Any, start: str) -> tuple[list[str], list[str]]:
@@ -390,6 +451,8 @@ def _n_filters(graph: Any, path: str) -> int:
                              layer=path, hint="save the model with Keras 3 after building it")
         axis = 1 if _format(node.config) == "channels_first" else -1
         return int(shape[axis]) * int(node.config.get("depth_multiplier", 1))
+    if units_member(node):
+        return int(node.config["units"])
     return int(node.config["filters"])
 
 
@@ -472,6 +535,7 @@ HOW = {"filters": "filters removed", "batchnorm": "channels sliced", "passes": "
        "transpose_inputs": "input channels removed", "separable_inputs": "input channels removed",
        "depthwise": "channels removed (and its outputs for them)", "rows": "kernel rows removed",
        "channel_params": "per-channel parameters sliced",
+       "grouped_depthwise": "channels removed (its filters and groups for them)",
        "dropped": "removed from the model (no channels left)"}
 
 
@@ -502,8 +566,11 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
     Raises ModelError naming the layer for anything the walk cannot follow exactly (or, for
     the layers in `approximate`, approximately: a LayerNormalization over the channels).
     """
-    if any(n.class_name in MODEL_CLASSES for n in graph.layers.values()):
-        raise ModelError("removal of filters in models with nested models is not supported yet")
+    for path, node in graph.layers.items():
+        if node.class_name in MODEL_CLASSES and (node.class_name != "Sequential" or
+                                                 node.calls != 1):
+            raise ModelError("removal of filters in models with nested functional (or shared) "
+                             "models is not supported yet (nested Sequentials are)", layer=path)
     plan = RemovalPlan(_couple(graph, selection, coupled))
     walk = _Walk(graph, plan, set(), {}, approximate)
     followers: dict[str, list[int]] = {}  # depthwise members: the walk from their producers
@@ -513,13 +580,13 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
         if depthwise_member(node):  # its group holds its producers (else group_of refused)
             followers[path] = sorted(set(removed))  # sliced where the walk reaches them
             continue
-        if family is None or family.name not in REMOVABLE_FAMILIES or \
-                int(node.config.get("groups", 1)) != 1:
+        if not units_member(node) and (family is None or family.name not in REMOVABLE_FAMILIES
+                                       or int(node.config.get("groups", 1)) != 1):
             raise ModelError(f"removal from a {node.class_name} layer is not supported yet",
                              layer=path)
         if node.calls != 1:
             raise ModelError("the layer is shared (called more than once)", layer=path)
-        n = int(node.config["filters"])
+        n = _n_filters(graph, path)
         keep = [f for f in range(n) if f not in set(removed)]
         flow = _Flow(keep, n, frozenset(coupled_group(graph, path)[0]), _format(node.config))
         if not keep:  # allowed by the selection stage only with allow_empty_layer: true
@@ -531,7 +598,7 @@ def plan_removal(graph: Any, selection: dict[str, list[int]],
     while walk.pending:
         concat = min(walk.pending, key=order.index)  # config order is topological
         _release_concat(walk, concat, walk.pending.pop(concat))
-    reached = {t.layer: t for t in plan.touches if t.how == "depthwise"}
+    reached = {t.layer: t for t in plan.touches if t.how in ("depthwise", "grouped_depthwise")}
     for path, removed in followers.items():
         touch = reached.get(path)
         mult = int(graph.layers[path].config.get("depth_multiplier", 1))
@@ -558,9 +625,9 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     graph = build_graph(serialized)
     plan = plan_removal(graph, selection, coupled, approximate)
     config = serialized["config"]
-    by_name = {layer["config"]["name"]: layer for layer in config["layers"]}
-    weights = {layer.name: {v.name: np.array(v.numpy()) for v in layer.weights}
-               for layer in model.layers}
+    by_name = _configs_by_path(config)  # "outer/inner" inside a nested Sequential
+    weights = {path: {v.name: np.array(v.numpy()) for v in layer.weights}
+               for path, layer in _layers_by_path(model).items()}
     original = {k: dict(v) for k, v in weights.items()}  # slicing makes new arrays
     result = RemovalResult(model=None, params_before=int(model.count_params()))
     result.selection = plan.selection
@@ -573,8 +640,18 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
         apply_touch(touch.how, list(touch.keep), touch.class_name,
                     graph.layers[touch.layer].config, weights.get(touch.layer, {}))
         by_name[touch.layer].pop("build_config", None)  # its stale input shape fails a rebuild
+        for i, part in enumerate(touch.layer.split("/")[:-1]):  # so does a nested model's
+            by_name["/".join(touch.layer.split("/")[:i + 1])].pop("build_config", None)
         if touch.how == "filters":
+            key = "units" if touch.class_name == "Dense" else "filters"
+            by_name[touch.layer]["config"][key] = len(touch.keep)
+        if touch.how == "grouped_depthwise":  # groups == filters == input channels, all three
             by_name[touch.layer]["config"]["filters"] = len(touch.keep)
+            by_name[touch.layer]["config"]["groups"] = len(touch.keep)
+        if touch.how == "passes" and touch.class_name == "InputLayer":  # a nested model's
+            shape = list(by_name[touch.layer]["config"]["batch_shape"])
+            shape[-1 if shape[-1] == touch.of else 1] = len(touch.keep)
+            by_name[touch.layer]["config"]["batch_shape"] = shape
         params = channel_params_of(touch.class_name)
         if touch.how == "channel_params" and params is not None and params.size_key:
             by_name[touch.layer]["config"][params.size_key] = len(touch.keep)
@@ -592,9 +669,9 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
         _fold(keras, model, graph, plan, original, weights, by_name, result, feed, approximate)
     cls = keras.Sequential if serialized["class_name"] == "Sequential" else keras.Model
     new_model = cls.from_config(config)
-    for layer in new_model.layers:
+    for path, layer in _layers_by_path(new_model).items():
         if layer.weights:
-            mine = weights[layer.name]
+            mine = weights[path]
             names = [v.name for v in layer.weights]
             # a variable created without a name is uniquified per process ('variable_1'):
             # then the creation order, which the rebuilt layer shares, says which is which
@@ -607,19 +684,72 @@ def remove_filters(keras: Any, model: Any, selection: dict[str, list[int]],
     return result
 
 
+def _configs_by_path(config: dict, prefix: str = "") -> dict[str, dict]:
+    """Every layer entry of a serialized model by its graph path ("outer/inner" inside nested
+    models, as graph.build_graph names them)."""
+    out: dict[str, dict] = {}
+    for layer in config["layers"]:
+        path = prefix + (layer.get("name") or layer["config"]["name"])
+        out[path] = layer
+        inner = layer.get("config")
+        if layer.get("class_name") in MODEL_CLASSES and isinstance(inner, dict) and \
+                "layers" in inner:
+            out.update(_configs_by_path(inner, path + "/"))
+    return out
+
+
+def _layers_by_path(model: Any, prefix: str = "") -> dict[str, Any]:
+    """Every layer holding its own weights by graph path (a nested model's layers, not it)."""
+    out: dict[str, Any] = {}
+    for layer in model.layers:
+        if type(layer).__name__ in MODEL_CLASSES or hasattr(layer, "layers"):
+            out.update(_layers_by_path(layer, prefix + layer.name + "/"))
+        else:
+            out[prefix + layer.name] = layer
+    return out
+
+
+def _sink_inputs(keras: Any, model: Any, feed: Any, names: list[str]) -> list[Any]:
+    """The input of each sink on `feed`: a nested Sequential's layer's by running that
+    Sequential's layers before it on the nested model's input (its tensors are not the outer
+    model's, so run_points cannot name them)."""
+    from kprune_batch.twin import run_points
+
+    points = [(n.split("/")[0], "input") if "/" in n else (n, "input") for n in names]
+    # on the channels_last twin where this CPU cannot run channels_first convolutions (twin.py)
+    values, _ = run_points(keras, model, feed, points)
+    out = []
+    for name, value in zip(names, values, strict=True):
+        parts = name.split("/")
+        if len(parts) > 2:
+            raise ModelError("removal into a model nested two deep is not supported yet",
+                             layer=name)
+        if len(parts) == 2:
+            for layer in model.get_layer(parts[0]).layers:
+                if layer.name == parts[1]:
+                    break
+                value = layer(value, training=False)
+        out.append(value)
+    return out
+
+
 def apply_touch(how: str, keep: list[int], class_name: str, config: dict,
                 variables: dict[str, np.ndarray]) -> None:
     """Slice one layer's variables (by name, as Keras names them) as a Touch says; shared with
     `kprune verify`, which rebuilds the expected output from the log."""
     kernel = _kernel_var(class_name, variables)
     if how == "filters":  # the family table knows the filter axis (-2 for Conv*Transpose)
-        family = family_of(class_name)
+        family = member_family_of(class_name)
         assert family is not None
         family.slice_filters(variables, keep)
     elif how == "channel_params":
         params = channel_params_of(class_name)
         assert params is not None
         params.slice_channels(variables, keep)
+    elif how == "grouped_depthwise":  # kernel (*k, 1, filters): channel c is filter c
+        family = family_of(class_name)
+        assert family is not None
+        family.slice_filters(variables, keep)
     elif how == "dropped":  # the layer leaves the model (`kprune verify` drops it too)
         variables.clear()
     elif how == "batchnorm":
@@ -772,7 +902,8 @@ def _propagate(walk: _Walk, src: str, flow: _Flow) -> None:
                                  layer=consumer)
             walk.touch(consumer, "batchnorm", keep, n)
             _propagate(walk, consumer, flow)
-        elif cls in PASS_THROUGH or cls in GLOBAL_POOLING or cls in MERGES:
+        elif cls in PASS_THROUGH or cls in GLOBAL_POOLING or cls in MERGES or \
+                nested_input(node):
             walk.touch(consumer, "passes", keep, n)
             _propagate(walk, consumer, flow)
         elif cls == "Flatten":
@@ -794,7 +925,13 @@ def _propagate(walk: _Walk, src: str, flow: _Flow) -> None:
             fam = family_of(cls)
             assert fam is not None
             if fam.name == "conv" and int(node.config.get("groups", 1)) != 1:
-                raise ModelError("a grouped convolution consumes the channels", layer=consumer)
+                if not grouped_depthwise(node):
+                    raise ModelError("a grouped convolution consumes the channels",
+                                     layer=consumer)
+                # filter c reads input channel c alone: it goes with the channel, groups too
+                walk.touch(consumer, "grouped_depthwise", keep, n)
+                _propagate(walk, consumer, flow)
+                continue
             walk.touch(consumer, fam.input_touch, keep, n)
             if fam.name != "depthwise":
                 sink = {"conv": "conv", "conv_transpose": "transpose"}.get(fam.name, fam.name)
@@ -1015,11 +1152,8 @@ def _fold(keras: Any, model: Any, graph: Any, plan: RemovalPlan,
 
         x = probe_inputs(model)
         feed = x if len(x) > 1 else x[0]
-    from kprune_batch.twin import run_points
-
     names = list(plan.sinks)
-    # on the channels_last twin where this CPU cannot run channels_first convolutions (twin.py)
-    values, _ = run_points(keras, model, feed, [(s, "input") for s in names])
+    values = _sink_inputs(keras, model, feed, names)
     for name, value in zip(names, values, strict=True):
         sink = plan.sinks[name]
         x = np.moveaxis(np.asarray(to_numpy(keras, value), dtype="float64"), sink.axis, -1)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from kprune_batch.errors import MAX_LISTED, ModelError, name_list
-from kprune_batch.families import Family, canonical_class, family_of
+from kprune_batch.families import Family, canonical_class, family_of, member_family_of
 from kprune_batch.graph import LayerGraph
 from kprune_batch.plan import LayerOp, ModelJob, Options, RuleOp
 from kprune_batch.rules import (DATA_KINDS, RANKING_KINDS, STAT_KINDS, RuleError, budget,
@@ -100,8 +100,8 @@ class LayerSelection:
 
     @property
     def family(self) -> Family:
-        family = family_of(self.class_name)
-        assert family is not None  # only convolution layers are ever selected
+        family = member_family_of(self.class_name)
+        assert family is not None  # convolutions, and Dense layers as group members
         return family
 
     @property
@@ -279,7 +279,7 @@ class _Stage:
 
     def _new_layer(self, path: str, options: Options, entries: list[str]) -> _Layer:
         node = self.graph.layers[path]
-        family = family_of(node.class_name)
+        family = member_family_of(node.class_name)
         assert family is not None
         kernel = _kernel(self.weights, path, family)
         return _Layer(path=path, class_name=node.class_name, family=family,
@@ -322,6 +322,17 @@ class _Stage:
             if len(members) == 1:
                 continue
             listed = [self.layers[m] for m in members if m in self.layers]
+            if group.normalized and not all(m.options.approximate for m in listed):
+                # checked before unlisted members join: only an error if a member loses filters
+                exc = ModelError(
+                    f"its coupled group ({len(members)} layers) passes through "
+                    f"LayerNormalization '{group.normalized[0]}', whose statistics change when "
+                    f"channels go, so removal cannot equal zeroing", layer=path,
+                    hint="set approximate: true to remove anyway (the deviation is measured "
+                         "and recorded)")
+                for m in listed:
+                    self._group_errors[m.path] = exc
+                continue
             _agree(GROUP_OPTIONS, [(m.entries[0], m.options) for m in listed],
                    f"in the coupled group of {group_text(members, [m.path for m in listed])}",
                    layer=path)

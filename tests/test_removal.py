@@ -782,3 +782,167 @@ def test_a_concatenate_inside_a_group_loses_channels_at_offsets(keras: Any, tmp_
     assert [c["constant"] for c in fold["constants"]] == pytest.approx(constant[chosen],
                                                                        abs=1e-6)
     kprune("verify", tmp_path / "log.json").expect(0)
+
+
+# --- ConvNeXt-style blocks: LayerScale, LayerNormalization, Dense members, nested Sequentials --
+
+def convnext_like(keras: Any, c0: int = 8, c1: int = 12, nested: bool = False,
+                  hidden: tuple[int, int] = (32, 48)) -> Any:
+    """A small ConvNeXt (keras/src/applications/convnext.py): stem conv -> LayerNorm, blocks of
+    7x7-style grouped conv (groups = filters = channels) -> LayerNorm -> Dense(4C) -> GELU ->
+    Dense(C) -> LayerScale -> `x + y` (an ops.numpy node); a LayerNorm -> conv downsampling, a
+    GAP -> LayerNorm -> Dense head. `nested`: stem and downsampling are Sequentials, as there;
+    `hidden`: the Dense(4C) widths of the two stages (a removal keeps them)."""
+    from keras.src.applications.convnext import LayerScale
+
+    L = keras.layers
+
+    def block(x: Any, c: int, name: str) -> Any:
+        h = hidden[int(name[1])]
+        y = L.Conv2D(c, 3, padding="same", groups=c, name=f"{name}_dw")(x)
+        y = L.LayerNormalization(epsilon=1e-6, name=f"{name}_ln")(y)
+        y = L.Activation("gelu", name=f"{name}_gelu")(L.Dense(h, name=f"{name}_pw1")(y))
+        y = LayerScale(0.5, c, name=f"{name}_ls")(L.Dense(c, name=f"{name}_pw2")(y))
+        return x + L.Activation("linear", name=f"{name}_id")(y)
+
+    i = keras.Input((16, 16, 3))
+    stem = [L.Conv2D(c0, 2, strides=2, name="stem"), L.LayerNormalization(epsilon=1e-6,
+                                                                          name="stem_ln")]
+    down = [L.LayerNormalization(epsilon=1e-6, name="down_ln"),
+            L.Conv2D(c1, 2, strides=2, name="down")]
+    if nested:
+        stem, down = [keras.Sequential(stem, name="stem_seq")], \
+            [keras.Sequential(down, name="down_seq")]
+    x = i
+    for layer in stem:
+        x = layer(x)
+    x = block(block(x, c0, "s0b0"), c0, "s0b1")
+    for layer in down:
+        x = layer(x)
+    x = block(x, c1, "s1b0")
+    x = L.LayerNormalization(epsilon=1e-6, name="head_ln")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(i, L.Dense(3, name="head")(x))
+    _seeded_weights(model, 12)
+    return model
+
+
+CONVNEXT_GROUPS = {  # (members, in the order the test reads them), by stage
+    "s0": ["stem", "s0b0_dw", "s0b1_dw", "s0b0_pw2", "s0b1_pw2"],
+    "s1": ["down", "s1b0_dw", "s1b0_pw2"]}
+CONVNEXT_PATHS = {"stem": "stem_seq/stem", "stem_ln": "stem_seq/stem_ln", "down": "down_seq/down",
+                  "down_ln": "down_seq/down_ln"}
+
+
+def _layer(model: Any, name: str, nested: bool) -> Any:
+    path = CONVNEXT_PATHS.get(name, name) if nested else name
+    outer, _, inner = path.rpartition("/")
+    return model.get_layer(outer).get_layer(inner) if outer else model.get_layer(inner)
+
+
+def _convnext_spec(folder: Path, nested: bool, approximate: bool) -> Path:
+    convs = ["stem", "s0b0_dw", "s0b1_dw", "down", "s1b0_dw"]  # every conv, as bench_zoo lists
+    names = [CONVNEXT_PATHS.get(c, c) if nested else c for c in convs]
+    extra = ", approximate: true" if approximate else ""
+    return write_spec(folder, "version: 1\ndefaults: {action: remove, coupled: union" + extra +
+                      "}\nmodels:\n  - path: m.keras\n    layers:\n" + "".join(
+                          f"      - {{name: '{n}', rules: [{{smallest: {{by: l1, fraction: "
+                          f"0.25}}}}]}}\n" for n in names))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_convnext_group_through_layernorm_is_refused_without_approximate(
+        keras: Any, tmp_path: Path, nested: bool) -> None:
+    convnext_like(keras, nested=nested).save(tmp_path / "m.keras")
+    spec = _convnext_spec(tmp_path, nested, approximate=False)
+    stem, ln = ("stem_seq/stem", "stem_seq/stem_ln") if nested else ("stem", "stem_ln")
+    # it said the LayerScale's filters could not be removed, which is not the reason
+    line = (f"error: model 'm', layer '{stem}': its coupled group (5 layers) passes through "
+            f"LayerNormalization '{ln}', whose statistics change when channels go, so removal "
+            f"cannot equal zeroing; set approximate: true to remove anyway (the deviation is "
+            f"measured and recorded)\n")
+    assert kprune("plan", spec).expect(1).stderr == line
+    assert kprune("apply", spec).expect(1).stderr == line
+    assert not (tmp_path / "pruned" / "m.keras").exists()
+
+
+def _group_l1(model: Any, members: list[str], nested: bool) -> np.ndarray:
+    """Per-channel score of a group: each member's per-filter l1 summed (design.md); a conv's
+    filter is kernel[..., f] (the grouped conv's too: (*k, 1, filters)), a Dense unit
+    kernel[:, u]."""
+    total = 0.0
+    for m in members:
+        kernel = np.asarray(_layer(model, m, nested).kernel.numpy(), np.float64)
+        total = total + np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
+    return total
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_convnext_removal_with_approximate(keras: Any, tmp_path: Path, nested: bool) -> None:
+    from kprune_batch.probe import probe_inputs
+
+    before = convnext_like(keras, nested=nested)
+    before.save(tmp_path / "m.keras")
+    spec = _convnext_spec(tmp_path, nested, approximate=True)
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    # expected: each stage's group loses the floor(0.25 * C) channels of smallest summed l1
+    # (ties by index), in every member; the Dense(4C) inside the blocks keeps its units
+    gone: dict[str, list[int]] = {}
+    for stage, members in CONVNEXT_GROUPS.items():
+        score = _group_l1(before, members, nested)
+        channels = sorted(sorted(range(len(score)), key=lambda c: (score[c], c))[
+            :len(score) // 4])
+        gone.update({m: channels for m in members})
+    path = (lambda m: CONVNEXT_PATHS.get(m, m)) if nested else (lambda m: m)
+    got: dict[str, list[int]] = {}
+    for r in log["removed"]:
+        got.setdefault(r["layer"], []).append(r["filter"])
+    assert {k: sorted(v) for k, v in got.items()} == {path(m): v for m, v in gone.items()}
+    removal = log["models"][0]["removal"]
+    assert removal["approximate"] is True
+    lns = ["stem_ln", "s0b0_ln", "s0b1_ln", "down_ln", "s1b0_ln", "head_ln"]
+    assert removal["statistics_changed"] == [path(n) for n in lns]
+
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    c0, c1 = 8 - len(gone["stem"]), 12 - len(gone["down"])
+    # the architecture with the smaller widths, built here: the same parameter count
+    assert out.count_params() == convnext_like(keras, c0, c1, nested).count_params() == \
+        removal["params_after"]
+    keep = {m: [c for c in range(8 if m.startswith("s0") or m == "stem" else 12)
+                if c not in v] for m, v in gone.items()}
+    s0, s1 = keep["stem"], keep["down"]
+    for name, kept in [("stem_ln", s0), ("s0b0_ls", s0), ("s0b1_ls", s0), ("s0b0_ln", s0),
+                       ("down_ln", s0), ("s1b0_ln", s1), ("s1b0_ls", s1), ("head_ln", s1)]:
+        old, new = _layer(before, name, nested), _layer(out, name, nested)
+        for a, b in zip(old.weights, new.weights, strict=True):  # gamma, beta / LayerScale's
+            assert np.array_equal(np.asarray(a.numpy())[kept], np.asarray(b.numpy())), name
+    dw = np.asarray(_layer(before, "s1b0_dw", nested).kernel.numpy())
+    new_dw = _layer(out, "s1b0_dw", nested)
+    assert new_dw.groups == new_dw.filters == len(s1)
+    assert np.array_equal(np.asarray(new_dw.kernel.numpy()), dw[..., s1])
+    pw1 = np.asarray(_layer(before, "s0b1_pw1", nested).kernel.numpy())  # rows of the channels
+    assert np.array_equal(np.asarray(_layer(out, "s0b1_pw1", nested).kernel.numpy()), pw1[s0])
+    pw2 = np.asarray(_layer(before, "s0b0_pw2", nested).kernel.numpy())  # its units
+    assert np.array_equal(np.asarray(_layer(out, "s0b0_pw2", nested).kernel.numpy()),
+                          pw2[:, s0])
+
+    # the recorded deviation, recomputed from the two files: the input with the removed
+    # filters zeroed (kernel slice and bias) against the output, on kprune's seeded probe batch
+    zeroed = keras.saving.load_model(tmp_path / "m.keras")
+    for m, filters in gone.items():
+        layer = _layer(zeroed, m, nested)
+        kernel, bias = (np.array(v.numpy()) for v in layer.weights)
+        kernel[..., filters], bias[filters] = 0, 0
+        layer.set_weights([kernel, bias])
+    (x,) = probe_inputs(zeroed)
+    deviation = np.max(np.abs(np.asarray(out(x), np.float64) -
+                              np.asarray(zeroed(x), np.float64)))
+    assert deviation > 1e-5  # the LayerNorms' statistics changed: not equal
+    assert removal["probe_deviation"] == pytest.approx(float(deviation), rel=1e-3)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    out.compile(optimizer="sgd", loss="mse")
+    rng = np.random.default_rng(0)
+    history = out.fit(rng.normal(size=(2, 16, 16, 3)), rng.normal(size=(2, 3)), epochs=1,
+                      verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert out(x).shape == (len(x), 3)

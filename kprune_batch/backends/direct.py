@@ -343,15 +343,24 @@ class DirectModelWeights:
                 if names is None:
                     continue
                 count = len(group["vars"])
+                # a Dense is mapped only for a removal's coupled group (families.UNITS): one
+                # whose storage differs (quantized, LoRA) stays unmapped, not a reason to refuse
+                member = layer["class_name"] == "Dense"
                 if count != len(names):
+                    if member:
+                        continue
                     raise DirectBackendUnsupported(
                         f"layer '{prefix}{name}' has {count} stored variables, expected "
                         f"{len(names)}")
                 datasets = {n: f"{where}/vars/{i}" for i, n in enumerate(names)}
-                mapping[prefix + name] = self._checked(layer["class_name"],
-                                                       layer.get("config", {}),
-                                                       layer.get("build_config") or {},
-                                                       names, datasets, prefix + name)
+                try:
+                    mapping[prefix + name] = self._checked(layer["class_name"],
+                                                           layer.get("config", {}),
+                                                           layer.get("build_config") or {},
+                                                           names, datasets, prefix + name)
+                except DirectBackendUnsupported:
+                    if not member:
+                        raise
 
         walk(config, "", "")
         return mapping
@@ -385,10 +394,17 @@ class DirectModelWeights:
             for weight in _attr_list(group, "weight_names"):
                 owner, _, var = weight.split(":")[0].rpartition("/")
                 stored.setdefault(var if owner == path else "", f"model_weights/{path}/{weight}")
+            member = node.class_name == "Dense"  # see the .keras walk
             if list(stored) != names or len(_attr_list(group, "weight_names")) != len(names):
+                if member:
+                    continue
                 raise DirectBackendUnsupported(f"cannot map the weights of layer '{path}'")
-            mapping[path] = self._checked(node.class_name, node.config, node.build_config,
-                                          names, stored, path)
+            try:
+                mapping[path] = self._checked(node.class_name, node.config, node.build_config,
+                                              names, stored, path)
+            except DirectBackendUnsupported:
+                if not member:
+                    raise
         self._datasets = mapping
 
     def _check_h5_order(self, config: dict[str, Any], root: h5py.Group) -> None:

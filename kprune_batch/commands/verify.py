@@ -11,7 +11,7 @@ from kprune_batch.audit import read_log
 from kprune_batch.backends.direct import DirectBackendUnsupported, DirectModelWeights
 from kprune_batch.commands import EXIT_FAILED, Result
 from kprune_batch.errors import AuditLogError, KpruneError, first_line
-from kprune_batch.families import canonical_class, family_of
+from kprune_batch.families import canonical_class, family_of, member_family_of
 from kprune_batch.files import sha256_file
 
 Opener = Callable[[str, str, str], Any]  # (path, model name, role) -> ModelWeights
@@ -235,7 +235,7 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
 
     def layer_fact(layer: str, layer_class: str) -> str | int:
         node = layers.get(layer)
-        family = family_of(layer_class)
+        family = member_family_of(layer_class)
         if node is None or not node.holds_weights:
             return f"the log names layer '{layer}', which the input does not have"
         if family is None or canonical_class(node.class_name) != canonical_class(layer_class):
@@ -368,7 +368,7 @@ def _zero(variables: dict[str, np.ndarray], own: list[dict[str, Any]],
           bn_edits: list[tuple[str, int, float]]) -> None:
     """Apply a layer's zeroing records (kernel slice, bias) and the BN edits made to it."""
     if own:
-        family = family_of(own[0]["layer_class"])
+        family = member_family_of(own[0]["layer_class"])
         kernel = family.kernel_name(variables) or family.kernel_var
         variables[kernel] = family.zeroed(variables[kernel], [r["filter"] for r in own])
         biased = [r["filter"] for r in own if r.get("bias") == "zeroed"]
