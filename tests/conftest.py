@@ -148,7 +148,9 @@ def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
     if clone:
         ref.set_weights(model.get_weights())
     for name, filters in selection.items():
-        layer = ref.get_layer(name)
+        layer = ref
+        for part in name.split("/"):  # a layer inside a nested model: 'outer/inner'
+            layer = layer.get_layer(part)
         w = layer.get_weights()
         cls = type(layer).__name__
         if cls.startswith("Depthwise"):  # kernel (..., in, mult): filter f = c * mult + m

@@ -259,3 +259,59 @@ def test_zoo_nasnet_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: P
     out.compile(optimizer="sgd", loss="mse")
     out.fit(x, np.random.default_rng(4).normal(size=(2,) + tuple(out.output.shape[1:])),
             epochs=1, verbose=0)
+
+
+@pytest.mark.slow
+def test_zoo_convnext_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: Path) -> None:
+    """ConvNeXtTiny, 25 % smallest l1 of every conv (coupled: union): a stage's residual group
+    (its downsampling conv inside a nested Sequential, every block's second Dense through its
+    LayerScale, the blocks' 7x7 grouped convs) passes through LayerNormalizations, so exact
+    removal is refused naming one; with approximate: true it is removed, each group losing the
+    channels of its members' summed l1 (recomputed here), the output differs from the zeroed
+    input (LayerNorm statistics change) but stays finite, parameters counted from the file,
+    verify agrees, the model reloads and trains a step."""
+    entry = "      - {match: '*', rules: [{smallest: {by: l1, fraction: 0.25}}]}\n"
+    exact = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
+                       f"models:\n  - path: {zoo / 'cnx'}.keras\n    layers:\n{entry}")
+    first = kprune("apply", exact).expect(1).stderr.splitlines()[0]
+    assert "passes through LayerNormalization '" in first and first.endswith(
+        "whose statistics change when channels go, so removal cannot equal zeroing; set "
+        "approximate: true to remove anyway (the deviation is measured and recorded)"), first
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
+                      f"approximate: true}}\nmodels:\n  - path: {zoo / 'cnx'}.keras\n"
+                      f"    layers:\n{entry}")
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    (model_entry,) = log["models"]
+    removal = model_entry["removal"]
+    assert model_entry["status"] == "ok" and removal["approximate"] is True
+    before = _weights(zoo / "cnx.keras")
+    removed: dict[str, set[int]] = {}
+    for r in log["removed"]:
+        removed.setdefault(r["layer"], set()).add(r["filter"])
+    classes = {r["layer"]: r["layer_class"] for r in log["removed"]}
+    assert "Dense" in classes.values()  # the blocks' second Dense came with the groups
+
+    def l1(layer: str) -> np.ndarray:  # conv (grouped too) and Dense: filters on the last axis
+        kernel = before[layer.rsplit("/", 1)[-1]][0]
+        return np.abs(_filters(kernel, False).astype(np.float64)).sum(axis=1)
+
+    for layer in removed:
+        members = next(r for r in log["removed"] if r["layer"] == layer).get("group", [layer])
+        scores = sum(l1(m) for m in members)
+        want = set(sorted(range(len(scores)), key=lambda u: (scores[u], u))[:len(scores) // 4])
+        assert removed[layer] == want, layer
+    model = keras.saving.load_model(zoo / "cnx.keras")
+    out = keras.saving.load_model(tmp_path / "pruned" / "cnx.keras")
+    x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype("float32")
+    zeroed = np.asarray(zeroed_reference(
+        keras, model, {k: sorted(v) for k, v in removed.items()}, clone=False)(x), np.float64)
+    got = np.asarray(out(x), np.float64)
+    assert np.all(np.isfinite(got)) and np.abs(got - zeroed).max() > 1e-5  # not exact
+    params = _params(tmp_path / "pruned" / "cnx.keras")
+    assert params == out.count_params() == removal["params_after"]
+    assert params < _params(zoo / "cnx.keras") == removal["params_before"]
+    out.compile(optimizer="sgd", loss="mse")
+    out.fit(x, np.random.default_rng(4).normal(size=(2,) + tuple(out.output.shape[1:])),
+            epochs=1, verbose=0)
