@@ -946,3 +946,42 @@ def test_convnext_removal_with_approximate(keras: Any, tmp_path: Path, nested: b
                       verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert out(x).shape == (len(x), 3)
+
+
+def test_round_to_on_a_concatenate_group_leaves_every_member_a_multiple(keras: Any,
+                                                                        tmp_path: Path) -> None:
+    """concat(a: 3, b: 5) added to c: 8 (only c listed), 3 of the group's channels ranked away
+    with round_to: 2 (c would keep 5: round_to must keep some back). What is left comes from
+    the ranking's own picks (computed here from the summed l1), every member keeps a multiple of
+    2 filters, a member's filters go exactly where the group's channels do (b's filter f is
+    channel 3 + f), and the written model equals the input zeroed on the final selection."""
+    model = concat_group_model(keras, "widths")
+    _seeded_weights(model, 11)
+    model.save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
+                      "round_to: 2, max_fraction: 1.0}\nmodels:\n  - path: m.keras\n"
+                      "    layers:\n      - {name: c, rules: [{smallest: {by: l1, count: 3}}]}\n")
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    l1 = {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
+          for n in "abc"}
+    scores = l1["c"] + np.concatenate([l1["a"], l1["b"]])
+    ranked = set(sorted(range(8), key=lambda u: (scores[u], u))[:3])
+    got: dict[str, set[int]] = {n: set() for n in "abc"}
+    for r in log["removed"]:
+        got[r["layer"]].add(r["filter"])
+    channels = got["c"]
+    assert channels and channels < ranked  # some kept back, the rest the ranking's picks
+    assert got["a"] == {u for u in channels if u < 3}
+    assert got["b"] == {u - 3 for u in channels if u >= 3}
+    for n, width in {"a": 3, "b": 5, "c": 8}.items():
+        assert (width - len(got[n])) % 2 == 0, (n, got)
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    x = np.random.default_rng(5).normal(size=(3, 7, 7, 3)).astype("float32")
+    selection = {n: sorted(v) for n, v in got.items() if v}
+    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
+    have = np.asarray(out(x), np.float64)
+    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
+    assert {layer.name: layer.count_params() for layer in out.layers} == \
+        expected_removal_params(model, selection)
+    kprune("verify", tmp_path / "log.json").expect(0)
