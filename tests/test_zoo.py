@@ -186,6 +186,31 @@ def test_zoo_removal_equals_zeroing(keras: Any, zoo: Path, tmp_path: Path) -> No
         out.fit(x, rng.normal(size=(2,) + tuple(out.output.shape[1:])), epochs=1, verbose=0)
 
 
+def _remove_25_percent(zoo: Path, tmp_path: Path, name: str
+                       ) -> tuple[str, dict, dict[str, set[int]], dict[str, str]]:
+    """25 % smallest l1 of every conv of zoo model `name` (coupled: union), once exactly (which
+    must fail) and once with approximate: true (which must pass, verify agreeing): the exact
+    run's first error line, the approximate run's log, {layer: removed filters} and
+    {layer: class} from it."""
+    entry = "      - {match: '*', rules: [{smallest: {by: l1, fraction: 0.25}}]}\n"
+    exact = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
+                       f"models:\n  - path: {zoo / name}.keras\n    layers:\n{entry}")
+    first = kprune("apply", exact).expect(1).stderr.splitlines()[0]
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
+                      f"approximate: true}}\nmodels:\n  - path: {zoo / name}.keras\n"
+                      f"    layers:\n{entry}")
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    (model_entry,) = log["models"]
+    removal = model_entry["removal"]
+    assert model_entry["status"] == "ok" and removal["approximate"] is True
+    removed: dict[str, set[int]] = {}
+    for r in log["removed"]:
+        removed.setdefault(r["layer"], set()).add(r["filter"])
+    return first, log, removed, {r["layer"]: r["layer_class"] for r in log["removed"]}
+
+
 @pytest.mark.slow
 def test_zoo_nasnet_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: Path) -> None:
     """NASNetMobile, 25 % smallest l1 of every conv (coupled: union). A BatchNormalization
@@ -196,30 +221,16 @@ def test_zoo_nasnet_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: P
     nasnet.py _adjust_block concatenates [p1, p2], which the cell adds to its normal_conv_1
     output), the deviation from the zeroed input is logged and small, verify agrees, the model
     reloads and trains a step."""
-    entry = "      - {match: '*', rules: [{smallest: {by: l1, fraction: 0.25}}]}\n"
-    exact = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
-                       f"models:\n  - path: {zoo / 'nas'}.keras\n    layers:\n{entry}")
-    assert kprune("apply", exact).expect(1).stderr.splitlines()[0] == (
+    first, log, removed, classes = _remove_25_percent(zoo, tmp_path, "nas")
+    removal = log["models"][0]["removal"]
+    assert first == (
         "error: model 'nas', layer 'separable_conv_1_reduction_right1_stem_2': removed filters "
         "of 'adjust_conv_1_stem_2', 'adjust_conv_2_stem_2' reach it with values that differ "
         "across positions (zero padding or a padded depthwise layer on the way), so no constant "
         "can be folded into its bias exactly; set approximate: true on the entries of "
         "'adjust_conv_1_stem_2', 'adjust_conv_2_stem_2' to accept the deviation (measured and "
         "logged), or zero these filters instead (action: zero)")
-    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
-                      f"approximate: true}}\nmodels:\n  - path: {zoo / 'nas'}.keras\n"
-                      f"    layers:\n{entry}")
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    kprune("verify", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
-    (model_entry,) = log["models"]
-    removal = model_entry["removal"]
-    assert model_entry["status"] == "ok" and removal["approximate"] is True
     before = _weights(zoo / "nas.keras")
-    classes = {r["layer"]: r["layer_class"] for r in log["removed"]}
-    removed: dict[str, set[int]] = {}
-    for r in log["removed"]:
-        removed.setdefault(r["layer"], set()).add(r["filter"])
 
     def l1(layer: str) -> np.ndarray:  # a separable conv's filters: its pointwise kernel's
         kernel = before[layer][1 if classes.get(layer) == "SeparableConv2D" else 0]
@@ -270,27 +281,12 @@ def test_zoo_convnext_removal_needs_approximate(keras: Any, zoo: Path, tmp_path:
     channels of its members' summed l1 (recomputed here), the output differs from the zeroed
     input (LayerNorm statistics change) but stays finite, parameters counted from the file,
     verify agrees, the model reloads and trains a step."""
-    entry = "      - {match: '*', rules: [{smallest: {by: l1, fraction: 0.25}}]}\n"
-    exact = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
-                       f"models:\n  - path: {zoo / 'cnx'}.keras\n    layers:\n{entry}")
-    first = kprune("apply", exact).expect(1).stderr.splitlines()[0]
+    first, log, removed, classes = _remove_25_percent(zoo, tmp_path, "cnx")
+    removal = log["models"][0]["removal"]
     assert "passes through LayerNormalization '" in first and first.endswith(
         "whose statistics change when channels go, so removal cannot equal zeroing; set "
         "approximate: true to remove anyway (the deviation is measured and recorded)"), first
-    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
-                      f"approximate: true}}\nmodels:\n  - path: {zoo / 'cnx'}.keras\n"
-                      f"    layers:\n{entry}")
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    kprune("verify", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
-    (model_entry,) = log["models"]
-    removal = model_entry["removal"]
-    assert model_entry["status"] == "ok" and removal["approximate"] is True
     before = _weights(zoo / "cnx.keras")
-    removed: dict[str, set[int]] = {}
-    for r in log["removed"]:
-        removed.setdefault(r["layer"], set()).add(r["filter"])
-    classes = {r["layer"]: r["layer_class"] for r in log["removed"]}
     assert "Dense" in classes.values()  # the blocks' second Dense came with the groups
 
     def l1(layer: str) -> np.ndarray:  # conv (grouped too) and Dense: filters on the last axis
