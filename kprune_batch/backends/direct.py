@@ -247,6 +247,11 @@ class DirectModelWeights:
         # high-level wrappers cost ~40 us per access, and a ranking over every conv of ResNet50
         # reads, assigns and locates each of its ~320 mapped datasets (~1,100 accesses)
         self._ids: dict[str, Any] = {}
+        # what _check_storage's walk found, by path without the leading '/': every object's
+        # type, every dataset's open handle (mapping then looks them up instead of resolving
+        # each name again through h5py's high-level wrappers, ~20 us a step)
+        self._kinds: dict[str, int] = {}
+        self._found: dict[str, Any] = {}
         try:
             if layout is not None:
                 self.graph, self._datasets = layout.graph, layout._datasets
@@ -326,10 +331,16 @@ class DirectModelWeights:
                     # leaves it out, so it has no group and takes no number (graph.py)
                     continue
                 where = f"{inner}/layers/{_unique(_snake(layer['class_name']), used)}"
-                group = self._h5.get(where)
-                stored = None
-                if group is not None and "vars" in group:
-                    stored = group["vars"].attrs.get("name")
+                vars_group = self._vars_group(where)
+                if vars_group is not None:  # the usual file: the layer's group holds a group vars
+                    group = None
+                    stored = vars_group.attrs.get("name")
+                else:  # anything else, as h5py's high-level API sees it
+                    group = self._h5.get(where)
+                    stored = None
+                    if group is not None and "vars" in group:
+                        vars_group = group["vars"]
+                        stored = vars_group.attrs.get("name")
                 if stored is None or str(stored) != name:
                     # Keras 3 records each layer's name beside its variables; without that
                     # (older files) or with a different name, the walk is not proven.
@@ -342,7 +353,7 @@ class DirectModelWeights:
                 names = variable_names(layer["class_name"], layer.get("config", {}))
                 if names is None:
                     continue
-                count = len(group["vars"])
+                count = len(vars_group)
                 # a Dense is mapped only for a removal's coupled group (families.UNITS): one
                 # whose storage differs (quantized, LoRA) stays unmapped, not a reason to refuse
                 member = layer["class_name"] == "Dense"
@@ -461,9 +472,14 @@ class DirectModelWeights:
             if count != 1:
                 raise DirectBackendUnsupported(f"'{name}' is one object under {count} names (a "
                                                f"hard link): editing it would edit each")
+            exact = name if name.encode() == raw else None  # a name that is not UTF-8: no entry
+            if exact is not None:
+                self._kinds[exact] = kind
             if kind != h5o.TYPE_DATASET:
                 continue
             dataset = h5d.open(self._h5.id, raw)
+            if exact is not None:
+                self._found[exact] = dataset
             dcpl = dataset.get_create_plist()
             layout = dcpl.get_layout()
             if dcpl.get_external_count() or layout == h5d.VIRTUAL:
@@ -488,16 +504,31 @@ class DirectModelWeights:
             if start + size > reach:
                 reach, owner = start + size, name
 
+    def _vars_group(self, where: str) -> h5py.Group | None:
+        """The group `{where}/vars` when _check_storage's walk found `where` and it as groups
+        (found by that walk: every link is a hard link, every object has one name), else None."""
+        path = f"{where}/vars".lstrip("/")
+        if self._kinds.get(where.lstrip("/")) != h5py.h5o.TYPE_GROUP or \
+                self._kinds.get(path) != h5py.h5o.TYPE_GROUP:
+            return None
+        return h5py.Group(h5py.h5g.open(self._h5.id, path.encode()))
+
     def _checked(self, class_name: str, config: dict[str, Any], build: dict[str, Any],
                  names: list[str], datasets: dict[str, str], where: str) -> dict[str, str]:
         """`datasets` after checking each exists, is floating point and has the config's shape."""
         shapes = {}
         for name, path in datasets.items():
-            ds = self._h5.get(path)
-            if not isinstance(ds, h5py.Dataset):
-                raise DirectBackendUnsupported(f"{where}: no dataset {path}")
-            if not np.issubdtype(ds.dtype, np.floating):
-                raise DirectBackendUnsupported(f"{where}: {name} is stored as {ds.dtype}")
+            dsid = self._found.get(path.lstrip("/"))
+            if dsid is not None:  # found by the walk: its handle is at hand (what h5py.Dataset
+                tagged = h5py.h5a.exists(dsid, b"dtype")  # reads for dtype, shape and attrs)
+            else:  # any other path, resolved by h5py
+                ds = self._h5.get(path)
+                if not isinstance(ds, h5py.Dataset):
+                    raise DirectBackendUnsupported(f"{where}: no dataset {path}")
+                dsid, tagged = ds.id, "dtype" in ds.attrs
+            dtype = dsid.dtype
+            if not np.issubdtype(dtype, np.floating):
+                raise DirectBackendUnsupported(f"{where}: {name} is stored as {dtype}")
             # Keras assigns the stored values to a variable of the policy's dtype (a float64
             # kernel loads as float32: values beyond its range become inf, and H5IOStore reads
             # a dataset tagged dtype=bfloat16 as bfloat16): rules must see what Keras sees, so
@@ -506,12 +537,11 @@ class DirectModelWeights:
             if variable is None:
                 raise DirectBackendUnsupported(f"{where}: the dtype policy "
                                                f"{config.get('dtype')!r} is not one kprune reads")
-            if (ds.dtype.kind, ds.dtype.itemsize) != (variable.kind, variable.itemsize) or \
-                    "dtype" in ds.attrs:
-                raise DirectBackendUnsupported(f"{where}: {name} is stored as {ds.dtype}, Keras "
+            if (dtype.kind, dtype.itemsize) != (variable.kind, variable.itemsize) or tagged:
+                raise DirectBackendUnsupported(f"{where}: {name} is stored as {dtype}, Keras "
                                                f"loads it into a {variable} variable")
-            shapes[name] = tuple(int(d) for d in ds.shape)
-            self._ids[path] = ds.id
+            shapes[name] = tuple(int(d) for d in dsid.shape)
+            self._ids[path] = dsid
         expected = expected_shapes(class_name, config, build, shapes)
         if expected is None:
             raise DirectBackendUnsupported(f"{where}: cannot tell the input channels")
