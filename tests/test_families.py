@@ -90,3 +90,30 @@ def test_unknown_activation_is_unknown_not_zero() -> None:
     assert activation_value("Conv2D", {"activation": "softmax"}, 0.0) is None
     assert activation_value("Conv2D", {"activation": {"module": "x", "config": {"q": 1}}}, 0.0) \
         is None
+
+
+@pytest.mark.parametrize("cls, shape", [
+    ("Conv2D", (3, 3, 4, 6)), ("Conv1D", (2, 5, 3)), ("Conv2DTranspose", (3, 3, 5, 4)),
+    ("DepthwiseConv2D", (3, 3, 4, 2)), ("SeparableConv2D", (1, 1, 8, 7)), ("Conv2D", (0, 3, 4, 5)),
+])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_loud_filters_match_a_comparison_of_each_slice(cls: str, shape: tuple,
+                                                       dtype: type) -> None:
+    """Loud: the slice holds anything but 0 or -0.0 (NaN, inf and the smallest subnormal are
+    loud), whatever the family's filter layout; expected from each slice compared with 0."""
+    fam = family_of(cls)
+    kernel = np.random.default_rng(3).normal(size=shape).astype(dtype)
+    n = fam.n_filters(kernel.shape)
+    slices = fam.filter_view(kernel)  # a writable view: setting a slice sets the kernel
+    for f in range(0, n, 2):
+        slices[f] = 0
+    if kernel.size:
+        slices[1] = -0.0  # zero
+        tiny = np.finfo(dtype).smallest_subnormal
+        for f, value in ((0, np.nan), (2, tiny), (4 % n, -np.inf)):
+            slices[f].flat[-1] = value
+    expected = [bool(np.any(slices[f] != 0)) for f in range(n)]
+    picked = [f for f in range(n) if f % 3 != 2]
+    assert fam.loud_filters(kernel, list(range(n))).tolist() == expected
+    assert fam.loud_filters(kernel, picked).tolist() == [expected[f] for f in picked]
+    assert fam.loud_filters(kernel, []).tolist() == []
