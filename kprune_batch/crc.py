@@ -57,15 +57,23 @@ def _linear(data: bytes | memoryview) -> int:
     return crc32(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
 
 
-def patched_crc32(old_crc: int, size: int, spans: list[tuple[int, bytes, bytes]]) -> int:
+def linear(data: bytes | memoryview) -> int:
+    """L(data) (see _linear): what patched_crc32 takes for a span's old bytes already seen."""
+    return _linear(data)
+
+
+def patched_crc32(old_crc: int, size: int,
+                  spans: list[tuple[int, bytes | memoryview | int, bytes | memoryview]]) -> int:
     """CRC-32 of a `size`-byte range whose CRC was `old_crc`, after replacing the bytes at each
-    (offset in the range, old bytes, new bytes); spans must not overlap."""
+    (offset in the range, old bytes, new bytes); spans must not overlap. The old bytes may be
+    given as their linear(), an int, when they were seen before (as many bytes as the new)."""
     crc = old_crc
     for offset, old, new in spans:
-        if len(old) != len(new) or offset < 0 or offset + len(new) > size:
+        known = isinstance(old, int)
+        if (not known and len(old) != len(new)) or offset < 0 or offset + len(new) > size:
             raise ValueError("a patch must keep its length and stay inside the range")
         # L is linear: L(old ^ new) = L(old) ^ L(new), so neither an xor nor its copy is made
-        delta = _linear(old) ^ _linear(new)
+        delta = (old if known else _linear(old)) ^ _linear(new)
         if delta:  # 0 when the span's bytes did not change (or changed CRC-invisibly: same)
             crc ^= _shift(delta, size - offset - len(new))
     return crc & 0xFFFFFFFF

@@ -156,6 +156,9 @@ def edit_model(job: ModelJob, weights: ModelWeights, selections: list[LayerSelec
         group = {"group": list(sel.group)} if len(sel.group) > 1 else {}
         pres = [0.0] * len(filters) if zero_bias else bias[filters].tolist()  # float(bias[f])
         fates: dict[float, tuple[Fate, list[dict[str, Any]], list[str]]] = {}
+        # the filters of each fate (by identity): its BatchNorm edits are the same values for
+        # each, assigned to all of them at once after the layer's records
+        fated: dict[int, tuple[Fate, list[int]]] = {}
         for f, pre in zip(filters, pres):
             if neutralize and pre in fates:
                 fate, batchnorm, notes = fates[pre]
@@ -169,11 +172,8 @@ def edit_model(job: ModelJob, weights: ModelWeights, selections: list[LayerSelec
                 notes = list(fate.notes)
                 if neutralize:
                     fates[pre] = (fate, batchnorm, notes)
-            for edit in fate.edits:
-                key = (edit.layer, edit.variable)
-                if key not in pending_bn:
-                    pending_bn[key] = input_variables(edit.layer)[edit.variable].copy()
-                pending_bn[key][f] = edit.value  # edit.channel is f (or the template's)
+            if fate.edits:
+                fated.setdefault(id(fate), (fate, []))[1].append(f)
             ranked = sel.ranked.get(f)
             records.append({
                 "model": job.name,
@@ -192,6 +192,15 @@ def edit_model(job: ModelJob, weights: ModelWeights, selections: list[LayerSelec
                 "notes": notes,
                 **group,
             })
+        # in the order the filters' own assignments would come (a BatchNorm two layers reach
+        # gets the later layer's values; one fate's edits in their order)
+        for fate, fs in fated.values():
+            at = np.asarray(fs, dtype=np.int64)
+            for edit in fate.edits:
+                key = (edit.layer, edit.variable)
+                if key not in pending_bn:
+                    pending_bn[key] = input_variables(edit.layer)[edit.variable].copy()
+                pending_bn[key][at] = edit.value  # edit.channel is f (or the template's)
         # done with this layer's input values (channel_fate reads only BatchNorm layers'):
         # keeping every kernel until the end would double the peak memory of a large edit
         original.pop(sel.path, None)
