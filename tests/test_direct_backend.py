@@ -336,3 +336,33 @@ def test_rerun_with_an_up_to_date_output(tmp_path: Path, small_cnn: Path, small_
     assert second.static_check == "ok"
     assert (second.input_sha256, second.output_sha256) == (first.input_sha256, first.output_sha256)
     assert len(calls) == saves
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_patched_crc_with_and_without_the_old_bytes_read(tmp_path: Path, small_cnn: Path,
+                                                         read_first: bool) -> None:
+    """The weights member's new CRC-32 is right whether the edited datasets' old bytes were
+    read through the backend first (their CRC taken from that read) or never (read from the
+    file): the member's CRC, recomputed here by zipfile, holds and the written values are the
+    assigned ones."""
+    from kprune_batch.backends.direct import DirectModelWeights
+
+    weights = DirectModelWeights(str(small_cnn), "small")
+    try:
+        if read_first:
+            weights.variables("conv2d_1")
+        kernel = np.full((3, 3, 3, 8), 0.5, dtype=np.float32)
+        weights.assign("conv2d_1", "kernel", kernel)
+        weights.assign("conv2d_1", "bias", np.arange(8, dtype=np.float32))
+        weights.save(str(tmp_path / "out.keras"))
+    finally:
+        weights.close()
+    with zipfile.ZipFile(tmp_path / "out.keras") as zf:
+        assert zf.testzip() is None
+    written = DirectModelWeights(str(tmp_path / "out.keras"), "small")
+    try:
+        values = written.variables("conv2d_1")
+        assert np.array_equal(values["kernel"], kernel)
+        assert values["bias"].tolist() == list(range(8))
+    finally:
+        written.close()
