@@ -298,6 +298,7 @@ class DirectModelWeights:
         self._open_file()
         self._check_storage()  # first: a link or foreign storage is named as such
         self._datasets = self._map_keras(config)
+        self._forget_walk()
 
     def _open_file(self) -> None:
         """The HDF5 weights of the file (for .keras: the weights member, read in place)."""
@@ -422,6 +423,13 @@ class DirectModelWeights:
                 if not member:
                     raise
         self._datasets = mapping
+        self._forget_walk()
+
+    def _forget_walk(self) -> None:
+        """Drop what _check_storage found once the mapping is made (the mapped datasets' handles
+        stay in _ids): the rest would stay open, and be closed one by one, until close()."""
+        self._kinds.clear()
+        self._found.clear()
 
     def _check_h5_order(self, config: dict[str, Any], root: h5py.Group) -> None:
         """keras/src/legacy/saving/legacy_h5_format.py load_weights_from_hdf5_group gives the
