@@ -524,24 +524,31 @@ class _Stage:
         bound = [False] * len(units)
         position = 0
         cutoff = None
-        for i in order:
+        # the walk below visits up to every filter of the entry (26,560 for ResNet50's convs):
+        # its numbers as Python lists and the caps made once (tolist: the same floats and ints
+        # as item by item), not a numpy scalar and a cap() per look
+        member_caps = [[m.cap() for m in unit] for unit in units]
+        per_list = [[p.tolist() for p in per[u]] for u in range(len(units))]
+        raw_list, norm_list = [r.tolist() for r in raw], [n.tolist() for n in norm]
+        score_list, unit_list, filter_list = scores.tolist(), unit_of.tolist(), filter_of.tolist()
+        for i in order.tolist():
             if position == k:
                 break
-            u, f = int(unit_of[i]), int(filter_of[i])
+            u, f = int(unit_list[i]), int(filter_list[i])
             fresh = f not in already[u] and f not in taken[u]
-            if fresh and any(s + int(p[f]) > m.cap()
-                             for m, p, s in zip(units[u], per[u], spent[u])):
+            if fresh and any(s + int(p[f]) > cap
+                             for cap, p, s in zip(member_caps[u], per_list[u], spent[u])):
                 bound[u] = True
                 continue
             if fresh:
-                spent[u] = [s + int(p[f]) for p, s in zip(per[u], spent[u])]
+                spent[u] = [s + int(p[f]) for p, s in zip(per_list[u], spent[u])]
             position += 1
             taken[u].add(f)
-            cutoff = float(scores[i])
+            cutoff = float(score_list[i])
+            pick = RankPick(rule.loc, position, float(raw_list[u][f]), float(norm_list[u][f]))
             for m in units[u]:
-                for g in m.to_filters([f]):
-                    m.ranked.setdefault(g, []).append(
-                        RankPick(rule.loc, position, float(raw[u][f]), float(norm[u][f])))
+                for g in ([f] if m.unit_of is None else m.to_filters([f])):
+                    m.ranked.setdefault(g, []).append(pick)
         for u, unit in enumerate(units):
             for m in unit:
                 if m.path in paths:  # a member outside the entry follows by coupling
