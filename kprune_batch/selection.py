@@ -472,11 +472,12 @@ class _Stage:
                        f"{int(np.count_nonzero(layer.per_channel()))} of them)")
         else:
             k = budget(p, layer.channels)
-        chosen = [int(c) for c in rank_order(scores, rule.kind)[:k]]
+        chosen = rank_order(scores, rule.kind)[:k].tolist()
+        values = scores.tolist()  # the same floats as float(scores[c]), without a scalar each
         for position, c in enumerate(chosen, start=1):
-            for f in layer.to_filters([c]):
-                layer.ranked.setdefault(f, []).append(
-                    RankPick(rule.loc, position, float(scores[c])))
+            pick = RankPick(rule.loc, position, float(values[c]))
+            for f in ([c] if layer.unit_of is None else layer.to_filters([c])):
+                layer.ranked.setdefault(f, []).append(pick)
         layer.rankings.append(Ranking(
             rule=rule.loc, order=rule.kind, by=p["by"], across="layer", normalize=None,
             requested=k, taken=len(chosen),
