@@ -836,16 +836,23 @@ class DirectModelWeights:
 _UNPLANNED = object()
 
 
+_PREADV = hasattr(os, "preadv")
+
+
 class _Window:
     """A read-only file object over bytes [start, start + size) of a file, for h5py."""
 
     def __init__(self, path: str, start: int, size: int):
         self._fh = open(path, "rb")
+        self._fd = self._fh.fileno()
         self._start, self._size, self._pos = start, size, 0
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
-        self._pos = base + offset
+        # h5py seeks before every read (SEEK_SET): that case first, nothing built per call
+        if whence == os.SEEK_SET:
+            self._pos = offset
+        else:
+            self._pos = offset + (self._pos if whence == os.SEEK_CUR else self._size)
         return self._pos
 
     def tell(self) -> int:
@@ -864,12 +871,14 @@ class _Window:
         # h5py reads all HDF5 metadata through here (~2000 small reads for ResNet50): one
         # positioned read straight into its buffer, not a seek, a read and a copy.
         view = memoryview(buffer).cast("B")
-        if not hasattr(os, "preadv"):  # pragma: no cover - Windows
+        if not _PREADV:  # pragma: no cover - Windows
             data = self.read(len(view))
             view[:len(data)] = data
             return len(data)
         n = max(0, min(len(view), self._size - self._pos))
-        got = os.preadv(self._fh.fileno(), [view[:n]], self._start + self._pos) if n else 0
+        if not n:
+            return 0
+        got = os.preadv(self._fd, [view if n == len(view) else view[:n]], self._start + self._pos)
         self._pos += got
         return got
 
