@@ -1,7 +1,7 @@
 """`python -m kprune_batch` is the `kprune` console script."""
 from __future__ import annotations
 
-from kprune_batch.cli import main
+from kprune_batch.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -52,6 +52,39 @@ def native_stderr_silenced() -> Iterator[None]:
 
 
 _keras: Any = None
+_LEAN = False
+
+
+def lean_imports(flag: bool) -> None:
+    """Whether Keras is imported without the optional packages it and TensorFlow import only
+    for features kprune never uses (set by the console script, whose process is kprune's)."""
+    global _LEAN
+    _LEAN = flag
+
+
+def _optional_imports(backend: str) -> list[str]:
+    """Top-level packages imported with Keras only in passing, each caught as optional where it
+    is imported: scikit-learn by keras/src/wrappers/fixes.py and sklearn_wrapper.py (the
+    SKLearnClassifier wrappers), and under the TensorFlow backend jax by
+    tensorflow/lite/python/util.py (`from jax import jit` for converting jax functions to
+    TFLite). Together ~1 s and ~170 MB of each run that imports Keras, when installed."""
+    return ["sklearn"] + (["jax"] if backend == "tensorflow" else [])
+
+
+@contextlib.contextmanager
+def _without(names: list[str]) -> Iterator[None]:
+    """`import name` raises ImportError inside (a None in sys.modules, the documented way to
+    block an import), for the names not imported yet; sys.modules is as before afterwards, so
+    a later import of one of them works as usual."""
+    blocked = [name for name in names if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, 0) is None:
+                del sys.modules[name]
 
 
 def import_keras() -> Any:
@@ -64,7 +97,8 @@ def import_keras() -> Any:
     if _keras is None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-        with native_stderr_silenced():
+        blocked = _optional_imports(os.environ["KERAS_BACKEND"]) if _LEAN else []
+        with native_stderr_silenced(), _without(blocked):
             import keras  # noqa: PLC0415 - deliberately late: a framework costs seconds to import
 
             try:

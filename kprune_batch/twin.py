@@ -302,25 +302,37 @@ def _sequential_as_functional(config: dict[str, Any], model: Any) -> dict[str, A
 
 
 def run_points(keras: Any, model: Any, feed: Any, points: list[tuple[str, str]],
-               training: bool = False) -> tuple[list[np.ndarray], str]:
+               training: bool = False,
+               take: list[tuple[int, list[int]] | None] | None = None
+               ) -> tuple[list[np.ndarray], str]:
     """Values at `points` ((layer name, "input" | "output") of top-level layers, or ("", "model")
     for the model's outputs, flattened) on `feed`, in the model's own layout, and what ran:
     "model", or the channels_last twin where this CPU cannot run the model (its values moved
-    back to (N, C, *s))."""
+    back to (N, C, *s)). `take[i]` = (axis, indices): only those entries of point i's axis (in
+    the model's own layout), gathered in the run itself, so that the whole tensor never
+    becomes a numpy array (a removal's sinks: ~0.7 GB of ResNet50's activations otherwise)."""
     run, twin, _why = runnable(keras, model)
     feeds = list(feed) if isinstance(feed, (list, tuple)) else [feed]
     if twin is not None:
         feeds = twin.to_twin(feeds)
     wanted, back = [], []
-    for name, which in points:
+    for i, (name, which) in enumerate(points):
         if which == "model":
             outs = keras.tree.flatten(run.outputs)
             wanted += outs
             back += [_is_transposed(twin, t) for t in outs]
             continue
         tensor = getattr(run.get_layer(name), which)
+        transposed = _is_transposed(twin, tensor)
+        if take is not None and take[i] is not None:
+            axis, indices = take[i]  # type: ignore[misc]
+            rank = len(tensor.shape)
+            axis %= rank
+            if transposed:  # the twin holds (N, *s, C) for (N, C, *s): axis 1 is last
+                axis = rank - 1 if axis == 1 else axis - (axis > 1)
+            tensor = keras.ops.take(tensor, np.asarray(indices, dtype="int32"), axis=axis)
         wanted.append(tensor)
-        back.append(_is_transposed(twin, tensor))
+        back.append(transposed)
     inputs = run.inputs if len(run.inputs) > 1 else run.inputs[0]
     values = keras.tree.flatten(keras.Model(inputs, wanted)(
         feeds if len(feeds) > 1 else feeds[0], training=training))

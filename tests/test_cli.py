@@ -284,3 +284,58 @@ def test_license_is_the_one_the_metadata_names() -> None:
     assert text.lstrip().startswith("Apache License\n") and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text
     assert os.path.getsize(root / "LICENSE") > 10_000
+
+
+# --- the console script's exit ---------------------------------------------------------------------
+
+ENTRY = ("import atexit, sys, types\n"
+         "if sys.argv[1] == 'framework':\n"
+         "    sys.modules['tensorflow'] = types.ModuleType('tensorflow')  # as if imported\n"
+         "atexit.register(lambda: print('exit handler ran'))\n"
+         "sys.argv = ['kprune', 'validate', *sys.argv[2:]]\n"
+         "from kprune_batch.cli import entry\n"
+         "entry()\n"
+         "print('after entry')\n")
+
+
+@pytest.mark.parametrize("framework", ["framework", "none"])
+def test_console_script_exits_with_the_commands_code_and_output(folder: Path,
+                                                                framework: str) -> None:
+    """Once a framework was imported the console script ends without Python's finalization:
+    the command's code, its lines and the exit handlers' are all there, as without one."""
+    good = _spec(folder, "exit-good.yaml", [("m0", [0])])
+    bad = write_spec(folder, "version: 1\nmodels: []\nextra: 1\n", "exit-bad.yaml")
+    expected = {good: (0, [f"{good}: ok (1 model(s), 1 layer entry)"], ""),
+                bad: (2, [], f"{bad}:2:9: models: must not be empty\n{bad}:3:1: extra: unknown key "
+                             f"'extra' (allowed: defaults, models, output_dir, version)\n")}
+    for spec, (code, out_lines, err) in expected.items():
+        out = subprocess.run([sys.executable, "-c", ENTRY, framework, str(spec)],
+                             capture_output=True, text=True, timeout=120)
+        assert (out.returncode, out.stdout.splitlines(), out.stderr) == \
+            (code, out_lines + ["exit handler ran"], err)
+
+
+def test_console_script_imports_keras_without_sklearn_or_jax(small_cnn: Path,
+                                                              tmp_path: Path) -> None:
+    """`kprune apply` with the Keras backend: TensorFlow imported, scikit-learn and jax (each
+    imported by Keras or TensorFlow only for features kprune does not use) not."""
+    shutil.copy(small_cnn, tmp_path / "m.keras")
+    spec = _spec(tmp_path, "spec.yaml", [("m", [0])])
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('LOADED', sorted(m for m in ('tensorflow', 'keras', "
+            "'sklearn', 'jax') if m in sys.modules)))\n"
+            "sys.argv = ['kprune', 'apply', sys.argv[1], '--backend', 'keras', '--audit-log', "
+            "sys.argv[2]]\n"
+            "from kprune_batch.cli import entry\n"
+            "entry()\n")
+    out = subprocess.run([sys.executable, "-c", code, str(spec), str(tmp_path / "log.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "LOADED ['keras', 'tensorflow']", out.stdout
+    from kprune_batch import quiet
+
+    with quiet._without(["kprune_no_such_module", "json"]):
+        with pytest.raises(ImportError):
+            import kprune_no_such_module  # noqa: F401
+        import json as again  # already imported: not blocked
+    assert again is json and "kprune_no_such_module" not in sys.modules

@@ -163,3 +163,32 @@ def test_where_no_twin_is_provable_the_model_runs_as_it_is(keras: Any,
     assert (run, twin, why) == (model, None, "nested model 'inner' has channels_first layers")
     plain = keras.Model(i, L.Conv2D(2, 1, name="cl")(i))  # nothing channels_first: itself
     assert runnable(keras, plain) == (plain, None, None)
+
+
+@pytest.mark.parametrize("axis, indices", [(1, [0, 2, 5]), (2, [4, 0]), (3, [6]), (-1, [1, 6])])
+def test_run_points_take_gathers_on_the_models_own_axes(keras: Any, monkeypatch: pytest.MonkeyPatch,
+                                                        axis: int, indices: list[int]) -> None:
+    """`take` on a channels_first model run as its twin (forced) names the model's own axes: the
+    values equal the whole tensor's entries at those indices, for the channel axis (last in the
+    twin) and the spatial ones (one to the left there); a channels_last model's likewise."""
+    from kprune_batch.twin import FORCE_ENV, run_points
+
+    monkeypatch.setenv(FORCE_ENV, "1")
+    model = cf_model(keras, "gap")  # c2's input: (N, 6, 5, 7)
+    x = np.random.default_rng(4).normal(size=(2, 3, 7, 9)).astype("float32")
+    (whole,), ran_on = run_points(keras, model, x, [("c2", "input")])
+    assert ran_on == "channels_last twin" and whole.shape == (2, 6, 5, 7)
+    (part, out), _ = run_points(keras, model, x, [("c2", "input"), ("", "model")],
+                                take=[(axis, indices), None])
+    assert np.array_equal(part, np.take(whole, indices, axis=axis))
+    assert np.array_equal(out, run_points(keras, model, x, [("", "model")])[0][0])
+
+    L = keras.layers
+    i = keras.Input((8, 7, 3))
+    h = L.ReLU(name="r")(L.Conv2D(7, 3, name="a")(i))
+    plain = keras.Model(i, L.Conv2D(2, 1, name="b")(h))  # b's input: (N, 6, 5, 7) as well
+    _seeded_weights(plain, 5)
+    xl = np.random.default_rng(5).normal(size=(2, 8, 7, 3)).astype("float32")
+    want = np.asarray(keras.Model(i, h)(xl, training=False))
+    (got,), ran_on = run_points(keras, plain, xl, [("b", "input")], take=[(axis, indices)])
+    assert ran_on == "model" and np.array_equal(got, np.take(want, indices, axis=axis))
