@@ -139,10 +139,39 @@ def assert_only_changed(before: dict, after: dict, allowed: dict[tuple[str, str]
                     f"{layer}/{name} changed outside the zeroed filters"
 
 
+# README "Silence": a BN consuming a zeroed channel through these layers is its follower
+FOLLOWER_ACTIVATIONS = {"Activation", "ReLU", "LeakyReLU", "ELU"}  # any value, mapped
+ZERO_KEEPING = {"Dropout", "SpatialDropout2D", "MaxPooling2D", "AveragePooling2D",
+                "ZeroPadding2D", "Cropping2D", "UpSampling2D"}  # while the channel is 0
+
+
+def bn_followers(model: Any, layer: Any, value: float) -> list[tuple[Any, float]]:
+    """The BatchNormalization layers of `model` that README "Silence" neutralises for a
+    zeroed filter of `layer` whose pre-activation output is `value`, each with the constant it
+    receives: reached from its output through layers called once, activation layers (the value
+    mapped by Keras's function) and, while the value is 0, pooling, dropout, padding, cropping
+    and upsampling layers."""
+    found, todo = [], [(layer.output, _through(layer, value))]
+    while todo:
+        tensor, v = todo.pop()
+        for nxt in model.layers:
+            if nxt.input is not tensor or len(nxt._inbound_nodes) != 1:
+                continue
+            cls = type(nxt).__name__
+            if cls == "BatchNormalization":
+                found.append((nxt, v))
+            elif cls in FOLLOWER_ACTIVATIONS:
+                todo.append((nxt.output, _through(nxt, v)))
+            elif cls in ZERO_KEEPING and v == 0.0:
+                todo.append((nxt.output, v))
+    return found
+
+
 def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
                      bias: str = "zero", neutralize: bool = True, clone: bool = True) -> Any:
     """The contract's reference: zero the kernel slice (and the bias unless bias: keep);
-    neutralise a direct BN follower (gamma = beta = 0) unless batchnorm: keep. With
+    neutralise a BN follower (bn_followers; gamma = beta = 0, with scale=False beta = 0 and the
+    moving mean the constant it receives, as README "Silence") unless batchnorm: keep. With
     clone=False the model itself is edited (for graphs clone_model cannot rebuild)."""
     ref = keras.models.clone_model(model) if clone else model
     if clone:
@@ -160,11 +189,29 @@ def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
         if bias == "zero" and layer.use_bias:
             w[-1][filters] = 0
         layer.set_weights(w)
-        for bn in [l for l in ref.layers if l.__class__.__name__ == "BatchNormalization"]:
-            if neutralize and bn.input is layer.output:
-                g, b, mm, mv = bn.get_weights()
-                g[filters], b[filters] = 0, 0
-                bn.set_weights([g, b, mm, mv])
+        if not neutralize:
+            continue
+        followers: dict[float, list[tuple[Any, float]]] = {}  # by the filter's output
+        edits: dict[int, tuple[Any, dict[int, float]]] = {}  # id(bn): (bn, {f: constant})
+        for f in filters:
+            pre = float(w[-1][f]) if layer.use_bias else 0.0
+            if pre not in followers:
+                followers[pre] = bn_followers(ref, layer, pre)
+            for bn, constant in followers[pre]:
+                edits.setdefault(id(bn), (bn, {}))[1][f] = constant
+        for bn, constants in edits.values():
+            # keras/src/layers/normalization/batch_normalization.py build(): gamma if
+            # scale, beta if center, then the moving mean and variance
+            bw = dict(zip([n for n, on in (("gamma", bn.scale), ("beta", bn.center)) if on]
+                          + ["mean", "var"], bn.get_weights()))
+            fs = list(constants)
+            if "gamma" in bw:
+                bw["gamma"][fs] = 0
+            else:  # scale=False: the mean set to the constant input (exact when it is 0)
+                bw["mean"][fs] = list(constants.values())
+            if "beta" in bw:
+                bw["beta"][fs] = 0
+            bn.set_weights(list(bw.values()))
     return ref
 
 
@@ -184,13 +231,14 @@ def _through(layer: Any, value: float | None) -> float | None:
 
 def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict[str, int]:
     """Each layer's parameter count after removing `selection` (with the design's defaults:
-    bias zeroed, a direct BN follower neutralised), worked out here from the input model's
+    bias zeroed, a BN follower neutralised: bn_followers), worked out here from the input model's
     shapes alone, not from kprune.
 
     Walks the graph in layer order, carrying per tensor {removed channel: the constant it holds}
     (None where it varies across positions): a removed filter outputs its activation of 0 (a
     depthwise layer's too: its filters are its input's channels, so the selection must name
-    exactly the channels it receives); a neutralised BN follower outputs 0; another BN maps c
+    exactly the channels it receives; a separable conv's input channel takes its depthwise
+    slices and their pointwise rows); a neutralised BN follower outputs 0; another BN maps c
     to gamma*(c - mean)/sqrt(var + eps) + beta; an activation applies Keras's function to the
     constant; Concatenate offsets the channels, Flatten spreads them over the positions, a
     Reshape keeping the channel axis last passes them, Add and Multiply must see the same
@@ -198,6 +246,10 @@ def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict
     input rows of the removed channels; one without a bias gains one where a non-zero constant
     is folded into it. A layer no removed channel reaches keeps its parameters."""
     producer = {id(layer.output): layer for layer in model.layers}
+    neutralised: dict[str, set[int]] = {}  # BN followers of the removed filters: channels
+    for name, filters in selection.items():
+        for bn, _ in bn_followers(model, model.get_layer(name), 0.0):
+            neutralised.setdefault(bn.name, set()).update(filters)
     gone: dict[str, dict[int, float | None]] = {}
     params: dict[str, int] = {}
     for layer in model.layers:
@@ -219,6 +271,20 @@ def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict
             params[layer.name] = (int(np.prod(kernel[:-2])) * kept_in * kept_out
                                   + (kept_out if layer.use_bias or gains_bias else 0))
             out = {f: _through(layer, 0.0) for f in selection.get(layer.name, [])}
+        elif cls == "SeparableConv2D":
+            # keras/src/layers/convolutional/base_separable_conv.py: depthwise kernel
+            # (kh, kw, in, mult), pointwise (1, 1, in * mult, filters): an input channel takes
+            # its depthwise slices and their pointwise rows, a filter its pointwise column
+            (rin,) = removed
+            assert not rin or set(rin.values()) == {0.0}, \
+                f"{layer.name}: a non-zero constant reaches it (no rule here for a fold)"
+            depth = tuple(layer.depthwise_kernel.shape)
+            kept_in = depth[-2] - len(rin)
+            kept_out = channels - len(selection.get(layer.name, []))
+            params[layer.name] = (int(np.prod(depth[:-2])) * kept_in * depth[-1]
+                                  + kept_in * depth[-1] * kept_out
+                                  + (kept_out if layer.use_bias else 0))
+            out = {f: _through(layer, 0.0) for f in selection.get(layer.name, [])}
         elif cls == "DepthwiseConv2D":
             (rin,) = removed
             assert layer.depth_multiplier == 1 and \
@@ -230,10 +296,12 @@ def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict
             out = {c: _through(layer, 0.0) for c in rin}
         elif cls == "BatchNormalization":
             (rin,) = removed
-            assert layer.center and layer.scale, layer.name
-            g, b, mean, var = (np.asarray(v.numpy(), np.float64) for v in layer.weights)
-            follower = feeds[0].name in selection  # directly after a removed filter: neutralised
-            out = {c: 0.0 if follower else (None if v is None else float(
+            g = np.asarray(layer.gamma.numpy(), np.float64) if layer.scale else np.ones(channels)
+            b = np.asarray(layer.beta.numpy(), np.float64) if layer.center else np.zeros(channels)
+            mean, var = (np.asarray(v.numpy(), np.float64)
+                         for v in (layer.moving_mean, layer.moving_variance))
+            cut = neutralised.get(layer.name, set())
+            out = {c: 0.0 if c in cut else (None if v is None else float(
                 g[c] * (v - mean[c]) / np.sqrt(var[c] + layer.epsilon) + b[c]))
                 for c, v in rin.items()}
             params[layer.name] = len(layer.weights) * (channels - len(out))

@@ -985,3 +985,74 @@ def test_round_to_on_a_concatenate_group_leaves_every_member_a_multiple(keras: A
     assert {layer.name: layer.count_params() for layer in out.layers} == \
         expected_removal_params(model, selection)
     kprune("verify", tmp_path / "log.json").expect(0)
+
+
+def test_a_global_cap_binds_on_a_concatenate_input_inside_a_group(keras: Any,
+                                                                  tmp_path: Path) -> None:
+    """One ranking across the entry (a, b, c, head; count 4, max_fraction 0.5): the group
+    concat(a: 3, b: 5) + c: 8 is one unit of 8 channels, head one of 3, each normalised by its
+    mean. a's filters (and c's first three) are scaled down so that channels 0-2 rank first and
+    an uncapped ranking would take all of a; a's cap, floor(0.5 * 3) = 1, binds: a channel
+    u < 3 costs a and c a filter each, u >= 3 costs b and c, and the ranking skips a channel
+    that would push any member past its cap (computed here, in order of normalised score, then
+    channel, then unit). The final selection (after coupling) keeps every member within its
+    cap; the written model equals the input zeroed on it, with the parameters counted here."""
+    model = concat_group_model(keras, "widths")
+    _seeded_weights(model, 13)
+    for name in ("a", "c"):
+        kernel, bias = model.get_layer(name).get_weights()
+        kernel[..., :3] *= 0.05
+        model.get_layer(name).set_weights([kernel, bias])
+    model.save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
+                      "models:\n  - path: m.keras\n    layers:\n      - {match: '*', rules: "
+                      "[{smallest: {by: l1, count: 4, across: entry}}]}\n")
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    l1 = {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
+          for n in ("a", "b", "c", "head")}
+    caps = {"a": 1, "b": 2, "c": 4, "head": 1}  # floor(0.5 * n)
+    # (scores, {member: the filters a channel costs it}) per unit, in the entry's order
+    units = [(l1["c"] + np.concatenate([l1["a"], l1["b"]]),
+              {"a": np.arange(8) < 3, "b": np.arange(8) >= 3, "c": np.ones(8, bool)}),
+             (l1["head"], {"head": np.ones(3, bool)})]
+
+    def ranked(capped: bool) -> list[set[int]]:
+        cands = sorted((s[u] / np.mean(np.abs(s)), u, pos)
+                       for pos, (s, _) in enumerate(units) for u in range(len(s)))
+        spent = dict.fromkeys(caps, 0)
+        taken: list[set[int]] = [set(), set()]
+        for _score, u, pos in cands:
+            if sum(map(len, taken)) == 4:
+                break
+            cost = {m: int(c[u]) for m, c in units[pos][1].items()}
+            if capped and any(spent[m] + cost[m] > caps[m] for m in cost):
+                continue
+            spent.update({m: spent[m] + cost[m] for m in cost})
+            taken[pos].add(u)
+        return taken
+
+    assert sum(u < 3 for u in ranked(capped=False)[0]) > caps["a"]  # uncapped: all of a
+    group, head = ranked(capped=True)
+    selection = {"a": sorted(u for u in group if u < 3),
+                 "b": sorted(u - 3 for u in group if u >= 3), "c": sorted(group),
+                 "head": sorted(head)}
+    selection = {k: v for k, v in selection.items() if v}
+    got: dict[str, list[int]] = {}
+    for r in log["removed"]:
+        got.setdefault(r["layer"], []).append(r["filter"])
+    assert {k: sorted(v) for k, v in got.items()} == selection
+    assert len(got["a"]) == caps["a"]  # the cap bound there
+    assert all(len(v) <= caps[k] for k, v in got.items())
+    rankings = {layer["layer"]: layer["rankings"] for layer in log["models"][0]["layers"]}
+    assert [r["cap_bound"] for r in rankings["a"]] == [True]
+    assert [r["taken"] for r in rankings["c"]] == [len(group)]
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    x = np.random.default_rng(6).normal(size=(3, 7, 7, 3)).astype("float32")
+    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
+    have = np.asarray(out(x), np.float64)
+    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
+    assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
+    assert {layer.name: layer.count_params() for layer in out.layers} == \
+        expected_removal_params(model, selection)
+    kprune("verify", tmp_path / "log.json").expect(0)

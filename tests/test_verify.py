@@ -500,3 +500,33 @@ def test_operation_nodes_and_nested_models_verify(keras: Any, tmp_path: Path) ->
     result = kprune("verify", tmp_path / "log.json", "--probe").expect(0)
     assert result.stdout == ("ok      ops: 4 zeroed filter(s) verified, every other weight "
                              "equals the input's\n")
+
+
+def test_a_removal_through_a_concatenate_is_read_directly(keras: Any, tmp_path: Path) -> None:
+    """A removal whose channels pass a Concatenate (DenseNet's, Inception's): the Concatenate
+    stores no variable, so the direct reader verifies the run without Keras, and a flipped bit
+    in a kept slice of the consumer is found."""
+    from conftest import _seeded_weights
+
+    L = keras.layers
+    i = keras.Input((6, 6, 3))
+    cat = L.Concatenate(name="cat")([L.Conv2D(4, 1, name="a")(i), L.Conv2D(3, 1, name="b")(i)])
+    x = L.GlobalAveragePooling2D(name="gap")(L.Conv2D(5, 1, name="c")(cat))
+    model = keras.Model(i, L.Dense(2, name="out")(x))
+    _seeded_weights(model, 9)
+    model.save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n    layers: "
+                      "[{name: b, action: remove, rules: [{index: [1]}]}]\n")
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    blocked = without_frameworks(tmp_path / "blocker")
+    assert kprune("verify", tmp_path / "log.json", env=blocked).expect(0).stdout == (
+        "ok      m: 0 zeroed and 1 removed filter(s) verified: every weight equals the input's "
+        "with the logged slices and edits applied\n")
+    path = tmp_path / "pruned" / "m.keras"
+    # c's kernel (1, 1, 6, 5): its input row 5 is the input's row 6 (b's filter 2 at offset 4)
+    _edit_weights(path, _flip(_kernel("c"), (0, 0, 5, 3), 31))  # its sign
+    delta = 2 * abs(float(_read(path, _kernel("c"))[0, 0, 5, 3]))
+    assert kprune("verify", tmp_path / "log.json", env=blocked).expect(1).stdout.splitlines() == [
+        f"MISMATCH m: output file {path} does not match the sha256 in the log (replaced or "
+        f"modified since the run)",
+        f"MISMATCH m: layer 'c' kernel untouched filter 3: max |difference| {delta:.6g}"]
