@@ -520,9 +520,8 @@ class _Stage:
         # a channel costs each member the filters it stands for there; none may pass its cap
         per = [[m.per_channel() for m in unit] for unit in units]
         spent = [[int(p[sorted(already[u])].sum()) for p in per[u]] for u in range(len(units))]
-        caps = [min(m.cap() // max(int(p.max(initial=1)), 1) for m, p in zip(unit, per[u]))
-                for u, unit in enumerate(units)]  # in channels (reported)
-        bound = [False] * len(units)
+        # per member: did its own cap (in its filters) stop a candidate (reported per layer)
+        bound = [[False] * len(unit) for unit in units]
         position = 0
         cutoff = None
         # the walk below visits up to every filter of the entry (26,560 for ResNet50's convs):
@@ -537,10 +536,12 @@ class _Stage:
                 break
             u, f = int(unit_list[i]), int(filter_list[i])
             fresh = f not in already[u] and f not in taken[u]
-            if fresh and any(s + int(p[f]) > cap
-                             for cap, p, s in zip(member_caps[u], per_list[u], spent[u])):
-                bound[u] = True
-                continue
+            if fresh:
+                over = [s + int(p[f]) > cap
+                        for cap, p, s in zip(member_caps[u], per_list[u], spent[u])]
+                if any(over):
+                    bound[u] = [b or o for b, o in zip(bound[u], over)]
+                    continue
             if fresh:
                 spent[u] = [s + int(p[f]) for p, s in zip(per_list[u], spent[u])]
             position += 1
@@ -551,14 +552,17 @@ class _Stage:
                 for g in ([f] if m.unit_of is None else m.to_filters([f])):
                     m.ranked.setdefault(g, []).append(pick)
         for u, unit in enumerate(units):
-            for m in unit:
+            for j, m in enumerate(unit):
+                mine = m.to_filters(taken[u])  # this member's filters of the channels taken
                 if m.path in paths:  # a member outside the entry follows by coupling
-                    m.by_rule[rule.loc] = sorted(set(m.by_rule.get(rule.loc, []))
-                                                 | set(m.to_filters(taken[u])))
+                    m.by_rule[rule.loc] = sorted(set(m.by_rule.get(rule.loc, [])) | set(mine))
+                # `requested` counts the entry's units (a group's channels once); `taken`, `cap`
+                # and `cap_bound` are this layer's own, in its filters (a Concatenate input or a
+                # depthwise member does not have one filter per group channel)
                 m.rankings.append(Ranking(
                     rule=rule.loc, order=rule.kind, by=p["by"], across="entry",
-                    normalize=p["normalize"], requested=k, taken=len(taken[u]), cutoff=cutoff,
-                    cap=caps[u], cap_bound=bound[u]))
+                    normalize=p["normalize"], requested=k, taken=len(mine), cutoff=cutoff,
+                    cap=member_caps[u][j], cap_bound=bound[u][j]))
 
     # couple, round, guard
 
