@@ -739,6 +739,28 @@ def concat_group_model(keras: Any, case: str) -> Any:
     return keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
 
 
+def _kernel_l1(model: Any, names: Any) -> dict[str, np.ndarray]:
+    """{conv: l1 of each of its filters}, from the input model's kernels in float64."""
+    return {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
+            for n in names}
+
+
+def _assert_written_equals_zeroed(keras: Any, model: Any, tmp_path: Path,
+                                  selection: dict[str, list[int]], seed: int) -> None:
+    """The written pruned/m.keras equals `model` zeroed on `selection` (within 1e-5 +
+    1e-5·|ref|), the edit shows in the outputs, every layer has the parameters counted here,
+    and verify accepts the log."""
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    x = np.random.default_rng(seed).normal(size=(3, 7, 7, 3)).astype("float32")
+    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
+    have = np.asarray(out(x), np.float64)
+    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
+    assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
+    assert {layer.name: layer.count_params() for layer in out.layers} == \
+        expected_removal_params(model, selection)
+    kprune("verify", tmp_path / "log.json").expect(0)
+
+
 @pytest.mark.parametrize("case", ["equal", "sink", "widths"])
 def test_a_concatenate_inside_a_group_loses_channels_at_offsets(keras: Any, tmp_path: Path,
                                                                case: str) -> None:
@@ -754,8 +776,7 @@ def test_a_concatenate_inside_a_group_loses_channels_at_offsets(keras: Any, tmp_
                           for n in "abc"))
     kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
     log = json.loads((tmp_path / "log.json").read_text())
-    l1 = {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
-          for n in "abc"}
+    l1 = _kernel_l1(model, "abc")
     wa = len(l1["a"])
     scores = l1["c"] + np.concatenate([l1["a"], l1["b"]])
     chosen = sorted(sorted(range(len(scores)), key=lambda u: (scores[u], u))[:len(scores) // 4])
@@ -766,14 +787,6 @@ def test_a_concatenate_inside_a_group_loses_channels_at_offsets(keras: Any, tmp_
     for r in log["removed"]:
         got.setdefault(r["layer"], []).append(r["filter"])
     assert {k: sorted(v) for k, v in got.items()} == selection
-    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
-    x = np.random.default_rng(2).normal(size=(3, 7, 7, 3)).astype("float32")
-    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
-    have = np.asarray(out(x), np.float64)
-    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
-    assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
-    expected = expected_removal_params(model, selection)
-    assert {layer.name: layer.count_params() for layer in out.layers} == expected
     # the BN's constants, gamma * (0 - mean) / sqrt(var + eps) + beta, end in head's bias
     g, beta, mean, var = (v.astype(np.float64) for v in model.get_layer("bn").get_weights())
     constant = beta - g * mean / np.sqrt(var + model.get_layer("bn").epsilon)
@@ -781,7 +794,7 @@ def test_a_concatenate_inside_a_group_loses_channels_at_offsets(keras: Any, tmp_
     assert [c["channel"] for c in fold["constants"]] == chosen
     assert [c["constant"] for c in fold["constants"]] == pytest.approx(constant[chosen],
                                                                        abs=1e-6)
-    kprune("verify", tmp_path / "log.json").expect(0)
+    _assert_written_equals_zeroed(keras, model, tmp_path, selection, seed=2)
 
 
 # --- ConvNeXt-style blocks: LayerScale, LayerNormalization, Dense members, nested Sequentials --
@@ -963,8 +976,7 @@ def test_round_to_on_a_concatenate_group_leaves_every_member_a_multiple(keras: A
                       "    layers:\n      - {name: c, rules: [{smallest: {by: l1, count: 3}}]}\n")
     kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
     log = json.loads((tmp_path / "log.json").read_text())
-    l1 = {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
-          for n in "abc"}
+    l1 = _kernel_l1(model, "abc")
     scores = l1["c"] + np.concatenate([l1["a"], l1["b"]])
     ranked = set(sorted(range(8), key=lambda u: (scores[u], u))[:3])
     got: dict[str, set[int]] = {n: set() for n in "abc"}
@@ -976,15 +988,8 @@ def test_round_to_on_a_concatenate_group_leaves_every_member_a_multiple(keras: A
     assert got["b"] == {u - 3 for u in channels if u >= 3}
     for n, width in {"a": 3, "b": 5, "c": 8}.items():
         assert (width - len(got[n])) % 2 == 0, (n, got)
-    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
-    x = np.random.default_rng(5).normal(size=(3, 7, 7, 3)).astype("float32")
-    selection = {n: sorted(v) for n, v in got.items() if v}
-    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
-    have = np.asarray(out(x), np.float64)
-    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
-    assert {layer.name: layer.count_params() for layer in out.layers} == \
-        expected_removal_params(model, selection)
-    kprune("verify", tmp_path / "log.json").expect(0)
+    _assert_written_equals_zeroed(keras, model, tmp_path,
+                                  {n: sorted(v) for n, v in got.items() if v}, seed=5)
 
 
 def test_a_global_cap_binds_on_a_concatenate_input_inside_a_group(keras: Any,
@@ -1009,8 +1014,7 @@ def test_a_global_cap_binds_on_a_concatenate_input_inside_a_group(keras: Any,
                       "[{smallest: {by: l1, count: 4, across: entry}}]}\n")
     kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
     log = json.loads((tmp_path / "log.json").read_text())
-    l1 = {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
-          for n in ("a", "b", "c", "head")}
+    l1 = _kernel_l1(model, ("a", "b", "c", "head"))
     caps = {"a": 1, "b": 2, "c": 4, "head": 1}  # floor(0.5 * n)
     # (scores, {member: the filters a channel costs it}) per unit, in the entry's order
     units = [(l1["c"] + np.concatenate([l1["a"], l1["b"]]),
@@ -1049,12 +1053,4 @@ def test_a_global_cap_binds_on_a_concatenate_input_inside_a_group(keras: Any,
     # (a is at its cap; b and c never were, whatever they took)
     assert {n: [(r["taken"], r["cap"], r["cap_bound"]) for r in rankings[n]] for n in caps} == {
         n: [(len(selection.get(n, [])), caps[n], n == "a")] for n in caps}
-    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
-    x = np.random.default_rng(6).normal(size=(3, 7, 7, 3)).astype("float32")
-    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
-    have = np.asarray(out(x), np.float64)
-    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
-    assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
-    assert {layer.name: layer.count_params() for layer in out.layers} == \
-        expected_removal_params(model, selection)
-    kprune("verify", tmp_path / "log.json").expect(0)
+    _assert_written_equals_zeroed(keras, model, tmp_path, selection, seed=6)
