@@ -290,7 +290,7 @@ def _settle_gc() -> None:
 
 
 def main() -> None:
-    """The `kprune` console script."""
+    """The command line in the caller's process (entry() runs it as the console script)."""
     gc.disable()  # until the command's modules are imported (see _settle_gc)
     cli(prog_name="kprune", obj={"console": True})
 

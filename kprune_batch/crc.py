@@ -47,7 +47,7 @@ def _shift(value: int, zero_bytes: int) -> int:
     return value
 
 
-def _linear(data: bytes | memoryview) -> int:
+def linear(data: bytes | memoryview) -> int:
     """L(data): the CRC register run from 0 with no final xor. zlib's crc32(data, value) starts
     from ~value and returns ~register (zlib/crc32.c), so value 0xFFFFFFFF starts it at 0: one
     pass over `data` with the fast CRC (ISA-L where installed; a ranking over every conv
@@ -55,11 +55,6 @@ def _linear(data: bytes | memoryview) -> int:
     from kprune_batch.files import crc32
 
     return crc32(data, 0xFFFFFFFF) ^ 0xFFFFFFFF
-
-
-def linear(data: bytes | memoryview) -> int:
-    """L(data) (see _linear): what patched_crc32 takes for a span's old bytes already seen."""
-    return _linear(data)
 
 
 def patched_crc32(old_crc: int, size: int,
@@ -73,7 +68,7 @@ def patched_crc32(old_crc: int, size: int,
         if (not known and len(old) != len(new)) or offset < 0 or offset + len(new) > size:
             raise ValueError("a patch must keep its length and stay inside the range")
         # L is linear: L(old ^ new) = L(old) ^ L(new), so neither an xor nor its copy is made
-        delta = (old if known else _linear(old)) ^ _linear(new)
+        delta = (old if known else linear(old)) ^ linear(new)
         if delta:  # 0 when the span's bytes did not change (or changed CRC-invisibly: same)
             crc ^= _shift(delta, size - offset - len(new))
     return crc & 0xFFFFFFFF

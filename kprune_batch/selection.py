@@ -537,13 +537,12 @@ class _Stage:
             u, f = int(unit_list[i]), int(filter_list[i])
             fresh = f not in already[u] and f not in taken[u]
             if fresh:
-                over = [s + int(p[f]) > cap
-                        for cap, p, s in zip(member_caps[u], per_list[u], spent[u])]
+                after = [s + int(p[f]) for p, s in zip(per_list[u], spent[u])]
+                over = [a > cap for a, cap in zip(after, member_caps[u])]
                 if any(over):
                     bound[u] = [b or o for b, o in zip(bound[u], over)]
                     continue
-            if fresh:
-                spent[u] = [s + int(p[f]) for p, s in zip(per_list[u], spent[u])]
+                spent[u] = after
             position += 1
             taken[u].add(f)
             cutoff = float(score_list[i])
