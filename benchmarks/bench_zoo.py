@@ -1,7 +1,7 @@
 """Benchmark: `action: remove` over the keras.applications zoo: params, MACs, removal time, latency.
 
 Run: python benchmarks/bench_zoo.py [--runs 3] [--cache DIR] [--families VGG16,ResNet50,...]
-[--approximate]
+[--approximate] [--batchnorm neutralize_concat]
 Each family is built with weights=None at 224x224, its BatchNormalization moving statistics made
 trained-looking with a seeded rng (as tests/test_zoo.py does), and saved as .keras in the cache.
 One spec per family lists every convolution layer by name except those whose channels are the
@@ -82,10 +82,12 @@ def conv_layers(keras: Any, model: Any) -> tuple[list[str], list[str]]:
     return [p for p in convs if p not in out], out
 
 
-def spec_text(path: Path, layers: list[str], approximate: bool = False) -> str:
+def spec_text(path: Path, layers: list[str], approximate: bool = False,
+              batchnorm: str | None = None) -> str:
     entries = "".join(f"      - {{name: '{name}', rules: [{{smallest: {{by: l1, fraction: 0.25}}}}]}}\n"
                       for name in layers)
-    extra = ", approximate: true" if approximate else ""
+    extra = (", approximate: true" if approximate else "") + (
+        f", batchnorm: {batchnorm}" if batchnorm else "")
     return (f"version: 1\noutput_dir: out\ndefaults: {{action: remove, coupled: union{extra}}}\n"
             f"models:\n  - path: {path}\n    layers:\n" + entries)
 
@@ -101,19 +103,21 @@ def first_error(proc: Any, family: str) -> str:
 
 
 def bench(keras: Any, family: str, cache: Path, runs: int, env: dict[str, str],
-          approximate: bool = False) -> str:
+          approximate: bool = False, batchnorm: str | None = None) -> str:
     path = cached_model(keras, family, cache)
+    label = family + (" (approximate: true)" if approximate else "") + (
+        f" (batchnorm: {batchnorm})" if batchnorm else "")
     model = keras.saving.load_model(path)
     layers, left_out = conv_layers(keras, model)
     params_input = int(model.count_params())
     work = Path(tempfile.mkdtemp(prefix=f"bench-zoo-{family}-"))
     try:
-        (work / "spec.yaml").write_text(spec_text(path, layers, approximate))
+        (work / "spec.yaml").write_text(spec_text(path, layers, approximate, batchnorm))
         took, proc = timed([sys.executable, "-m", "kprune_batch", "apply", str(work / "spec.yaml"),
                             "--audit-log", str(work / "log.json")], env)
         kept_out = ", ".join(p.rsplit("/", 1)[-1] for p in left_out) or "–"
         if proc.returncode != 0:
-            return (f"| {family} | {len(layers)} | {kept_out} | refused (exit {proc.returncode}, "
+            return (f"| {label} | {len(layers)} | {kept_out} | refused (exit {proc.returncode}, "
                     f"{took:.1f} s): {first_error(proc, family)} ||||||||")
         removal = json.loads((work / "log.json").read_text())["models"][0]["removal"]
         pruned = keras.saving.load_model(work / "out" / f"{family}.keras")
@@ -127,11 +131,9 @@ def bench(keras: Any, family: str, cache: Path, runs: int, env: dict[str, str],
         keras.backend.clear_session()
     finally:
         shutil.rmtree(work)  # ~0.5 GB for VGG16: do not leave it in /tmp
-    if approximate:
-        family += " (approximate: true)"
     p0, p1 = removal["params_before"], removal["params_after"]
     m0, m1 = removal["macs_before"], removal["macs_after"]
-    return (f"| {family} | {len(layers)} | {kept_out} | {p0 / 1e6:.2f} M → {p1 / 1e6:.2f} M "
+    return (f"| {label} | {len(layers)} | {kept_out} | {p0 / 1e6:.2f} M → {p1 / 1e6:.2f} M "
             f"({p1 / p0:.3f}) | {m0 / 1e9:.2f} G → {m1 / 1e9:.2f} G ({m1 / m0:.3f}) | {took:.1f} | "
             f"{before * 1e3:.0f} | {after * 1e3:.0f} | {after / before:.3f} | "
             f"{removal['probe_deviation']:.1e} |")
@@ -147,6 +149,9 @@ def main() -> None:
     parser.add_argument("--approximate", action="store_true",
                         help="approximate: true in the specs' defaults (inexact folds allowed, "
                              "the probe deviation measured and logged)")
+    parser.add_argument("--batchnorm", choices=("neutralize", "neutralize_concat", "keep"),
+                        help="batchnorm in the specs' defaults (neutralize_concat: also the "
+                             "BatchNormalizations after Concatenates)")
     args = parser.parse_args()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = [f for f in families if f not in FAMILIES]
@@ -159,7 +164,8 @@ def main() -> None:
     env = child_env()
     rows = []
     for family in families:
-        rows.append(bench(keras, family, cache, args.runs, env, args.approximate))
+        rows.append(bench(keras, family, cache, args.runs, env, args.approximate,
+                          args.batchnorm))
         print(rows[-1], file=sys.stderr, flush=True)  # progress: a full run takes ~20 min
     print(f"latency: median of {args.runs} predict_on_batch calls at batch {BATCH} after a warm-up "
           f"(CPU; input and output model in turn); ratios are after/before\n")

@@ -13,6 +13,7 @@ import numpy as np
 from kprune_batch.backends.base import ModelWeights
 from kprune_batch.errors import KpruneError, ModelError, first_line
 from kprune_batch.families import family_of
+from kprune_batch.logfacts import bn_channel
 from kprune_batch.files import (NotRegularFile, atomic_write, fsync_file, open_regular,
                                 sha256_file)
 from kprune_batch.plan import ModelJob
@@ -116,6 +117,19 @@ class _HandOn:
         return self._kept.pop(layer_path, None)
 
 
+NEUTRALIZING = ("neutralize", "neutralize_concat")  # batchnorm values that edit a BN follower
+
+
+def _bn_record(edit: Any, channel: int, filter_: int) -> dict[str, Any]:
+    """A BN edit of `filter_` at the BN's `channel`, as the audit log records it: `channel`
+    only where it is not the filter (a follower behind a Concatenate, batchnorm:
+    neutralize_concat; logfacts.bn_channel reads it)."""
+    out = {"layer": edit.layer, "variable": edit.variable, "value": edit.value}
+    if channel != filter_:
+        out["channel"] = channel
+    return out
+
+
 def edit_model(job: ModelJob, weights: ModelWeights, selections: list[LayerSelection],
                handed_on: Callable[[str], dict[str, np.ndarray] | None] | None = None
                ) -> list[dict[str, Any]]:
@@ -148,32 +162,38 @@ def edit_model(job: ModelJob, weights: ModelWeights, selections: list[LayerSelec
             new_bias = bias.copy()
             new_bias[filters] = 0
             weights.assign(sel.path, "bias", new_bias)
-        neutralize = sel.options.batchnorm == "neutralize"
+        neutralize = sel.options.batchnorm in NEUTRALIZING
+        through_concat = sel.options.batchnorm == "neutralize_concat"
         zero_bias = bias is None or sel.options.bias == "zero"
         # a ranking over every conv of ResNet50 writes 6,640 records: what is the same for a
         # whole layer (or a whole fate) is made once, not once per filter
         bias_text = "none" if bias is None else ("zeroed" if zero_bias else "kept")
         group = {"group": list(sel.group)} if len(sel.group) > 1 else {}
         pres = [0.0] * len(filters) if zero_bias else bias[filters].tolist()  # float(bias[f])
-        fates: dict[float, tuple[Fate, list[dict[str, Any]], list[str]]] = {}
+        fates: dict[float, tuple[Fate, list[dict[str, Any]], list[str], int]] = {}
         # the filters of each fate (by identity): its BatchNorm edits are the same values for
         # each, assigned to all of them at once after the layer's records
-        fated: dict[int, tuple[Fate, list[int]]] = {}
+        fated: dict[int, tuple[Fate, list[int], int]] = {}
         for f, pre in zip(filters, pres):
             if neutralize and pre in fates:
-                fate, batchnorm, notes = fates[pre]
+                fate, batchnorm, notes, template = fates[pre]
             else:
                 # a kept BN's statistics differ per channel; neutralising makes the fate depend
-                # on the channel's constant only (its edits are on the channel itself, applied
-                # as `f` below): once per layer and constant, not once per filter
-                fate = channel_fate(weights.graph, sel.path, f, pre, neutralize, input_variables)
-                batchnorm = [{"layer": e.layer, "variable": e.variable, "value": e.value}
-                             for e in fate.edits]
+                # on the channel's constant only (its edits are on the channel itself, or at a
+                # Concatenate's fixed offset from it: applied as `f` + shift below): once per
+                # layer and constant, not once per filter
+                fate = channel_fate(weights.graph, sel.path, f, pre, neutralize, input_variables,
+                                    through_concat)
+                template = f
+                batchnorm = [_bn_record(e, e.channel, f) for e in fate.edits]
                 notes = list(fate.notes)
                 if neutralize:
-                    fates[pre] = (fate, batchnorm, notes)
+                    fates[pre] = (fate, batchnorm, notes, template)
             if fate.edits:
-                fated.setdefault(id(fate), (fate, []))[1].append(f)
+                fated.setdefault(id(fate), (fate, [], template))[1].append(f)
+            if f != template and any(e.channel != template for e in fate.edits):
+                # through a Concatenate the BN channel moves with the filter: its own list
+                batchnorm = [_bn_record(e, f + e.channel - template, f) for e in fate.edits]
             ranked = sel.ranked.get(f)
             records.append({
                 "model": job.name,
@@ -194,13 +214,14 @@ def edit_model(job: ModelJob, weights: ModelWeights, selections: list[LayerSelec
             })
         # in the order the filters' own assignments would come (a BatchNorm two layers reach
         # gets the later layer's values; one fate's edits in their order)
-        for fate, fs in fated.values():
+        for fate, fs, template in fated.values():
             at = np.asarray(fs, dtype=np.int64)
             for edit in fate.edits:
                 key = (edit.layer, edit.variable)
                 if key not in pending_bn:
                     pending_bn[key] = input_variables(edit.layer)[edit.variable].copy()
-                pending_bn[key][at] = edit.value  # edit.channel is f (or the template's)
+                # edit.channel is the template filter's channel: the same shift for each
+                pending_bn[key][at + (edit.channel - template)] = edit.value
         # done with this layer's input values (channel_fate reads only BatchNorm layers'):
         # keeping every kernel until the end would double the peak memory of a large edit
         original.pop(sel.path, None)
@@ -461,7 +482,7 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
                     at, fs, values = edits.setdefault((edit["layer"], edit["variable"]),
                                                       ([], [], []))
                     at.append(i)
-                    fs.append(r["filter"])
+                    fs.append(bn_channel(r, edit))
                     values.append(edit["value"])
             for (bn, variable), (at, fs, values) in edits.items():
                 bad = _differs(follower(bn)[variable], fs, values)
@@ -474,7 +495,7 @@ def static_check(path: str, job: ModelJob, records: list[dict[str, Any]],
                 if r["bias"] == "zeroed" and bias is not None and bias[r["filter"]] != 0:
                     problems.append("bias")
                 for edit in r["batchnorm"]:
-                    if _differs(follower(edit["layer"])[edit["variable"]], [r["filter"]],
+                    if _differs(follower(edit["layer"])[edit["variable"]], [bn_channel(r, edit)],
                                 [edit["value"]])[0]:
                         problems.append(f"{edit['layer']}.{edit['variable']}")
                 raise ModelError(f"the written file does not hold the edit of filter "

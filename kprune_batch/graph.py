@@ -70,6 +70,25 @@ class LayerGraph:
         return list(self.layers)
 
 
+def channel_concat(graph: LayerGraph, path: str, data_format: str) -> list[int] | None:
+    """The widths of a Concatenate's inputs if it joins them on the channel axis (called once,
+    each input once), so that input i's channel c is its channel offset_i + c; else None."""
+    node = graph.layers[path]
+    shapes = node.build_config.get("input_shape")
+    if node.class_name != "Concatenate" or node.calls != 1 or \
+            len(set(node.sources)) != len(node.sources) or \
+            not isinstance(shapes, (list, tuple)) or len(shapes) != len(node.sources) or \
+            not all(isinstance(s, (list, tuple)) and s for s in shapes):
+        return None
+    rank = len(shapes[0])
+    axis = node.config.get("axis", -1)
+    channel = 1 if data_format == "channels_first" else rank - 1
+    if not isinstance(axis, int) or axis % rank != channel or \
+            not all(isinstance(s[channel], int) for s in shapes):
+        return None
+    return [int(s[channel]) for s in shapes]
+
+
 def _is_model(layer: Any) -> bool:
     if not isinstance(layer, dict):
         return False

@@ -13,6 +13,12 @@ from typing import Any
 ZEROED, REMOVED = "zeroed", "removed"
 
 
+def bn_channel(record: dict[str, Any], edit: dict[str, Any]) -> int:
+    """The BatchNormalization channel a record's BN edit sets: the filter itself, unless the
+    edit says otherwise (a follower behind a Concatenate, at the filter's offset there)."""
+    return int(edit.get("channel", record["filter"]))
+
+
 def inconsistency(log: dict[str, Any]) -> str | None:
     """The first way a schema-valid log contradicts itself, as 'json.path: what', or None."""
     models: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]] = {}

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from kprune_batch.errors import ModelError, first_line
+from kprune_batch.logfacts import bn_channel
 from kprune_batch.quiet import import_keras, native_stderr_silenced, to_numpy
 
 PROBE_SEED = 0
@@ -88,11 +89,15 @@ def _measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[
         model, twin, no_twin = runnable(keras, model)
         if twin is not None:
             inputs = twin.to_twin(inputs)
-        points: dict[tuple[str, int], list[str]] = {}
+        # (path, channel) per record: a follower behind a Concatenate holds the channel at its
+        # offset there (logfacts.bn_channel)
+        points: dict[tuple[str, int], list[tuple[str, int]]] = {}
         for r in records:
-            followers = [e["layer"] for e in r["batchnorm"]] or [r["layer"]]
+            followers = [(e["layer"], bn_channel(r, e)) for e in r["batchnorm"]] or \
+                [(r["layer"], r["filter"])]
             points[(r["layer"], r["filter"])] = sorted(set(followers))
-        paths = sorted({p for ps in points.values() for p in ps} | {r["layer"] for r in records})
+        paths = sorted({p for ps in points.values() for p, _ in ps} |
+                       {r["layer"] for r in records})
         done = {"status": "ok", "max_abs": 0.0, "seed": PROBE_SEED}
         if twin is not None:
             done["ran_on"] = RAN_ON_TWIN
@@ -115,7 +120,7 @@ def _measure(path: str, records: list[dict[str, Any]], model_name: str) -> dict[
 
     worst = 0.0
     for r in records:
-        value = max(max_abs(p, r["filter"]) for p in points[(r["layer"], r["filter"])])
+        value = max(max_abs(p, c) for p, c in points[(r["layer"], r["filter"])])
         r["probe"] = {"max_abs": value, "layer_max_abs": max_abs(r["layer"], r["filter"])}
         worst = max(worst, value) if r["silent"] else worst
         if r["silent"] and value != 0.0:

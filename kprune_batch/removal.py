@@ -30,7 +30,7 @@ from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
                                    ZERO_PRESERVING_CLASSES, channel_params_of, family_of,
                                    member_family_of,
                                    rows_consumer_of)
-from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph
+from kprune_batch.graph import MODEL_CLASSES, OUTPUT, build_graph, channel_concat
 from kprune_batch.ranges import compact_ranges
 
 MERGES = ("Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum")
@@ -254,25 +254,6 @@ class _Channels:
             self.parent[hi] = lo
 
 
-def _channel_concat(graph: Any, path: str, data_format: str) -> list[int] | None:
-    """The widths of a Concatenate's inputs if it joins them on the channel axis (called once,
-    each input once), so that input i's channel c is its channel offset_i + c; else None."""
-    node = graph.layers[path]
-    shapes = node.build_config.get("input_shape")
-    if node.class_name != "Concatenate" or node.calls != 1 or \
-            len(set(node.sources)) != len(node.sources) or \
-            not isinstance(shapes, (list, tuple)) or len(shapes) != len(node.sources) or \
-            not all(isinstance(s, (list, tuple)) and s for s in shapes):
-        return None
-    rank = len(shapes[0])
-    axis = node.config.get("axis", -1)
-    channel = 1 if data_format == "channels_first" else rank - 1
-    if not isinstance(axis, int) or axis % rank != channel or \
-            not all(isinstance(s[channel], int) for s in shapes):
-        return None
-    return [int(s[channel]) for s in shapes]
-
-
 def group_of(graph: Any, start: str) -> Group:
     """The coupled group of `start`: layers whose filters must go together with its own.
 
@@ -328,7 +309,7 @@ def group_of(graph: Any, start: str) -> Group:
         elif cls in MERGES:
             merges.append(src)
             backward.append((src, src))
-        elif cls == "Concatenate" and _channel_concat(graph, src, fmt) is not None:
+        elif cls == "Concatenate" and channel_concat(graph, src, fmt) is not None:
             backward.append((src, via))
         elif _prunable(node) or units_member(node):
             members.append(src)
@@ -344,7 +325,7 @@ def group_of(graph: Any, start: str) -> Group:
         while backward:
             path, via = backward.pop()
             node = graph.layers[path]
-            widths = _channel_concat(graph, path, fmt) if node.class_name == "Concatenate" \
+            widths = channel_concat(graph, path, fmt) if node.class_name == "Concatenate" \
                 else None
             offsets = np.cumsum([0] + widths) if widths else None
             # a Concatenate's inputs in their order (each at its offset)
@@ -379,7 +360,7 @@ def group_of(graph: Any, start: str) -> Group:
             node = graph.layers[nxt]
             cls = node.class_name
             have = tensor[path]
-            widths = _channel_concat(graph, nxt, fmt) if cls == "Concatenate" else None
+            widths = channel_concat(graph, nxt, fmt) if cls == "Concatenate" else None
             if depthwise_member(node):
                 have = np.repeat(have, int(node.config.get("depth_multiplier", 1)))
                 wake(have, nxt)
@@ -471,7 +452,7 @@ def _ungroupable(graph: Any, start: str, src: str, via: str, why: str) -> ModelE
         what = "the tensors it joins have different channel counts (a broadcast)"
     elif node.class_name == "InputLayer":
         what = "they come from the model input"
-    elif node.class_name == "Concatenate":  # _channel_concat said no
+    elif node.class_name == "Concatenate":  # channel_concat said no
         what = ("a Concatenate inside a coupled group must be called once, join each tensor "
                 "once and join on the channel axis (with known input shapes)")
     elif family is not None and int(node.config.get("groups", 1)) != 1:

@@ -13,7 +13,7 @@ import numpy as np
 from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
                                    TRAINING_NOISE_CLASSES, ZERO_PRESERVING_CLASSES,
                                    activation_value)
-from kprune_batch.graph import OUTPUT, GraphLayer, LayerGraph
+from kprune_batch.graph import OUTPUT, GraphLayer, LayerGraph, channel_concat
 
 
 
@@ -50,9 +50,14 @@ def _bn_axis_ok(bn: GraphLayer, conv_config: dict) -> bool:
 
 
 def channel_fate(graph: LayerGraph, layer_path: str, channel: int, pre_activation: float,
-                 neutralize: bool, variables: Callable[[str], dict[str, np.ndarray]]) -> Fate:
+                 neutralize: bool, variables: Callable[[str], dict[str, np.ndarray]],
+                 through_concat: bool = False) -> Fate:
     """Follow channel `channel` of `layer_path`, whose pre-activation output is the constant
     `pre_activation`, through its activation, activation layers and BatchNorm followers.
+
+    `through_concat` (`batchnorm: neutralize_concat`): also through Concatenates on the channel
+    axis, where the channel becomes the result's channel offset + channel (a BnEdit's `channel`
+    is then not the filter), so a BatchNormalization after a concatenation is a follower too.
 
     `variables(path)` returns a layer's variables by name (as the input model has them).
     The channel is silent only if every place it reaches sees exactly 0, in inference and in
@@ -64,7 +69,8 @@ def channel_fate(graph: LayerGraph, layer_path: str, channel: int, pre_activatio
     value = activation_value(layer.class_name, layer.config, pre_activation)
     if value is None:
         fate.notes.append(f"activation of '{layer_path}' is not known to kprune")
-    _follow(graph, layer_path, layer.config, channel, value, neutralize, variables, fate, set())
+    _follow(graph, layer_path, layer.config, channel, value, neutralize, variables, fate, set(),
+            through_concat=through_concat)
     return fate
 
 
@@ -76,8 +82,9 @@ def _mark_loud(fate: Fate, value: float | None) -> None:
 
 def _follow(graph: LayerGraph, src: str, conv_config: dict, channel: int, value: float | None,
             neutralize: bool, variables: Callable[[str], dict[str, np.ndarray]], fate: Fate,
-            seen: set[str], noisy: bool = False) -> None:
+            seen: set[str], noisy: bool = False, through_concat: bool = False) -> None:
     """`noisy`: a layer on the way adds noise in training mode (TRAINING_NOISE_CLASSES)."""
+    go_on = dict(noisy=noisy, through_concat=through_concat)
     for consumer in graph.consumers(src):
         if consumer == OUTPUT or consumer in seen:
             if value != 0.0:
@@ -101,11 +108,20 @@ def _follow(graph: LayerGraph, src: str, conv_config: dict, channel: int, value:
         if once and node.class_name in ZERO_PRESERVING_CLASSES and (
                 value == 0.0 or node.class_name == "InputLayer"):
             _follow(graph, consumer, conv_config, channel, value, neutralize, variables, fate,
-                    seen | {consumer}, noisy or node.class_name in TRAINING_NOISE_CLASSES)
+                    seen | {consumer}, noisy or node.class_name in TRAINING_NOISE_CLASSES,
+                    through_concat)
         elif once and node.class_name in ACTIVATION_LAYER_CLASSES and value is not None:
             after = activation_value(node.class_name, node.config, value)
             _follow(graph, consumer, conv_config, channel, after, neutralize, variables, fate,
-                    seen | {consumer}, noisy)
+                    seen | {consumer}, **go_on)
+        elif through_concat and node.class_name == "Concatenate" and (widths := channel_concat(
+                graph, consumer, conv_config.get("data_format", "channels_last"))) is not None:
+            # input i's channel c is the result's channel sum(widths[:i]) + c (Keras's
+            # Concatenate is ops.concatenate of its inputs in order: keras/src/layers/merging/
+            # concatenate.py); channel_concat vouches each input comes once
+            slot = node.sources.index(src)
+            _follow(graph, consumer, conv_config, sum(widths[:slot]) + channel, value,
+                    neutralize, variables, fate, seen | {consumer}, **go_on)
         elif once and node.class_name in BATCHNORM_CLASSES and _bn_axis_ok(node, conv_config):
             _batchnorm(consumer, node.config, channel, value, neutralize, variables(consumer), fate,
                        noisy)

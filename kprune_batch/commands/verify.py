@@ -13,6 +13,7 @@ from kprune_batch.commands import EXIT_FAILED, Result
 from kprune_batch.errors import AuditLogError, KpruneError, first_line
 from kprune_batch.families import canonical_class, family_of, member_family_of
 from kprune_batch.files import sha256_file
+from kprune_batch.logfacts import bn_channel
 
 Opener = Callable[[str, str, str], Any]  # (path, model name, role) -> ModelWeights
 
@@ -271,9 +272,9 @@ def _log_problems(before: Any, records: list[dict[str, Any]],
             size = sizes.get(where)
             if size is None:
                 size = sizes[where] = channels(*where)
-            if not r["filter"] < size:
-                problems.append(f"the log edits {edit['layer']}/{edit['variable']}[{r['filter']}], "
-                                f"which the input does not have")
+            if not bn_channel(r, edit) < size:
+                problems.append(f"the log edits {edit['layer']}/{edit['variable']}"
+                                f"[{bn_channel(r, edit)}], which the input does not have")
     if removal:
         # a channel count is at most the size of the largest variable (a crafted 'of' of 10^15
         # must not become a list of 10^15 channels)
@@ -310,8 +311,9 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
     for r in records:
         own.setdefault(r["layer"], []).append(r)
         for edit in r.get("batchnorm", []):
-            # a BN follower normalises the conv's channel axis, so its channel is the filter
-            bn.setdefault(edit["layer"], []).append((edit["variable"], int(r["filter"]),
+            # a BN follower normalises the conv's channel axis: its channel is the filter, or
+            # the filter's at a Concatenate's offset (batchnorm: neutralize_concat)
+            bn.setdefault(edit["layer"], []).append((edit["variable"], bn_channel(r, edit),
                                                      edit["value"]))
     touches: dict[str, list[dict[str, Any]]] = {}
     folds: dict[str, dict[str, Any]] = {}
