@@ -402,7 +402,9 @@ def _remove(job: ModelJob, weights: Any, removing: list[LayerSelection]) -> dict
                 keras, model, {s.path: list(s.filters) for s in removing},
                 coupled="union",  # already coupled: members are equal
                 approximate=frozenset(s.path for s in removing if s.options.approximate),
-                feed=feed, reference=True)
+                feed=feed, reference=True,
+                through_concat=frozenset(s.path for s in removing
+                                         if s.options.batchnorm == "neutralize_concat"))
             reference, ran_on = result.reference, result.reference_ran_on
             removed, _ = run_points(keras, result.model, feed, [("", "model")])
     except ModelError as exc:

@@ -145,34 +145,49 @@ ZERO_KEEPING = {"Dropout", "SpatialDropout2D", "MaxPooling2D", "AveragePooling2D
                 "ZeroPadding2D", "Cropping2D", "UpSampling2D"}  # while the channel is 0
 
 
-def bn_followers(model: Any, layer: Any, value: float) -> list[tuple[Any, float]]:
+def bn_followers(model: Any, layer: Any, value: float, through_concat: bool = False
+                 ) -> list[tuple[Any, float, int]]:
     """The BatchNormalization layers of `model` that README "Silence" neutralises for a
     zeroed filter of `layer` whose pre-activation output is `value`, each with the constant it
-    receives: reached from its output through layers called once, activation layers (the value
-    mapped by Keras's function) and, while the value is 0, pooling, dropout, padding, cropping
-    and upsampling layers."""
-    found, todo = [], [(layer.output, _through(layer, value))]
+    receives and the shift of the filter's channel there: reached from its output through
+    layers called once, activation layers (the value mapped by Keras's function) and, while
+    the value is 0, pooling, dropout, padding, cropping and upsampling layers; with
+    `through_concat` (batchnorm: neutralize_concat) also through Concatenates on the last axis,
+    input i's channel c being the result's sum of the earlier inputs' widths + c (the widths
+    read from the Keras tensors' shapes)."""
+    found, todo = [], [(layer.output, _through(layer, value), 0)]
     while todo:
-        tensor, v = todo.pop()
+        tensor, v, shift = todo.pop()
         for nxt in model.layers:
-            if nxt.input is not tensor or len(nxt._inbound_nodes) != 1:
+            inputs = nxt.input if isinstance(nxt.input, list) else [nxt.input]
+            if not any(t is tensor for t in inputs) or len(nxt._inbound_nodes) != 1:
                 continue
             cls = type(nxt).__name__
-            if cls == "BatchNormalization":
-                found.append((nxt, v))
+            if cls == "Concatenate":
+                if through_concat and nxt.axis in (-1, len(tensor.shape) - 1):
+                    slot = next(i for i, t in enumerate(inputs) if t is tensor)
+                    offset = sum(int(t.shape[-1]) for t in inputs[:slot])
+                    todo.append((nxt.output, v, shift + offset))
+            elif len(inputs) != 1:
+                continue
+            elif cls == "BatchNormalization":
+                found.append((nxt, v, shift))
             elif cls in FOLLOWER_ACTIVATIONS:
-                todo.append((nxt.output, _through(nxt, v)))
+                todo.append((nxt.output, _through(nxt, v), shift))
             elif cls in ZERO_KEEPING and v == 0.0:
-                todo.append((nxt.output, v))
+                todo.append((nxt.output, v, shift))
     return found
 
 
 def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
-                     bias: str = "zero", neutralize: bool = True, clone: bool = True) -> Any:
+                     bias: str = "zero", neutralize: bool = True, clone: bool = True,
+                     through_concat: bool = False) -> Any:
     """The contract's reference: zero the kernel slice (and the bias unless bias: keep);
     neutralise a BN follower (bn_followers; gamma = beta = 0, with scale=False beta = 0 and the
-    moving mean the constant it receives, as README "Silence") unless batchnorm: keep. With
-    clone=False the model itself is edited (for graphs clone_model cannot rebuild)."""
+    moving mean the constant it receives, as README "Silence") unless batchnorm: keep; with
+    `through_concat` (batchnorm: neutralize_concat) also those after Concatenates, at the
+    filter's channel there. With clone=False the model itself is edited (for graphs
+    clone_model cannot rebuild)."""
     ref = keras.models.clone_model(model) if clone else model
     if clone:
         ref.set_weights(model.get_weights())
@@ -191,14 +206,14 @@ def zeroed_reference(keras: Any, model: Any, selection: dict[str, list[int]],
         layer.set_weights(w)
         if not neutralize:
             continue
-        followers: dict[float, list[tuple[Any, float]]] = {}  # by the filter's output
-        edits: dict[int, tuple[Any, dict[int, float]]] = {}  # id(bn): (bn, {f: constant})
+        followers: dict[float, list[tuple[Any, float, int]]] = {}  # by the filter's output
+        edits: dict[int, tuple[Any, dict[int, float]]] = {}  # id(bn): (bn, {channel: constant})
         for f in filters:
             pre = float(w[-1][f]) if layer.use_bias else 0.0
             if pre not in followers:
-                followers[pre] = bn_followers(ref, layer, pre)
-            for bn, constant in followers[pre]:
-                edits.setdefault(id(bn), (bn, {}))[1][f] = constant
+                followers[pre] = bn_followers(ref, layer, pre, through_concat)
+            for bn, constant, shift in followers[pre]:
+                edits.setdefault(id(bn), (bn, {}))[1][f + shift] = constant
         for bn, constants in edits.values():
             # keras/src/layers/normalization/batch_normalization.py build(): gamma if
             # scale, beta if center, then the moving mean and variance
@@ -229,10 +244,11 @@ def _through(layer: Any, value: float | None) -> float | None:
     return float(np.asarray(fn(x) if fn is not None else layer(x))[0, 0])
 
 
-def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict[str, int]:
+def expected_removal_params(model: Any, selection: dict[str, list[int]],
+                            through_concat: bool = False) -> dict[str, int]:
     """Each layer's parameter count after removing `selection` (with the design's defaults:
-    bias zeroed, a BN follower neutralised: bn_followers), worked out here from the input model's
-    shapes alone, not from kprune.
+    bias zeroed, a BN follower neutralised: bn_followers; with `through_concat` those after
+    Concatenates too), worked out here from the input model's shapes alone, not from kprune.
 
     Walks the graph in layer order, carrying per tensor {removed channel: the constant it holds}
     (None where it varies across positions): a removed filter outputs its activation of 0 (a
@@ -248,8 +264,8 @@ def expected_removal_params(model: Any, selection: dict[str, list[int]]) -> dict
     producer = {id(layer.output): layer for layer in model.layers}
     neutralised: dict[str, set[int]] = {}  # BN followers of the removed filters: channels
     for name, filters in selection.items():
-        for bn, _ in bn_followers(model, model.get_layer(name), 0.0):
-            neutralised.setdefault(bn.name, set()).update(filters)
+        for bn, _, shift in bn_followers(model, model.get_layer(name), 0.0, through_concat):
+            neutralised.setdefault(bn.name, set()).update(f + shift for f in filters)
     gone: dict[str, dict[int, float | None]] = {}
     params: dict[str, int] = {}
     for layer in model.layers:

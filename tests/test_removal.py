@@ -1054,3 +1054,74 @@ def test_a_global_cap_binds_on_a_concatenate_input_inside_a_group(keras: Any,
     assert {n: [(r["taken"], r["cap"], r["cap_bound"]) for r in rankings[n]] for n in caps} == {
         n: [(len(selection.get(n, [])), caps[n], n == "a")] for n in caps}
     _assert_written_equals_zeroed(keras, model, tmp_path, selection, seed=6)
+
+
+def adjust_block_model(keras: Any) -> Any:
+    """NASNet's adjust block in miniature (keras/src/applications/nasnet.py _adjust_block):
+    two use_bias=False 1x1 convs concatenated -> BN, added to conv 'h' -> BN 'h_bn' (a coupled
+    group), then ReLU -> a 3x3 'same' separable conv, whose zero padding makes a constant
+    unfoldable: only a zero reaches it exactly."""
+    L = keras.layers
+    i = keras.Input((7, 7, 3))
+    cat = L.Concatenate(name="cat")([L.Conv2D(3, 1, use_bias=False, name="p1")(i),
+                                     L.Conv2D(3, 1, use_bias=False, name="p2")(i)])
+    x = L.Add(name="add")([L.BatchNormalization(name="cat_bn")(cat),
+                           L.BatchNormalization(name="h_bn")(L.Conv2D(6, 1, name="h")(i))])
+    x = L.SeparableConv2D(4, 3, padding="same", name="sep")(L.ReLU(name="relu")(x))
+    return keras.Model(i, L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(x)))
+
+
+@pytest.mark.parametrize("batchnorm", ["neutralize", "neutralize_concat"])
+def test_neutralize_concat_makes_a_concatenate_group_exact(keras: Any, tmp_path: Path,
+                                                           batchnorm: str) -> None:
+    """Removing channels of the adjust group (p1, p2, h listed, 25 % smallest summed l1): with
+    the default the concatenation's BN keeps its constants, which reach the padded separable
+    conv, so exact removal is refused in one line; with batchnorm: neutralize_concat that BN
+    is neutralised too and the removal equals the zeroed model so edited (oracle here)."""
+    model = adjust_block_model(keras)
+    _seeded_weights(model, 13)
+    model.save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
+                      f"batchnorm: {batchnorm}}}\nmodels:\n  - path: m.keras\n    layers:\n"
+                      + "".join(f"      - {{name: {n}, rules: [{{smallest: {{by: l1, "
+                                f"fraction: 0.25}}}}]}}\n" for n in ("p1", "p2", "h")))
+    l1 = _kernel_l1(model, ("p1", "p2", "h"))
+    scores = l1["h"] + np.concatenate([l1["p1"], l1["p2"]])
+    chosen = sorted(sorted(range(6), key=lambda u: (scores[u], u))[:6 // 4])
+    selection = {"p1": [u for u in chosen if u < 3], "p2": [u - 3 for u in chosen if u >= 3],
+                 "h": chosen}
+    selection = {k: v for k, v in selection.items() if v}
+    if batchnorm == "neutralize":
+        # what reaches sep: relu(cat_bn's constant + 0), h_bn being h's neutralised follower
+        bn = model.get_layer("cat_bn")
+        g, beta, mean, var = (v.astype(np.float64) for v in bn.get_weights())
+        constant = np.maximum(beta - g * mean / np.sqrt(var + bn.epsilon), 0.0)[chosen]
+        err = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(1).stderr
+        assert err.splitlines()[0] == (
+            "error: model 'm', layer 'sep': removed filters of 'h', 'p1', 'p2' reach it as the "
+            f"constant {constant[np.argmax(np.abs(constant))]:.6g}, and its 'same' padding "
+            "means border positions see fewer of them, so folding into its bias is not exact; "
+            "set batchnorm: neutralize_concat on the entries of 'h', 'p1', 'p2' to silence "
+            "BatchNormalization 'cat_bn' after a Concatenate for an exact removal, or set "
+            "approximate: true on the entries of 'h', 'p1', 'p2' to accept the deviation "
+            "(measured and logged), or zero these filters instead (action: zero)"), err
+        assert not (tmp_path / "pruned" / "m.keras").exists()
+        return
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    got: dict[str, list[int]] = {}
+    for r in log["removed"]:
+        got.setdefault(r["layer"], []).append(r["filter"])
+    assert {k: sorted(v) for k, v in got.items()} == selection
+    removal = log["models"][0]["removal"]
+    assert removal["approximate"] is False and removal["folded"] == []
+    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+    x = np.random.default_rng(5).normal(size=(3, 7, 7, 3)).astype("float32")
+    ref = np.asarray(zeroed_reference(keras, model, selection, through_concat=True)(x),
+                     np.float64)
+    have = np.asarray(out(x), np.float64)
+    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
+    assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
+    assert {layer.name: layer.count_params() for layer in out.layers} == \
+        expected_removal_params(model, selection, through_concat=True)
+    kprune("verify", tmp_path / "log.json").expect(0)

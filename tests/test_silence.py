@@ -307,3 +307,70 @@ def test_noise_layers_pass_a_channel_to_its_follower(keras: Any, noise: str,
         assert fate.notes == [f"a GaussianNoise or AlphaDropout layer before BatchNormalization "
                               f"'bn' moves the channel in training mode, where only gamma = 0 "
                               f"would silence it"]
+
+
+def build_concat(keras: Any, folder: Path) -> Path:
+    """DenseNet- and NASNet-like: conv 'b' (bias, no activation) concatenated after conv 'a'
+    into 'cat1' -> BN 'bn1' -> ReLU -> 3x3 'same' conv 'c', and 'cat1' again after 'c' in
+    'cat2' -> BN 'bn2' (a chain of concatenations)."""
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3), name="x")
+    a = L.Conv2D(3, 3, padding="same", activation="relu", name="a")(inputs)
+    b = L.Conv2D(4, 3, padding="same", name="b")(inputs)
+    cat1 = L.Concatenate(name="cat1")([a, b])
+    c = L.Conv2D(2, 3, padding="same", name="c")(L.ReLU(name="r1")(
+        L.BatchNormalization(name="bn1")(cat1)))
+    bn2 = L.BatchNormalization(name="bn2")(L.Concatenate(name="cat2")([c, cat1]))
+    outputs = L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(bn2))
+    model = keras.Model(inputs, outputs, name="cat")
+    _seeded_weights(model, 11)  # non-zero beta and moving mean: the BNs keep a zero channel alive
+    path = folder / "cat.keras"
+    model.save(path)
+    return path
+
+
+@pytest.mark.parametrize("batchnorm", ["neutralize", "neutralize_concat"])
+def test_neutralize_concat_silences_behind_concatenations(keras: Any, tmp_path: Path,
+                                                          batchnorm: str) -> None:
+    """batchnorm: neutralize_concat edits each BatchNormalization behind a Concatenate at the
+    filter's channel there (offsets from Keras's own tensor shapes); neutralize leaves them."""
+    path = build_concat(keras, tmp_path)
+    model = keras.saving.load_model(path)
+    width_a = int(model.get_layer("a").output.shape[-1])
+    width_c = int(model.get_layer("c").output.shape[-1])
+    filters = [1, 2]
+    spec = write_spec(tmp_path, f"""\
+        version: 1
+        models:
+          - path: cat.keras
+            layers:
+              - {{name: b, batchnorm: {batchnorm}, rules: [{{index: {filters}}}]}}
+        """)
+    kprune("apply", spec, "--probe", "--audit-log", tmp_path / "log.json").expect(0)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    out = keras.saving.load_model(tmp_path / "pruned" / "cat.keras")
+    at = {"bn1": [width_a + f for f in filters], "bn2": [width_c + width_a + f for f in filters]}
+    for bn in ("bn1", "bn2"):
+        before = {v.name: np.asarray(v) for v in model.get_layer(bn).weights}
+        after = {v.name: np.asarray(v) for v in out.get_layer(bn).weights}
+        for name in before:
+            want = before[name].copy()
+            if batchnorm == "neutralize_concat" and name in ("gamma", "beta"):
+                want[at[bn]] = 0.0
+            np.testing.assert_array_equal(after[name], want, err_msg=f"{bn}.{name}")
+    x = np.random.default_rng(2).normal(size=(4, 6, 6, 3)).astype("float32")
+    for bn in ("bn1", "bn2"):
+        probe = keras.Model(out.inputs, out.get_layer(bn).output)
+        for training in (False, True):
+            held = np.abs(np.asarray(probe(x, training=training))[..., at[bn]]).max()
+            assert bool(held == 0.0) is (batchnorm == "neutralize_concat"), (bn, training, held)
+    records = sorted(log["zeroed"], key=lambda r: r["filter"])
+    assert [r["filter"] for r in records] == filters
+    for r, f in zip(records, filters):
+        assert r["silent"] is True  # b's own output is 0 (bias zeroed, linear)
+        edits = sorted((e["layer"], e["variable"], e.get("channel")) for e in r["batchnorm"])
+        assert edits == ([] if batchnorm == "neutralize" else [
+            ("bn1", "beta", width_a + f), ("bn1", "gamma", width_a + f),
+            ("bn2", "beta", width_c + width_a + f), ("bn2", "gamma", width_c + width_a + f)])
+        assert r["probe"]["max_abs"] == 0.0

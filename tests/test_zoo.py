@@ -42,7 +42,7 @@ REMOVABLE = {
     for name, b in BUILDS.items()}
 SIDE = {name: side for name, (_, side, _) in BUILDS.items()}  # the rest: 32
 # a Concatenate inside Add-coupled groups (each input's channels at its offset); removable
-# only with approximate: true (test_zoo_nasnet_removal_needs_approximate)
+# exactly with batchnorm: neutralize_concat, else only with approximate: true
 APPROXIMATE = {"nas": lambda keras: keras.applications.NASNetMobile(
     weights=None, input_shape=(32, 32, 3), classifier_activation=None)}
 # every conv but those whose channels are the model's output (the classifier; VGG16's last conv)
@@ -171,6 +171,25 @@ def _params(path: Path) -> int:
     return sum(int(np.prod(v.shape)) for vs in _weights(path).values() for v in vs)
 
 
+def _in_float64(keras: Any, model: Any) -> Any:
+    """`model` rebuilt from its config with every layer's dtype policy float64, its weights
+    cast: the same function without float32's round-off."""
+    config = model.get_config()
+    stack = [config]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            if item.get("class_name") == "DTypePolicy" and isinstance(item.get("config"), dict):
+                item["config"]["name"] = "float64"
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    twin = keras.Model.from_config(config)
+    twin.set_weights([np.asarray(w, np.float64) for w in model.get_weights()])
+    assert all(w.dtype == "float64" for w in twin.weights)
+    return twin
+
+
 def _train_step(model: Any, x: np.ndarray, rng: np.random.Generator) -> None:
     """One training step towards random targets, run eagerly (the same ops: tracing the train
     step of a DenseNet121 took 14 s of its 15 here), the loss finite."""
@@ -239,50 +258,42 @@ def test_zoo_removal_equals_zeroing(keras: Any, zoo: Path, tmp_path: Path) -> No
         _train_step(out, x, rng)
 
 
-def _remove_25_percent(zoo: Path, tmp_path: Path, name: str
-                       ) -> tuple[str, dict, dict[str, set[int]], dict[str, str]]:
-    """25 % smallest l1 of every conv of zoo model `name` (coupled: union), once exactly (which
-    must fail) and once with approximate: true (which must pass, verify agreeing): the exact
-    run's first error line, the approximate run's log, {layer: removed filters} and
-    {layer: class} from it."""
+def _remove_25_percent(zoo: Path, tmp_path: Path, name: str,
+                       defaults: str = "approximate: true", refused_first: bool = True
+                       ) -> tuple[str | None, dict, dict[str, set[int]], dict[str, str]]:
+    """25 % smallest l1 of every conv of zoo model `name` (coupled: union), first with the
+    defaults (which must fail, when `refused_first`), then with `defaults` added (which must
+    pass, verify agreeing; the removal approximate only with approximate: true): the first
+    run's first error line, the second run's log, {layer: removed filters} and {layer: class}
+    from it."""
     entry = "      - {match: '*', rules: [{smallest: {by: l1, fraction: 0.25}}]}\n"
-    exact = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
-                       f"models:\n  - path: {zoo / name}.keras\n    layers:\n{entry}")
-    first = kprune("apply", exact).expect(1).stderr.splitlines()[0]
+    first = None
+    if refused_first:
+        exact = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
+                           f"models:\n  - path: {zoo / name}.keras\n    layers:\n{entry}")
+        first = kprune("apply", exact).expect(1).stderr.splitlines()[0]
     spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
-                      f"approximate: true}}\nmodels:\n  - path: {zoo / name}.keras\n"
+                      f"{defaults}}}\nmodels:\n  - path: {zoo / name}.keras\n"
                       f"    layers:\n{entry}")
     kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
     kprune("verify", tmp_path / "log.json").expect(0)
     log = json.loads((tmp_path / "log.json").read_text())
     (model_entry,) = log["models"]
     removal = model_entry["removal"]
-    assert model_entry["status"] == "ok" and removal["approximate"] is True
+    assert model_entry["status"] == "ok"
+    assert removal["approximate"] is ("approximate: true" in defaults), removal["approximate"]
     removed: dict[str, set[int]] = {}
     for r in log["removed"]:
         removed.setdefault(r["layer"], set()).add(r["filter"])
     return first, log, removed, {r["layer"]: r["layer_class"] for r in log["removed"]}
 
 
-@pytest.mark.slow
-def test_zoo_nasnet_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: Path) -> None:
-    """NASNetMobile, 25 % smallest l1 of every conv (coupled: union). A BatchNormalization
-    after a Concatenate is no direct follower, so the zeroed reference keeps its constants, and
-    they reach zero-padded separable convs: exact removal is refused naming the consumer. With
-    approximate: true it is removed; each group loses the channels of its summed l1 (a cell's
-    adjust_conv_2 filter f being channel width(adjust_conv_1) + f of its group: keras's
-    nasnet.py _adjust_block concatenates [p1, p2], which the cell adds to its normal_conv_1
-    output), the deviation from the zeroed input is logged and small, verify agrees, the model
-    reloads and trains a step."""
-    first, log, removed, classes = _remove_25_percent(zoo, tmp_path, "nas")
-    removal = log["models"][0]["removal"]
-    assert first == (
-        "error: model 'nas', layer 'separable_conv_1_reduction_right1_stem_2': removed filters "
-        "of 'adjust_conv_1_stem_2', 'adjust_conv_2_stem_2' reach it with values that differ "
-        "across positions (zero padding or a padded depthwise layer on the way), so no constant "
-        "can be folded into its bias exactly; set approximate: true on the entries of "
-        "'adjust_conv_1_stem_2', 'adjust_conv_2_stem_2' to accept the deviation (measured and "
-        "logged), or zero these filters instead (action: zero)")
+def _assert_nasnet_groups(zoo: Path, log: dict, removed: dict[str, set[int]],
+                          classes: dict[str, str]) -> None:
+    """Each group lost the channels of its summed l1 (a cell's adjust_conv_2 filter f being
+    channel width(adjust_conv_1) + f of its group: keras's nasnet.py _adjust_block
+    concatenates [p1, p2], which the cell adds to its normal_conv_1 output), some of them
+    groups with a Concatenate inside."""
     before = _weights(zoo / "nas.keras")
 
     def l1(layer: str) -> np.ndarray:  # a separable conv's filters: its pointwise kernel's
@@ -307,7 +318,35 @@ def test_zoo_nasnet_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: P
         want = {u - offsets[layer] for u in chosen if 0 <= u - offsets[layer] < n}
         assert removed[layer] == want, layer
     assert concatenated  # the groups with a Concatenate inside were among them
+
+
+@pytest.mark.slow
+def test_zoo_nasnet_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: Path) -> None:
+    """NASNetMobile, 25 % smallest l1 of every conv (coupled: union). A BatchNormalization
+    after a Concatenate is no direct follower, so the zeroed reference keeps its constants, and
+    they reach zero-padded separable convs: exact removal is refused naming the consumer and
+    batchnorm: neutralize_concat. With approximate: true it is removed (_assert_nasnet_groups),
+    the deviation from the zeroed input is logged and small, verify agrees, the model reloads
+    and trains a step."""
+    first, log, removed, classes = _remove_25_percent(zoo, tmp_path, "nas")
+    removal = log["models"][0]["removal"]
     model = keras.saving.load_model(zoo / "nas.keras")
+    # the adjust blocks' BNs: each consumes a Concatenate (the pruned convs reach them all)
+    after_concat = [layer.name for layer in model.layers
+                    if isinstance(layer, keras.layers.BatchNormalization) and isinstance(
+                        layer.input._keras_history.operation, keras.layers.Concatenate)]
+    assert after_concat[0] == "adjust_bn_stem_2", after_concat
+    who = "'adjust_conv_1_stem_2', 'adjust_conv_2_stem_2'"
+    assert first == (
+        "error: model 'nas', layer 'separable_conv_1_reduction_right1_stem_2': removed filters "
+        f"of {who} reach it with values that differ across positions (zero padding or a padded "
+        "depthwise layer on the way), so no constant can be folded into its bias exactly; set "
+        f"batchnorm: neutralize_concat on the entries of {who} to silence BatchNormalization "
+        f"'adjust_bn_stem_2' after a Concatenate (and {len(after_concat) - 1} more) for an "
+        "exact removal, or set "
+        f"approximate: true on the entries of {who} to accept the deviation (measured and "
+        "logged), or zero these filters instead (action: zero)")
+    _assert_nasnet_groups(zoo, log, removed, classes)
     out = keras.saving.load_model(tmp_path / "pruned" / "nas.keras")
     x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype("float32") * 50.0
     original = np.asarray(model(x), np.float64)
@@ -317,6 +356,43 @@ def test_zoo_nasnet_removal_needs_approximate(keras: Any, zoo: Path, tmp_path: P
     deviation = np.abs(got - zeroed).max()
     assert 1e-5 < removal["probe_deviation"] and 1e-5 < deviation  # not exact: folded inside
     assert deviation < 0.01 * np.abs(zeroed).max() < np.abs(zeroed - original).max(), deviation
+    params = _params(tmp_path / "pruned" / "nas.keras")
+    assert params == out.count_params() == removal["params_after"]
+    assert params < _params(zoo / "nas.keras") == removal["params_before"]
+    _train_step(out, x, np.random.default_rng(4))
+
+
+@pytest.mark.slow
+def test_zoo_nasnet_removal_is_exact_with_neutralize_concat(keras: Any, zoo: Path,
+                                                            tmp_path: Path) -> None:
+    """NASNetMobile as above with batchnorm: neutralize_concat: each adjust block's BN after
+    its Concatenate is neutralised too, so nothing reaches the padded separable convs and the
+    removal is exact: the written model equals the input zeroed here (BNs behind
+    concatenations included, at the filters' offsets) within 1e-5 + 1e-5·|ref|, and within
+    1e-9·(1 + |ref|) when both run in float64 on inputs 50 times larger (where float32's
+    round-off over 200 layers alone exceeds the first bound), the edit shows, parameters
+    counted from the file, verify agrees, it reloads and trains a step."""
+    _, log, removed, classes = _remove_25_percent(
+        zoo, tmp_path, "nas", "batchnorm: neutralize_concat", refused_first=False)
+    removal = log["models"][0]["removal"]
+    assert removal["folded"] == [] or all(f["exact"] for f in removal["folded"])
+    _assert_nasnet_groups(zoo, log, removed, classes)
+    model = keras.saving.load_model(zoo / "nas.keras")
+    out = keras.saving.load_model(tmp_path / "pruned" / "nas.keras")
+    x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype("float32")
+    original = np.asarray(model(x), np.float64)
+    reference = zeroed_reference(keras, model, {k: sorted(v) for k, v in removed.items()},
+                                 clone=False, through_concat=True)
+    zeroed = np.asarray(reference(x), np.float64)
+    got = np.asarray(out(x), np.float64)
+    bound = 1e-5 + 1e-5 * np.abs(zeroed)
+    assert np.all(np.abs(got - zeroed) <= bound), np.abs(got - zeroed).max()
+    assert np.abs(zeroed - original).max() > 100 * bound.max()  # the edit shows
+    x64 = x.astype(np.float64) * 50.0
+    zeroed64 = np.asarray(_in_float64(keras, reference)(x64))
+    got64 = np.asarray(_in_float64(keras, out)(x64))
+    assert np.all(np.abs(got64 - zeroed64) <= 1e-9 * (1 + np.abs(zeroed64))), \
+        np.abs(got64 - zeroed64).max()
     params = _params(tmp_path / "pruned" / "nas.keras")
     assert params == out.count_params() == removal["params_after"]
     assert params < _params(zoo / "nas.keras") == removal["params_before"]
