@@ -159,6 +159,39 @@ def test_zoo_zero_probe_verify(zoo: Path, tmp_path: Path) -> None:
                 assert r["probe"]["max_abs"] == 0.0
 
 
+@pytest.mark.slow
+def test_zoo_zero_neutralize_concat_probe_verify(keras: Any, zoo: Path, tmp_path: Path) -> None:
+    """DenseNet121 (chains of Concatenates, each feeding the next block's BN) and NASNetMobile
+    (each adjust block's concat -> BN) zeroed with batchnorm: neutralize_concat and --probe:
+    every variable of the written file equals the input zeroed here (conftest's oracle: the BNs
+    behind concatenations at the offsets Keras's tensor shapes give), some record edits a BN
+    behind a concatenation at a channel that is not its filter, every silent claim measured 0,
+    and verify agrees."""
+    names = ["dn121", "nas"]
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {batchnorm: neutralize_concat}\n"
+                      "models:\n" + "".join(
+                          f"  - {{path: {zoo / name}.keras, layers: [{{match: '*', rules: "
+                          f"[{{smallest: {{by: l1, fraction: 0.25}}}}]}}]}}\n" for name in names))
+    kprune("apply", spec, "--probe", "--audit-log", tmp_path / "log.json").expect(0)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    log = json.loads((tmp_path / "log.json").read_text())
+    for name in names:
+        records = [r for r in log["zeroed"] if r["model"] == name]
+        selection: dict[str, list[int]] = {}
+        for r in records:
+            selection.setdefault(r["layer"], []).append(r["filter"])
+        assert any(e.get("channel", r["filter"]) != r["filter"]
+                   for r in records for e in r["batchnorm"]), name
+        assert all(r["probe"]["max_abs"] == 0.0 for r in records if r["silent"]), name
+        model = keras.saving.load_model(zoo / f"{name}.keras")
+        reference = zeroed_reference(keras, model, selection, clone=False, through_concat=True)
+        after = _weights(tmp_path / "pruned" / f"{name}.keras")
+        for layer in reference.layers:
+            for want, got in zip(layer.get_weights(), after.get(layer.name, []), strict=True):
+                assert np.array_equal(np.asarray(want).view(np.uint8), got.view(np.uint8)), \
+                    (name, layer.name)
+
+
 def _group_l1(before: dict[str, list[np.ndarray]], members: list[str],
               classes: dict[str, str]) -> np.ndarray:
     """A coupled group's per-channel score: the members' per-filter l1 summed (design.md)."""
