@@ -52,6 +52,9 @@ class GraphLayer:
     # the module of a Keras operation node (e.g. "keras.src.ops.numpy"), None for a layer.
     # Its class_name is the operation's class, which may read like a layer's ("Add", "Multiply")
     operation: str | None = None
+    # the shapes of the tensors its one inbound node consumes, in order, as a Keras 3 config
+    # writes them beside each keras_history (a .h5 file's config has no build_config); else None
+    inbound_shapes: list[Any] | None = None
 
     @property
     def holds_weights(self) -> bool:
@@ -74,7 +77,7 @@ def channel_concat(graph: LayerGraph, path: str, data_format: str) -> list[int] 
     """The widths of a Concatenate's inputs if it joins them on the channel axis (called once,
     each input once), so that input i's channel c is its channel offset_i + c; else None."""
     node = graph.layers[path]
-    shapes = node.build_config.get("input_shape")
+    shapes = node.build_config.get("input_shape") or node.inbound_shapes
     if node.class_name != "Concatenate" or node.calls != 1 or \
             len(set(node.sources)) != len(node.sources) or \
             not isinstance(shapes, (list, tuple)) or len(shapes) != len(node.sources) or \
@@ -146,6 +149,26 @@ def _histories(obj: Any, layer: str | None = None) -> Iterator[tuple[str, int]]:
                 yield item[0], item[2]
                 continue
             stack.extend(reversed(item))
+
+
+def _tensor_shapes(obj: Any) -> list[Any] | None:
+    """The `shape` of every Keras 3 `__keras_tensor__` in an inbound node, in document order
+    (the order _histories yields them), or None when one has no shape list (Keras 2 style)."""
+    shapes, stack = [], [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            cfg = item.get("config")
+            if item.get("class_name") == "__keras_tensor__" and isinstance(cfg, dict):
+                shape = cfg.get("shape")
+                if not isinstance(shape, (list, tuple)):
+                    return None
+                shapes.append(list(shape))
+                continue
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    return shapes or None
 
 
 def _short(value: Any) -> str:
@@ -273,7 +296,10 @@ class _Builder:
             ports[name] = self._add(layer, name, prefix, max(1, len(nodes)))
             names.append(name)
         for layer, name in zip(cfg["layers"], names):
-            for src_name, tensor in _histories(layer.get("inbound_nodes") or [], prefix + name):
+            nodes = layer.get("inbound_nodes") or []
+            if len(nodes) == 1 and prefix + name in self.layers:  # (not a nested model's)
+                self.layers[prefix + name].inbound_shapes = _tensor_shapes(nodes[0])
+            for src_name, tensor in _histories(nodes, prefix + name):
                 if src_name not in ports:
                     raise ConfigError(f"it consumes a tensor of layer '{src_name}', which is not "
                                       f"in the model", prefix + name)

@@ -114,8 +114,18 @@ def _follow(graph: LayerGraph, src: str, conv_config: dict, channel: int, value:
             after = activation_value(node.class_name, node.config, value)
             _follow(graph, consumer, conv_config, channel, after, neutralize, variables, fate,
                     seen | {consumer}, **go_on)
-        elif through_concat and node.class_name == "Concatenate" and (widths := channel_concat(
-                graph, consumer, conv_config.get("data_format", "channels_last"))) is not None:
+        elif through_concat and node.class_name == "Concatenate":
+            widths = channel_concat(graph, consumer, conv_config.get("data_format",
+                                                                     "channels_last"))
+            if widths is None:
+                note = (f"Concatenate '{consumer}' is not followed (shared, joining a tensor "
+                        f"twice, on another axis, or its input widths not in the config): a "
+                        f"BatchNormalization after it is not neutralised")
+                if note not in fate.notes:
+                    fate.notes.append(note)
+                if value != 0.0:
+                    _mark_loud(fate, value)
+                continue
             # input i's channel c is the result's channel sum(widths[:i]) + c (Keras's
             # Concatenate is ops.concatenate of its inputs in order: keras/src/layers/merging/
             # concatenate.py); channel_concat vouches each input comes once

@@ -262,14 +262,30 @@ def test_probe_catches_what_static_analysis_cannot(keras: Any, tmp_path: Path,
 
 # --- what the static analysis follows, from the config alone ----------------------------------
 
-def _fate(keras: Any, model: Any, neutralize: bool = True) -> Any:
+def _fate(keras: Any, model: Any, neutralize: bool = True, through_concat: bool = False) -> Any:
     from kprune_batch.graph import build_graph
     from kprune_batch.silence import channel_fate
 
     graph = build_graph(keras.saving.serialize_keras_object(model))
     weights = {layer.name: {v.name: np.asarray(v) for v in layer.weights}
                for layer in model.layers}
-    return channel_fate(graph, "conv", FILTER, 0.0, neutralize, lambda p: weights[p])
+    return channel_fate(graph, "conv", FILTER, 0.0, neutralize, lambda p: weights[p],
+                        through_concat)
+
+
+def test_a_concatenate_joining_a_tensor_twice_is_not_followed(keras: Any) -> None:
+    """Channel f is two channels of concat([x, x]): neutralize_concat does not guess which
+    input it came in by, and says so; the BN after it is left alone."""
+    L = keras.layers
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, name="conv")(inputs)
+    model = keras.Model(inputs, L.BatchNormalization(name="bn")(
+        L.Concatenate(name="cat")([x, x])))
+    fate = _fate(keras, model, through_concat=True)
+    assert (fate.silent, fate.followers, fate.edits) == (True, [], [])
+    assert fate.notes == ["Concatenate 'cat' is not followed (shared, joining a tensor twice, "
+                          "on another axis, or its input widths not in the config): a "
+                          "BatchNormalization after it is not neutralised"]
 
 
 def test_an_operation_between_conv_and_batchnorm_is_not_a_follower(keras: Any) -> None:
@@ -329,27 +345,32 @@ def build_concat(keras: Any, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("batchnorm", ["neutralize", "neutralize_concat"])
+@pytest.mark.parametrize("batchnorm, suffix", [
+    ("neutralize", ".keras"), ("neutralize_concat", ".keras"), ("neutralize_concat", ".h5")])
 def test_neutralize_concat_silences_behind_concatenations(keras: Any, tmp_path: Path,
-                                                          batchnorm: str) -> None:
+                                                          batchnorm: str, suffix: str) -> None:
     """batchnorm: neutralize_concat edits each BatchNormalization behind a Concatenate at the
-    filter's channel there (offsets from Keras's own tensor shapes); neutralize leaves them."""
+    filter's channel there (offsets from Keras's own tensor shapes); neutralize leaves them.
+    A .h5 file's config has no build_config: the widths come from its inbound tensors."""
     path = build_concat(keras, tmp_path)
     model = keras.saving.load_model(path)
+    if suffix == ".h5":
+        path = path.with_suffix(".h5")
+        model.save(path)
     width_a = int(model.get_layer("a").output.shape[-1])
     width_c = int(model.get_layer("c").output.shape[-1])
     filters = [1, 2]
     spec = write_spec(tmp_path, f"""\
         version: 1
         models:
-          - path: cat.keras
+          - path: cat{suffix}
             layers:
               - {{name: b, batchnorm: {batchnorm}, rules: [{{index: {filters}}}]}}
         """)
     kprune("apply", spec, "--probe", "--audit-log", tmp_path / "log.json").expect(0)
     kprune("verify", tmp_path / "log.json").expect(0)
     log = json.loads((tmp_path / "log.json").read_text())
-    out = keras.saving.load_model(tmp_path / "pruned" / "cat.keras")
+    out = keras.saving.load_model(tmp_path / "pruned" / f"cat{suffix}")
     at = {"bn1": [width_a + f for f in filters], "bn2": [width_c + width_a + f for f in filters]}
     for bn in ("bn1", "bn2"):
         before = {v.name: np.asarray(v) for v in model.get_layer(bn).weights}
