@@ -123,51 +123,53 @@ def _walk(obj: Any) -> Iterator[Any]:
             stack.extend(reversed(item))
 
 
-def _histories(obj: Any, layer: str | None = None) -> Iterator[tuple[str, int]]:
-    """(layer name, tensor index) of every tensor an inbound node consumes, Keras 3 or 2 style.
-
-    A history whose fields are not a name and indices raises ConfigError (Keras writes
-    keras_history as [layer name, node index, tensor index]: keras/src/ops/node.py)."""
+def _tensor_entries(obj: Any) -> Iterator[tuple[dict[str, Any] | None, list | tuple | None]]:
+    """Every tensor an inbound node consumes, in document order, without recursion: (the
+    `config` of a Keras 3 `__keras_tensor__`, None) or (None, a Keras 2 [layer_name,
+    node_index, tensor_index, kwargs] list)."""
     stack = [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             cfg = item.get("config")
             if item.get("class_name") == "__keras_tensor__" and isinstance(cfg, dict):
-                hist = cfg.get("keras_history")
-                if isinstance(hist, (list, tuple)) and hist:
-                    if not isinstance(hist[0], str) or not all(_is_index(h) for h in hist[1:3]):
-                        raise ConfigError(f"keras_history {_short(hist)} is not [layer name, "
-                                          f"node index, tensor index]", layer)
-                    yield hist[0], hist[2] if len(hist) > 2 else 0
+                yield cfg, None
                 continue
             stack.extend(reversed(list(item.values())))
         elif isinstance(item, (list, tuple)):
-            # Keras 2: [layer_name, node_index, tensor_index, kwargs]
             if len(item) >= 3 and isinstance(item[0], str) and _is_index(item[1]) \
                     and _is_index(item[2]):
-                yield item[0], item[2]
+                yield None, item
                 continue
             stack.extend(reversed(item))
+
+
+def _histories(obj: Any, layer: str | None = None) -> Iterator[tuple[str, int]]:
+    """(layer name, tensor index) of every tensor an inbound node consumes, Keras 3 or 2 style.
+
+    A history whose fields are not a name and indices raises ConfigError (Keras writes
+    keras_history as [layer name, node index, tensor index]: keras/src/ops/node.py)."""
+    for cfg, legacy in _tensor_entries(obj):
+        if legacy is not None:
+            yield legacy[0], legacy[2]
+            continue
+        hist = cfg.get("keras_history")
+        if isinstance(hist, (list, tuple)) and hist:
+            if not isinstance(hist[0], str) or not all(_is_index(h) for h in hist[1:3]):
+                raise ConfigError(f"keras_history {_short(hist)} is not [layer name, "
+                                  f"node index, tensor index]", layer)
+            yield hist[0], hist[2] if len(hist) > 2 else 0
 
 
 def _tensor_shapes(obj: Any) -> list[Any] | None:
-    """The `shape` of every Keras 3 `__keras_tensor__` in an inbound node, in document order
-    (the order _histories yields them), or None when one has no shape list (Keras 2 style)."""
-    shapes, stack = [], [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            cfg = item.get("config")
-            if item.get("class_name") == "__keras_tensor__" and isinstance(cfg, dict):
-                shape = cfg.get("shape")
-                if not isinstance(shape, (list, tuple)):
-                    return None
-                shapes.append(list(shape))
-                continue
-            stack.extend(reversed(list(item.values())))
-        elif isinstance(item, (list, tuple)):
-            stack.extend(reversed(item))
+    """The `shape` of every tensor an inbound node consumes, in the order _histories yields
+    them, as Keras 3 writes it beside each keras_history; None when one has none (Keras 2)."""
+    shapes = []
+    for cfg, _ in _tensor_entries(obj):
+        shape = cfg.get("shape") if cfg is not None else None
+        if not isinstance(shape, (list, tuple)):
+            return None
+        shapes.append(list(shape))
     return shapes or None
 
 
