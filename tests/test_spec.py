@@ -59,6 +59,7 @@ def test_all_errors_of_a_file_at_once_sorted_by_position(tmp_path: Path) -> None
     version: 2
     defaults:
       bais: zero
+      batchnorm: neutralise
     models:
       - path: m.keras
         layers:
@@ -73,12 +74,14 @@ def test_all_errors_of_a_file_at_once_sorted_by_position(tmp_path: Path) -> None
     assert problems(tmp_path, text) == [
         "1:10: version: 2 must be the integer 1 (the only spec language version this kprune knows)",
         "3:3: defaults.bais: unknown key 'bais'; did you mean 'bias'?",
-        "7:9: models[0].layers[0]: give exactly one of 'name' or 'match'",
-        "10:27: models[0].layers[0].rules[0].mean.below: 'low' is not of type 'number'",
-        "11:17: models[0].layers[0].rules[1].l2: give exactly one of 'below' or 'above'",
-        "12:43: models[0].layers[0].rules[2].sign.zero: 'neg' is not one of ['negative', "
+        "4:14: defaults.batchnorm: 'neutralise' is not one of ['neutralize', "
+        "'neutralize_concat', 'keep']",
+        "8:9: models[0].layers[0]: give exactly one of 'name' or 'match'",
+        "11:27: models[0].layers[0].rules[0].mean.below: 'low' is not of type 'number'",
+        "12:17: models[0].layers[0].rules[1].l2: give exactly one of 'below' or 'above'",
+        "13:43: models[0].layers[0].rules[2].sign.zero: 'neg' is not one of ['negative', "
         "'positive', 'zero', 'nonnegative', 'nonpositive']",
-        "13:13: models[0].layers[0].rules[3].foo: unknown key 'foo' (allowed: abs_mean, "
+        "14:13: models[0].layers[0].rules[3].foo: unknown key 'foo' (allowed: abs_mean, "
         "activation_mean, apoz, bn_gamma, index, l1, l2, largest, mean, sign, smallest)",
     ]
 
