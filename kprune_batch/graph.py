@@ -57,6 +57,15 @@ class GraphLayer:
     inbound_shapes: list[Any] | None = None
 
     @property
+    def input_shape(self) -> Any:
+        """Its input's shape (a list of shapes for several inputs) as Keras recorded it: the
+        build_config's, else that of the tensors in its inbound node (a .h5 config); or None."""
+        shape = self.build_config.get("input_shape")
+        if shape is not None or not self.inbound_shapes:
+            return shape
+        return self.inbound_shapes[0] if len(self.inbound_shapes) == 1 else self.inbound_shapes
+
+    @property
     def holds_weights(self) -> bool:
         """False for a nested model (its layers hold them) and an operation node (none)."""
         return self.operation is None and self.class_name not in MODEL_CLASSES
@@ -77,7 +86,7 @@ def channel_concat(graph: LayerGraph, path: str, data_format: str) -> list[int] 
     """The widths of a Concatenate's inputs if it joins them on the channel axis (called once,
     each input once), so that input i's channel c is its channel offset_i + c; else None."""
     node = graph.layers[path]
-    shapes = node.build_config.get("input_shape") or node.inbound_shapes
+    shapes = node.input_shape
     if node.class_name != "Concatenate" or node.calls != 1 or \
             len(set(node.sources)) != len(node.sources) or \
             not isinstance(shapes, (list, tuple)) or len(shapes) != len(node.sources) or \

@@ -127,7 +127,7 @@ def grouped_depthwise(node: Any) -> bool:
     if family is None or family.name != "conv" or groups == 1 or \
             int(node.config.get("filters", 0)) != groups:
         return False
-    shape = node.build_config.get("input_shape")
+    shape = node.input_shape
     if not isinstance(shape, (list, tuple)) or not shape:
         return False
     channels = shape[1] if _format(node.config) == "channels_first" else shape[-1]
@@ -147,7 +147,7 @@ def _channel_params_pass(node: Any) -> bool:
     params = channel_params_of(node.class_name)
     if params is None or node.operation is not None:
         return False
-    shape = node.build_config.get("input_shape")
+    shape = node.input_shape
     rank = len(shape) if isinstance(shape, (list, tuple)) else None
     return params.on_channel_axis(node.config, rank)
 
@@ -430,7 +430,7 @@ def _n_filters(graph: Any, path: str) -> int:
     node = graph.layers[path]
     family = family_of(node.class_name)
     if family is not None and family.name == "depthwise":
-        shape = node.build_config.get("input_shape")
+        shape = node.input_shape
         if not isinstance(shape, (list, tuple)):
             raise ModelError("the model config does not record this layer's input shape",
                              layer=path, hint="save the model with Keras 3 after building it")
@@ -854,7 +854,7 @@ class _Walk:
                                        tuple(keep), of))
 
     def input_shape(self, layer: str) -> list:
-        shape = self.graph.layers[layer].build_config.get("input_shape")
+        shape = self.graph.layers[layer].input_shape
         if not isinstance(shape, (list, tuple)):  # tuples in memory, lists from config.json
             raise ModelError("the model config does not record this layer's input shape",
                              layer=layer, hint="save the model with Keras 3 after building it")
@@ -967,7 +967,7 @@ def _channel_params(walk: _Walk, layer: str, flow: _Flow) -> None:
     node = walk.graph.layers[layer]
     params = channel_params_of(node.class_name)
     assert params is not None
-    shape = node.build_config.get("input_shape")
+    shape = node.input_shape
     rank = len(shape) if isinstance(shape, (list, tuple)) else None
     if flow.data_format == "channels_first" and rank != 2 or \
             not params.on_channel_axis(node.config, rank):

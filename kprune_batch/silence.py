@@ -42,7 +42,7 @@ def _bn_axis_ok(bn: GraphLayer, conv_config: dict) -> bool:
     axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
     if not isinstance(axis, int):
         return False
-    shape = bn.build_config.get("input_shape")
+    shape = bn.input_shape
     rank = len(shape) if isinstance(shape, list) else None
     if conv_config.get("data_format") == "channels_first":
         return axis == 1

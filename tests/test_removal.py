@@ -746,18 +746,20 @@ def _kernel_l1(model: Any, names: Any) -> dict[str, np.ndarray]:
 
 
 def _assert_written_equals_zeroed(keras: Any, model: Any, tmp_path: Path,
-                                  selection: dict[str, list[int]], seed: int) -> None:
-    """The written pruned/m.keras equals `model` zeroed on `selection` (within 1e-5 +
-    1e-5·|ref|), the edit shows in the outputs, every layer has the parameters counted here,
-    and verify accepts the log."""
-    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
+                                  selection: dict[str, list[int]], seed: int,
+                                  through_concat: bool = False, output: str = "m.keras") -> None:
+    """The written pruned/`output` equals `model` zeroed on `selection` (within 1e-5 +
+    1e-5·|ref|; `through_concat`: batchnorm: neutralize_concat's reference), the edit shows in
+    the outputs, every layer has the parameters counted here, and verify accepts the log."""
+    out = keras.saving.load_model(tmp_path / "pruned" / output)
     x = np.random.default_rng(seed).normal(size=(3, 7, 7, 3)).astype("float32")
-    ref = np.asarray(zeroed_reference(keras, model, selection)(x), np.float64)
+    ref = np.asarray(zeroed_reference(keras, model, selection,
+                                      through_concat=through_concat)(x), np.float64)
     have = np.asarray(out(x), np.float64)
     assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
     assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
     assert {layer.name: layer.count_params() for layer in out.layers} == \
-        expected_removal_params(model, selection)
+        expected_removal_params(model, selection, through_concat=through_concat)
     kprune("verify", tmp_path / "log.json").expect(0)
 
 
@@ -1115,13 +1117,69 @@ def test_neutralize_concat_makes_a_concatenate_group_exact(keras: Any, tmp_path:
     assert {k: sorted(v) for k, v in got.items()} == selection
     removal = log["models"][0]["removal"]
     assert removal["approximate"] is False and removal["folded"] == []
-    out = keras.saving.load_model(tmp_path / "pruned" / "m.keras")
-    x = np.random.default_rng(5).normal(size=(3, 7, 7, 3)).astype("float32")
-    ref = np.asarray(zeroed_reference(keras, model, selection, through_concat=True)(x),
-                     np.float64)
-    have = np.asarray(out(x), np.float64)
-    assert np.all(np.abs(have - ref) <= 1e-5 + 1e-5 * np.abs(ref)), np.abs(have - ref).max()
-    assert np.abs(ref - np.asarray(model(x), np.float64)).max() > 1e-4  # the edit shows
-    assert {layer.name: layer.count_params() for layer in out.layers} == \
-        expected_removal_params(model, selection, through_concat=True)
-    kprune("verify", tmp_path / "log.json").expect(0)
+    _assert_written_equals_zeroed(keras, model, tmp_path, selection, seed=5, through_concat=True)
+
+
+def depthwise_chain_model(keras: Any) -> Any:
+    """pw -> BN -> ReLU -> 3x3 depthwise -> 1x1 projection: the depthwise layer's filters are
+    pw's channels (a group), and its plan needs its input shape."""
+    L = keras.layers
+    i = keras.Input((7, 7, 3))
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(L.Conv2D(6, 1, name="pw")(i)))
+    x = L.Conv2D(4, 1, name="proj")(L.DepthwiseConv2D(3, padding="same", name="dw")(x))
+    return keras.Model(i, L.Dense(2, name="out")(L.GlobalAveragePooling2D(name="gap")(x)))
+
+
+@pytest.mark.parametrize("case", ["depthwise", "adjust"])
+def test_removal_from_a_legacy_h5_file(keras: Any, tmp_path: Path, case: str) -> None:
+    """A .h5 file's config carries no build_config: the input shapes a removal plan needs (a
+    depthwise layer's, a Concatenate's widths) come from the tensors its inbound nodes record.
+    The written .h5 equals the input zeroed here, with the parameters counted here."""
+    model = depthwise_chain_model(keras) if case == "depthwise" else adjust_block_model(keras)
+    _seeded_weights(model, 17)
+    model.save(tmp_path / "m.h5")
+    if case == "depthwise":
+        entries, selection, through = "      - {name: dw, rules: [{index: [1, 4]}]}\n", {
+            "pw": [1, 4], "dw": [1, 4]}, False
+    else:
+        entries = "      - {name: p2, rules: [{index: [0]}]}\n"
+        selection, through = {"p2": [0], "h": [3]}, True  # p2's filter 0: the group's channel 3
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
+                      "batchnorm: neutralize_concat}\nmodels:\n  - path: m.h5\n    layers:\n"
+                      + entries)
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    got: dict[str, list[int]] = {}
+    for r in json.loads((tmp_path / "log.json").read_text())["removed"]:
+        got.setdefault(r["layer"], []).append(r["filter"])
+    assert {k: sorted(v) for k, v in got.items()} == selection
+    _assert_written_equals_zeroed(keras, model, tmp_path, selection, seed=6,
+                                  through_concat=through, output="m.h5")
+
+
+def test_removal_from_a_h5_config_without_shapes_is_refused_in_one_line(keras: Any,
+                                                                       tmp_path: Path) -> None:
+    """With neither a build_config nor tensor shapes in the config (as a Keras 2 file), a
+    depthwise layer's input channels are unknown: refused with one line, nothing written."""
+    import h5py
+
+    model = depthwise_chain_model(keras)
+    model.save(tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "r+") as h5:
+        config = json.loads(h5.attrs["model_config"])
+        stack = [config]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                if item.get("class_name") == "__keras_tensor__":
+                    item["config"].pop("shape")
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+        h5.attrs["model_config"] = json.dumps(config)
+    spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove}\nmodels:\n"
+                      "  - path: m.h5\n    layers:\n      - {name: dw, rules: [{index: [1]}]}\n")
+    err = kprune("apply", spec).expect(1).stderr
+    assert err.splitlines()[0] == (
+        "error: model 'm', layer 'dw': the model config does not record this layer's input "
+        "shape; save the model with Keras 3 after building it"), err
+    assert not (tmp_path / "pruned" / "m.h5").exists()
