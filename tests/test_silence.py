@@ -395,3 +395,43 @@ def test_neutralize_concat_silences_behind_concatenations(keras: Any, tmp_path: 
             ("bn1", "beta", width_a + f), ("bn1", "gamma", width_a + f),
             ("bn2", "beta", width_c + width_a + f), ("bn2", "gamma", width_c + width_a + f)])
         assert r["probe"]["max_abs"] == 0.0
+
+
+def test_neutralize_concat_channels_first_and_one_conv_twice(keras: Any, tmp_path: Path) -> None:
+    """Red-team regression: a channels_first Concatenate(axis=1) -> BN(axis=1) is followed at
+    offset + filter, and a conv reaching one concat by two paths (ReLU and a linear Activation)
+    gets both of its channels there neutralised, for several filters of the layer (the fate
+    cache's shift)."""
+    L = keras.layers
+    inputs = keras.Input((3, 6, 6), name="x")
+    a = L.Conv2D(4, 3, padding="same", name="a", data_format="channels_first")(inputs)
+    b = L.Conv2D(5, 3, padding="same", name="b", data_format="channels_first")(inputs)
+    cat = L.Concatenate(axis=1, name="cat")(
+        [b, L.ReLU(name="r")(a), L.Activation("linear", name="lin")(a)])
+    bn = L.BatchNormalization(axis=1, name="bn")(cat)
+    model = keras.Model(inputs, L.Flatten(name="flat")(bn), name="cf")
+    _seeded_weights(model, 5)
+    model.save(tmp_path / "cf.keras")
+    filters = [0, 2, 3]
+    spec = write_spec(tmp_path, f"""\
+        version: 1
+        models:
+          - path: cf.keras
+            layers:
+              - {{name: a, batchnorm: neutralize_concat, max_fraction: 0.9,
+                  rules: [{{index: {filters}}}]}}
+        """)
+    kprune("apply", spec, "--probe", "--audit-log", tmp_path / "log.json").expect(0)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    out = keras.saving.load_model(tmp_path / "pruned" / "cf.keras")
+    # b's 5 channels, then a's 4 through ReLU, then a's 4 again
+    at = sorted([5 + f for f in filters] + [9 + f for f in filters])
+    for name, before, after in zip(("gamma", "beta", "moving_mean", "moving_variance"),
+                                   model.get_layer("bn").get_weights(),
+                                   out.get_layer("bn").get_weights()):
+        expected = before.copy()
+        if name in ("gamma", "beta"):
+            expected[at] = 0.0
+        np.testing.assert_array_equal(after, expected, err_msg=name)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert all(r["silent"] for r in log["zeroed"])
