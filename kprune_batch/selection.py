@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -659,11 +660,18 @@ class _Stage:
             allow_empty_layer=layer.allow_empty_layer, entries=tuple(layer.entries),
             by_rule={loc: tuple(layer.by_rule[loc]) for loc in sorted(layer.by_rule, key=loc_key)},
             filters=filters,
-            # as Python floats (tolist: one conversion per array, not one numpy scalar a value)
-            stats={f: {k: float(c[f]) for k, c in columns.items()} for f in keep},
+            # as Python floats (tolist: one conversion per array, not one numpy scalar a value);
+            # a slice holding NaN/inf (selected by an index rule) has no statistic: null, since
+            # the log is strict JSON and a NaN would stop it being written after the output was
+            stats={f: {k: _finite_or_none(c[f]) for k, c in columns.items()} for f in keep},
             group=tuple(layer.group), kept_back=tuple(layer.kept_back),
             ranked={f: tuple(picks) for f, picks in layer.ranked.items() if f in final},
             rankings=tuple(layer.rankings), data=data)
+
+
+def _finite_or_none(value: float) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def _combine(values: list[set[int]], supports: list[set[int]], mode: str) -> set[int] | None:

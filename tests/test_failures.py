@@ -135,6 +135,45 @@ def test_nan_weights_fail_threshold_rules(keras: Any, tmp_path: Path, small_cnn:
         "model, or select those filters with an 'index' rule\n")
 
 
+@pytest.mark.parametrize("backend", ["auto", "keras"])
+def test_index_rule_zeroes_nan_filters_and_logs_them(keras: Any, tmp_path: Path, small_cnn: Path,
+                                                     backend: str) -> None:
+    """The refusal above says to select NaN/inf filters with an index rule: that run must write
+    its output *and* its log (the statistics of such a slice are not JSON numbers: null), and the
+    written file must hold zeros exactly there and the input's bits everywhere else."""
+    model = keras.saving.load_model(str(small_cnn))
+    kernel = model.get_layer("conv2d").kernel.numpy()
+    kernel[0, 0, 0, 2] = np.nan
+    kernel[1, 1, 1, 4] = np.inf
+    model.get_layer("conv2d").kernel.assign(kernel)
+    model.save(tmp_path / "nan.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: nan.keras\n"
+                                "    layers: [{name: conv2d, rules: [{index: [2, 3, 4]}]}]\n")
+    log_path = tmp_path / "log.json"
+    kprune("apply", spec, "--audit-log", log_path, "--backend", backend).expect(0)
+    log = json.loads(log_path.read_text())
+    assert log["status"] == "ok"
+    stats = {r["filter"]: r["stats"] for r in log["zeroed"]}
+    assert sorted(stats) == [2, 3, 4]
+    for f in (2, 4):
+        assert stats[f] == {"mean": None, "abs_mean": None, "l1": None, "l2": None}
+    slice3 = kernel[..., 3].astype(np.float64)
+    assert stats[3]["l1"] == pytest.approx(np.abs(slice3).sum(), rel=1e-12)
+    before = layer_weights(keras, tmp_path / "nan.keras")
+    after = layer_weights(keras, tmp_path / "pruned" / "nan.keras")
+    expected_kernel = before["conv2d"]["kernel"].copy()
+    expected_kernel[..., [2, 3, 4]] = 0
+    expected_bias = before["conv2d"]["bias"].copy()
+    expected_bias[[2, 3, 4]] = 0
+    for layer, variables in before.items():
+        for name, value in variables.items():
+            want = {("conv2d", "kernel"): expected_kernel,
+                    ("conv2d", "bias"): expected_bias}.get((layer, name), value)
+            assert after[layer][name].tobytes() == want.tobytes(), (layer, name)
+    kprune("verify", log_path).expect(0)
+    kprune("report", log_path, "--format", "html").expect(0)
+
+
 def test_output_folder_that_cannot_be_created(tmp_path: Path, small_cnn: Path) -> None:
     shutil.copy(small_cnn, tmp_path / "m.keras")
     (tmp_path / "blocker").write_text("a file where a folder should be")
