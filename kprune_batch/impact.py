@@ -12,7 +12,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from kprune_batch.errors import ModelError
-from kprune_batch.families import ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES
+from kprune_batch.families import (ACTIVATION_LAYER_CLASSES, BATCHNORM_CLASSES,
+                                   ZERO_PRESERVING_CLASSES)
 from kprune_batch.graph import OUTPUT, LayerGraph
 from kprune_batch.plan import ImpactGuards
 from kprune_batch.samples import InputSpec, Samples, load_samples
@@ -31,8 +32,11 @@ def measure_point(graph: LayerGraph, path: str) -> str:
     """The layer whose output is the channel as the rest of the model sees it: the layer itself
     (its own activation included), then on through activation layers and at most one
     BatchNormalization follower (and the activation layers after it) while each is the only
-    consumer and called once - the route silence.channel_fate follows to judge silence. A
-    branch (two consumers) or anything else ends the route: the tensor there is measured."""
+    consumer and called once - the route silence.channel_fate follows to judge silence. Before
+    the BN, zero-preserving layers (dropout, pooling, padding, ...) are passed on the way to it,
+    as silence passes them to reach the BN it neutralises (and bn_gamma reads); with no BN
+    behind them they are not: the tensor before them is measured. A branch (two consumers) or
+    anything else ends the route: the tensor there is measured."""
     from kprune_batch.silence import _bn_axis_ok  # the one place that knows a BN's axis
 
     node = graph.layers[path]
@@ -40,19 +44,28 @@ def measure_point(graph: LayerGraph, path: str) -> str:
         raise ModelError(f"the layer is called {node.calls} times (a shared layer), so its "
                          f"channels have no single output to measure data statistics on",
                          layer=path, hint="use a kernel statistic for this layer")
-    current, through_bn = path, False
+    # `current`: the point measured so far; `ahead`: where the walk is, past zero-preserving
+    # layers (`pending`) that only count once a BN follower is reached behind them
+    current = ahead = path
+    through_bn = pending = False
     while True:
-        consumers = graph.consumers(current)
+        consumers = graph.consumers(ahead)
         if len(consumers) != 1 or consumers[0] == OUTPUT:
             return current
         nxt = graph.layers[consumers[0]]
-        if nxt.calls != 1:
+        if nxt.calls != 1 or nxt.operation is not None:
             return current
         if nxt.class_name in ACTIVATION_LAYER_CLASSES:
-            current = nxt.path
+            ahead = nxt.path
+            if not pending:
+                current = ahead
         elif nxt.class_name in BATCHNORM_CLASSES and not through_bn and \
                 _bn_axis_ok(nxt, node.config):
-            current, through_bn = nxt.path, True
+            current = ahead = nxt.path
+            through_bn, pending = True, False
+        elif nxt.class_name in ZERO_PRESERVING_CLASSES and nxt.class_name != "InputLayer" \
+                and not through_bn:
+            ahead, pending = nxt.path, True
         else:
             return current
 

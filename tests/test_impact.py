@@ -403,3 +403,36 @@ def test_the_bundled_example_measures_its_held_out_digits(tmp_path: Path, keras:
     assert records[("conv3", 20)]["rules"] == ["models[0].layers[1].rules[0]",
                                                "models[0].layers[2].rules[0]"]
     assert records[("conv3", 20)]["stats"]["apoz"] > 0.99
+
+
+def test_data_statistics_are_measured_at_the_bn_follower_behind_dropout_and_pooling(
+        keras: Any, tmp_path: Path) -> None:
+    """conv -> Dropout -> MaxPooling -> BN: the BN is the follower `neutralize` edits and
+    `bn_gamma` reads (silence passes dropout and pooling), so the channel's silence is judged at
+    the BN's output and apoz / activation_mean are measured there, not at the conv's output."""
+    from conftest import _seeded_weights
+
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = L.Conv2D(6, 1, name="conv")(inputs)
+    x = L.MaxPooling2D(name="pool")(L.Dropout(0.2, name="drop")(x))
+    x = L.Activation("relu", name="act")(L.BatchNormalization(name="bn")(x))
+    model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
+    _seeded_weights(model, 3)
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(2).normal(size=(32, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    apoz, act_mean = _channel_stats(keras, tmp_path / "m.keras", "act", x)
+    _, at_conv = _channel_stats(keras, tmp_path / "m.keras", "conv", x)
+    want = sorted(int(f) for f in np.argsort(act_mean, kind="stable")[:2])
+    assert want != sorted(int(f) for f in np.argsort(at_conv, kind="stable")[:2])  # it matters
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n    samples: x.npy\n"
+                      "    layers: [{name: conv, rules: [{smallest: {by: activation_mean, "
+                      "count: 2}}]}]\n")
+    plan = json.loads(kprune("plan", spec, "--format", "json").expect(0).stdout)
+    layer = plan["models"][0]["layers"][0]
+    assert layer["data_statistics"]["at"] == "act"
+    assert layer["data_statistics"]["activation_mean"] == pytest.approx(act_mean.tolist(),
+                                                                         rel=1e-6)
+    assert layer["data_statistics"]["apoz"] == pytest.approx(apoz.tolist(), abs=1e-12)
+    assert layer["selected"] == want
