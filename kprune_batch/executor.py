@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import zipfile
 from dataclasses import dataclass, field
@@ -187,6 +188,12 @@ def edit_model(job: ModelJob, weights: ModelWeights, selections: list[LayerSelec
                 template = f
                 batchnorm = [_bn_record(e, e.channel, f) for e in fate.edits]
                 notes = list(fate.notes)
+                if fate.constant is not None and not math.isfinite(fate.constant):
+                    # a NaN/inf weight on the way (a kept BN's statistics, a kept bias): the
+                    # log is strict JSON, so the value is told in the notes, the constant null
+                    notes.append(f"the channel's constant output is {fate.constant}, not a "
+                                 f"finite number (recorded as constant: null)")
+                    fate.constant = None
                 if neutralize:
                     fates[pre] = (fate, batchnorm, notes, template)
             if fate.edits:

@@ -174,6 +174,33 @@ def test_index_rule_zeroes_nan_filters_and_logs_them(keras: Any, tmp_path: Path,
     kprune("report", log_path, "--format", "html").expect(0)
 
 
+def test_a_kept_batchnorm_with_nan_statistics_still_logs(keras: Any, tmp_path: Path,
+                                                        small_cnn: Path) -> None:
+    """batchnorm: keep behind a zeroed filter whose BN channel holds a NaN moving mean: the
+    channel's constant output is NaN, which strict JSON cannot hold; the run must not crash
+    after writing the output (it did: no log), the record says constant null and why."""
+    model = keras.saving.load_model(str(small_cnn))
+    mean = model.get_layer("bn").moving_mean.numpy()
+    mean[3] = np.nan
+    model.get_layer("bn").moving_mean.assign(mean)
+    model.save(tmp_path / "m.keras")
+    spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n    layers: [{name: "
+                                "conv2d_1, batchnorm: keep, rules: [{index: [2, 3]}]}]\n")
+    log_path = tmp_path / "log.json"
+    kprune("apply", spec, "--audit-log", log_path).expect(0)
+    log = json.loads(log_path.read_text())
+    records = {r["filter"]: r for r in log["zeroed"]}
+    bn = layer_weights(keras, tmp_path / "m.keras")["bn"]
+    want2 = float(bn["gamma"][2]) * (0.0 - float(bn["moving_mean"][2])) / np.sqrt(
+        float(bn["moving_variance"][2]) + 1e-3) + float(bn["beta"][2])
+    assert records[2]["silent"] is False
+    assert records[2]["constant"] == pytest.approx(want2, rel=1e-6)
+    assert records[3]["silent"] is False and records[3]["constant"] is None
+    assert records[3]["notes"] == ["the channel's constant output is nan, not a finite number "
+                                   "(recorded as constant: null)"]
+    kprune("verify", log_path).expect(0)
+
+
 def test_output_folder_that_cannot_be_created(tmp_path: Path, small_cnn: Path) -> None:
     shutil.copy(small_cnn, tmp_path / "m.keras")
     (tmp_path / "blocker").write_text("a file where a folder should be")
