@@ -28,15 +28,25 @@ DATA_BATCH = 32
 # --- where a channel's silence is judged (pure: the layer graph only) ---------------------------
 
 
+# Zero-preserving layers that are the identity in inference mode (keras/src/layers/
+# regularization/: `if training and rate > 0` / `stddev > 0`, else `return inputs`): measuring
+# after them is measuring before them, so the activation layers behind them still count.
+_INFERENCE_IDENTITY = frozenset(("Dropout", "SpatialDropout1D", "SpatialDropout2D",
+                                 "SpatialDropout3D", "GaussianNoise", "GaussianDropout",
+                                 "AlphaDropout"))
+
+
 def measure_point(graph: LayerGraph, path: str) -> str:
     """The layer whose output is the channel as the rest of the model sees it: the layer itself
     (its own activation included), then on through activation layers and at most one
     BatchNormalization follower (and the activation layers after it) while each is the only
-    consumer and called once - the route silence.channel_fate follows to judge silence. Before
-    the BN, zero-preserving layers (dropout, pooling, padding, ...) are passed on the way to it,
-    as silence passes them to reach the BN it neutralises (and bn_gamma reads); with no BN
-    behind them they are not: the tensor before them is measured. A branch (two consumers) or
-    anything else ends the route: the tensor there is measured."""
+    consumer and called once - the route silence.channel_fate follows to judge silence.
+    Dropout and noise layers (the identity in inference mode) are passed like activation
+    layers. Before the BN, the other zero-preserving layers (pooling, padding, cropping,
+    upsampling) are passed on the way to it, as silence passes them to reach the BN it
+    neutralises (and bn_gamma reads); with no BN behind them they are not: the tensor before
+    them is measured. A branch (two consumers) or anything else ends the route: the tensor
+    there is measured."""
     from kprune_batch.silence import _bn_axis_ok  # the one place that knows a BN's axis
 
     node = graph.layers[path]
@@ -63,6 +73,8 @@ def measure_point(graph: LayerGraph, path: str) -> str:
                 _bn_axis_ok(nxt, node.config):
             current = ahead = nxt.path
             through_bn, pending = True, False
+        elif nxt.class_name in _INFERENCE_IDENTITY and not pending:
+            current = ahead = nxt.path  # the same values in inference mode: nothing pending
         elif nxt.class_name in ZERO_PRESERVING_CLASSES and nxt.class_name != "InputLayer" \
                 and not through_bn:
             ahead, pending = nxt.path, True

@@ -405,33 +405,45 @@ def test_the_bundled_example_measures_its_held_out_digits(tmp_path: Path, keras:
     assert records[("conv3", 20)]["stats"]["apoz"] > 0.99
 
 
-def test_data_statistics_are_measured_at_the_bn_follower_behind_dropout_and_pooling(
-        keras: Any, tmp_path: Path) -> None:
-    """conv -> Dropout -> MaxPooling -> BN: the BN is the follower `neutralize` edits and
-    `bn_gamma` reads (silence passes dropout and pooling), so the channel's silence is judged at
-    the BN's output and apoz / activation_mean are measured there, not at the conv's output."""
+@pytest.mark.parametrize("route, at", [
+    ("pool_then_bn", "act"),  # conv -> Dropout -> MaxPooling -> BN -> relu: at the BN's relu
+    ("dropout_then_relu", "act"),  # conv -> Dropout -> relu -> conv: Dropout is the identity
+    ("pool_then_relu", "conv"),  # conv -> MaxPooling -> relu -> conv: no BN behind the pool
+])
+def test_data_statistics_are_measured_where_silence_is_judged(keras: Any, tmp_path: Path,
+                                                               route: str, at: str) -> None:
+    """The BN behind dropout and pooling is the follower `neutralize` edits and `bn_gamma`
+    reads (silence passes those layers), so apoz / activation_mean are measured at its output;
+    a Dropout is the identity in inference mode, so an activation layer behind it counts; a
+    pooling layer with no BN behind it ends the route (the conv's own output is measured)."""
     from conftest import _seeded_weights
 
     L = keras.layers
     inputs = keras.Input((8, 8, 3), name="image")
     x = L.Conv2D(6, 1, name="conv")(inputs)
-    x = L.MaxPooling2D(name="pool")(L.Dropout(0.2, name="drop")(x))
-    x = L.Activation("relu", name="act")(L.BatchNormalization(name="bn")(x))
+    if route == "pool_then_bn":
+        x = L.MaxPooling2D(name="pool")(L.Dropout(0.2, name="drop")(x))
+        x = L.Activation("relu", name="act")(L.BatchNormalization(name="bn")(x))
+    elif route == "dropout_then_relu":
+        x = L.Conv2D(4, 1, name="next")(L.ReLU(name="act")(L.Dropout(0.2, name="drop")(x)))
+    else:
+        x = L.Conv2D(4, 1, name="next")(L.ReLU(name="act")(L.MaxPooling2D(name="pool")(x)))
     model = keras.Model(inputs, L.Dense(2, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
     _seeded_weights(model, 3)
     model.save(tmp_path / "m.keras")
     x = np.random.default_rng(2).normal(size=(32, 8, 8, 3)).astype("float32")
     np.save(tmp_path / "x.npy", x)
-    apoz, act_mean = _channel_stats(keras, tmp_path / "m.keras", "act", x)
-    _, at_conv = _channel_stats(keras, tmp_path / "m.keras", "conv", x)
+    apoz, act_mean = _channel_stats(keras, tmp_path / "m.keras", at, x)
     want = sorted(int(f) for f in np.argsort(act_mean, kind="stable")[:2])
-    assert want != sorted(int(f) for f in np.argsort(at_conv, kind="stable")[:2])  # it matters
+    if at != "conv":  # the point matters: the conv's own output ranks differently
+        _, at_conv = _channel_stats(keras, tmp_path / "m.keras", "conv", x)
+        assert want != sorted(int(f) for f in np.argsort(at_conv, kind="stable")[:2])
     spec = write_spec(tmp_path, "version: 1\nmodels:\n  - path: m.keras\n    samples: x.npy\n"
                       "    layers: [{name: conv, rules: [{smallest: {by: activation_mean, "
                       "count: 2}}]}]\n")
     plan = json.loads(kprune("plan", spec, "--format", "json").expect(0).stdout)
     layer = plan["models"][0]["layers"][0]
-    assert layer["data_statistics"]["at"] == "act"
+    assert layer["data_statistics"]["at"] == at
     assert layer["data_statistics"]["activation_mean"] == pytest.approx(act_mean.tolist(),
                                                                          rel=1e-6)
     assert layer["data_statistics"]["apoz"] == pytest.approx(apoz.tolist(), abs=1e-12)
