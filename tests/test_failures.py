@@ -372,6 +372,28 @@ def test_sigkill_with_jobs_takes_the_workers_down_too(tmp_path: Path, small_cnn:
     assert [n for n in os.listdir(out) if ".kprune-tmp" in n] == []
 
 
+def test_stale_temp_cleanup_spares_an_output_named_like_a_temp_file(tmp_path: Path,
+                                                                     small_cnn: Path) -> None:
+    """An output whose name has the pattern of another output's temp file is an output all the
+    same: found by red-teaming, the next run's clean-up deleted it, so when that model then
+    failed its earlier output was gone (a failed model must leave it untouched)."""
+    for name in ("a", "b"):
+        shutil.copy(small_cnn, tmp_path / f"{name}.keras")
+    text = ("version: 1\nmodels:\n"
+            "  - path: a.keras\n    output: .b.keras.0123456789abcdef.kprune-tmp.keras\n"
+            "    layers: [{{name: conv2d, rules: [{{index: [{index}]}}]}}]\n"
+            "  - path: b.keras\n    layers: [{{name: conv2d, rules: [{{index: [0]}}]}}]\n")
+    spec = write_spec(tmp_path, text.format(index=0))
+    kprune("apply", spec).expect(0)
+    kept = tmp_path / "pruned" / ".b.keras.0123456789abcdef.kprune-tmp.keras"
+    before = sha256_file(str(kept))
+    write_spec(tmp_path, text.format(index=99))  # model a now fails
+    result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(1)
+    assert result.stderr == ("error: model 'a', layer 'conv2d': models[0].layers[0].rules[0]: "
+                             "index 99 is out of range: the layer has 6 filters (valid: 0..5)\n")
+    assert sha256_file(str(kept)) == before
+
+
 # --- fuzzing: validate never raises, always 0 or 2 ---------------------------------------------
 
 yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),

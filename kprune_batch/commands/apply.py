@@ -358,11 +358,13 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             for outcome in outcomes:
                 finished(outcome)
         else:
-            reads = [plan.spec_path] + [j.input for j in plan.jobs]
+            # neither what the run reads nor any model's output (an output may be *named*
+            # like another output's temp file: it is a user's file all the same)
+            keep = [plan.spec_path] + [j.input for j in plan.jobs] + [j.output for j in plan.jobs]
             # a SIGKILLed earlier run may have left temp files behind; only this shard's
             # outputs are looked at (the other shards' runs may be writing theirs right now)
             for job in todo:
-                remove_stale_temps(job.output, keep=reads)
+                remove_stale_temps(job.output, keep=keep)
             with stop.installed():
                 outcomes = _run_all(todo, stop, opener, probe, fail_fast, jobs, progress,
                                     session, on_done=finished)
