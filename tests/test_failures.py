@@ -1,6 +1,7 @@
 """Batch jobs never lose data: bad model files, write faults, signals, concurrent runs, fuzzed specs."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -378,6 +379,85 @@ def test_sigkill_leaves_only_complete_files_and_the_next_run_cleans_up(
     kprune("apply", spec).expect(0)
     assert _complete_outputs(keras, tmp_path / "pruned") == [f"m{i}.keras" for i in range(4)]
     assert [p.name for p in (tmp_path / "pruned").iterdir() if "tmp" in p.name] == []
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is `pid` (read from /proc: a zombie is not live)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat_line = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            state, ppid = stat_line.rpartition(")")[2].split()[:2]
+            if int(ppid) == pid and state != "Z":
+                kids.append(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigkill_with_jobs_takes_the_workers_down_too(tmp_path: Path, small_cnn: Path,
+                                                       keras: Any) -> None:
+    """SIGKILL of `apply --jobs 2` (a CI timeout, the OOM killer) while workers are at work:
+    the workers die with it. Found by red-teaming: they were orphaned, finished their models and
+    renamed outputs *after* the run holding the folder lock was gone (over what the next run had
+    written and logged, so its verify failed), then hung for ever holding their memory."""
+    spec = _batch(tmp_path, small_cnn, 8)
+    proc = _start(spec, "--jobs", "2", "--probe")
+    out = tmp_path / "pruned"
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and any(".kprune-tmp" in n for n in os.listdir(out))):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no model was seen in progress"
+        time.sleep(0.005)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, workers  # the two workers (and multiprocessing's resource tracker)
+    proc.kill()
+    proc.wait()
+    try:
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in workers if _alive(pid)] == []
+    finally:
+        for pid in workers:  # never leave this test's own processes behind
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)  # a surviving worker held the pipes open: this would hang
+    _complete_outputs(keras, out)
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    kprune("verify", tmp_path / "log.json").expect(0)
+    assert [n for n in os.listdir(out) if ".kprune-tmp" in n] == []
+
+
+def test_stale_temp_cleanup_spares_an_output_named_like_a_temp_file(tmp_path: Path,
+                                                                     small_cnn: Path) -> None:
+    """An output whose name has the pattern of another output's temp file is an output all the
+    same: found by red-teaming, the next run's clean-up deleted it, so when that model then
+    failed its earlier output was gone (a failed model must leave it untouched)."""
+    for name in ("a", "b"):
+        shutil.copy(small_cnn, tmp_path / f"{name}.keras")
+    text = ("version: 1\nmodels:\n"
+            "  - path: a.keras\n    output: .b.keras.0123456789abcdef.kprune-tmp.keras\n"
+            "    layers: [{{name: conv2d, rules: [{{index: [{index}]}}]}}]\n"
+            "  - path: b.keras\n    layers: [{{name: conv2d, rules: [{{index: [0]}}]}}]\n")
+    spec = write_spec(tmp_path, text.format(index=0))
+    kprune("apply", spec).expect(0)
+    kept = tmp_path / "pruned" / ".b.keras.0123456789abcdef.kprune-tmp.keras"
+    before = sha256_file(str(kept))
+    write_spec(tmp_path, text.format(index=99))  # model a now fails
+    result = kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(1)
+    assert result.stderr == ("error: model 'a', layer 'conv2d': models[0].layers[0].rules[0]: "
+                             "index 99 is out of range: the layer has 6 filters (valid: 0..5)\n")
+    assert sha256_file(str(kept)) == before
 
 
 # --- fuzzing: validate never raises, always 0 or 2 ---------------------------------------------

@@ -358,11 +358,13 @@ def apply(spec_file: str, audit_log: str | None = None, output_dir: str | None =
             for outcome in outcomes:
                 finished(outcome)
         else:
-            reads = [plan.spec_path] + [j.input for j in plan.jobs]
+            # neither what the run reads nor any model's output (an output may be *named*
+            # like another output's temp file: it is a user's file all the same)
+            keep = [plan.spec_path] + [j.input for j in plan.jobs] + [j.output for j in plan.jobs]
             # a SIGKILLed earlier run may have left temp files behind; only this shard's
             # outputs are looked at (the other shards' runs may be writing theirs right now)
             for job in todo:
-                remove_stale_temps(job.output, keep=reads)
+                remove_stale_temps(job.output, keep=keep)
             with stop.installed():
                 outcomes = _run_all(todo, stop, opener, probe, fail_fast, jobs, progress,
                                     session, on_done=finished)
@@ -460,7 +462,8 @@ def _run_all(todo: list[ModelJob], stop: _Stop, opener: Opener, probe: bool, fai
         # Workers are spawned, never forked: a forked TensorFlow runtime can deadlock.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
-                                                    initializer=_worker_init) as pool:
+                                                    initializer=_worker_init,
+                                                    initargs=(os.getpid(),)) as pool:
             _run_parallel(todo, done, lambda job: pool.submit(run_job, job, opener, True, probe),
                           jobs, stop, fail_fast, report, "the worker process failed")
     if progress:
@@ -514,10 +517,31 @@ def _run_parallel(todo: list[ModelJob], done: dict[int, ModelOutcome],
         report(done[i])
 
 
-def _worker_init() -> None:
-    """Workers leave SIGINT/SIGTERM to the parent, which stops handing out models."""
+def _worker_init(parent: int) -> None:
+    """Workers leave SIGINT/SIGTERM to the parent, which stops handing out models, and die with
+    it: a worker outliving a SIGKILLed parent would finish its model and rename its output after
+    the folder lock is gone (over what the next run writes), then block for ever on its task
+    queue, whose write end every spawned worker holds too (so it never sees end of file)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:  # Linux: the kernel kills this process the moment the parent dies (prctl(2))
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):  # elsewhere: a watcher thread polls the parent's pid
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.1)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="kprune-parent-watch", daemon=True).start()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
 
 
 # A spec read from stdin has no file, so no commit to name: the log's spec.path is '-' and its
