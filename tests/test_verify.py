@@ -624,3 +624,19 @@ def test_a_record_whose_stats_are_not_the_inputs_is_a_mismatch(
     assert [x for x in result.stdout.splitlines() if x.startswith("MISMATCH")] == [
         f"MISMATCH {model}: layer '{layer}' filter {f}: the log's l1 0.001 is not the input "
         f"slice's {want:.6g}"]
+
+
+@pytest.mark.xfail(strict=True, reason="verify --probe checks only the silent claims (a channel "
+                   "recorded silent that measures non-zero); a record claiming 'silent: false' "
+                   "with a made-up constant is shown by report and the review page and still "
+                   "verifies. Checking it needs the probe to measure each not-silent channel's "
+                   "inference-mode constant where the executor judged it (probe._measure)")
+def test_a_silent_channel_recorded_as_not_silent_is_a_mismatch_with_probe(
+        run: dict[str, Any]) -> None:
+    def lie(log: dict[str, Any]) -> None:
+        record = _first(log)
+        record["silent"], record["constant"] = False, 0.5
+
+    log = _crafted(run["log"], lie)
+    result = kprune("verify", log, "--probe").expect(1)
+    assert any(x.startswith("MISMATCH small: ") for x in result.stdout.splitlines()), result
