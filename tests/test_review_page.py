@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import REPO, kprune, layer_weights, write_spec
+from conftest import REPO, kprune, layer_weights, residual_model, write_spec
 from kprune_batch.errors import printable
 
 EXAMPLE = REPO / "specs" / "examples" / "digits.keras"
@@ -266,29 +266,9 @@ models:
 """
 
 
-def _residual_model(keras: Any, folder: Path) -> None:
-    """Conv2D + BN + a residual Add, a DepthwiseConv2D (multiplier 2), a Conv2DTranspose and a
-    use_bias=False conv, saved as .keras and .h5."""
-    from conftest import _seeded_weights
-
-    L = keras.layers
-    i = keras.Input((8, 8, 3))
-    a = L.ReLU(name="r1")(L.BatchNormalization(name="bn1")(L.Conv2D(8, 3, padding="same",
-                                                                   name="c1")(i)))
-    b = L.BatchNormalization(name="bn2")(L.Conv2D(8, 3, padding="same", name="c2")(a))
-    d = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(L.Add(name="add")([a, b]))
-    t = L.Conv2DTranspose(6, 3, strides=2, padding="same", name="ct")(
-        L.BatchNormalization(name="bn_dw")(d))
-    n = L.BatchNormalization(name="bn_nb")(L.Conv2D(5, 1, use_bias=False, name="nb")(t))
-    model = keras.Model(i, L.Dense(3, name="dense")(L.GlobalAveragePooling2D(name="gap")(n)))
-    _seeded_weights(model, 3)
-    model.save(folder / "rt.keras")
-    model.save(folder / "rt.h5")
-
-
 def test_a_page_of_zeroed_and_removed_filters_a_failed_and_an_unchanged_model(
         keras: Any, tmp_path: Path) -> None:
-    _residual_model(keras, tmp_path)
+    residual_model(keras, tmp_path)
     weights = {name: layer_weights(keras, tmp_path / "rt.keras")[name]["kernel"]
                for name in ("ct", "dw")}
     ct = np.sqrt((weights["ct"].astype(np.float64) ** 2).sum(axis=(0, 1, 3)))  # filter axis -2

@@ -546,7 +546,8 @@ def test_a_removal_through_a_concatenate_is_read_directly(keras: Any, tmp_path: 
 # input's statistics, must not verify nor be shown by report, the review page or diff ----------
 
 def _record(log: dict[str, Any], kind: str, model: str, layer: str, f: int) -> dict[str, Any]:
-    return next(r for r in log[kind] if (r["model"], r["layer"], r["filter"]) == (model, layer, f))
+    return next(r for r in log[kind]
+                if (r["model"], r["layer"], r["filter"]) == (model, layer, f))
 
 
 def _move_to_removed(log: dict[str, Any], model: str, layer: str, f: int) -> None:
