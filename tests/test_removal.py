@@ -586,8 +586,7 @@ def test_round_to_keeps_back_the_largest_l1(keras: Any, tmp_path: Path, chain_mo
             layers:
               - {{name: c1, action: remove, round_to: 4, rules: [{{index: {selected}}}]}}
         """)
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
+    log = _applied_log(spec, tmp_path)
     assert log["models"][0]["removal"]["kept_back"] == {"c1": [expected_back]}
     assert sorted(r["filter"] for r in log["removed"]) == sorted(
         set(selected) - {expected_back})
@@ -618,8 +617,7 @@ def test_apply_approximate_records_the_deviation(keras: Any, tmp_path: Path) -> 
     assert not (tmp_path / "pruned" / "m.keras").exists()
 
     spec = write_spec(tmp_path, text.format(extra=", approximate: true", filters=filters))
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    removal = json.loads((tmp_path / "log.json").read_text())["models"][0]["removal"]
+    removal = _applied_log(spec, tmp_path)["models"][0]["removal"]
     assert removal["approximate"] is True
     assert removal["probe_deviation"] > 1e-5  # measured, recorded, allowed
     (fold,) = removal["folded"]
@@ -739,6 +737,12 @@ def concat_group_model(keras: Any, case: str) -> Any:
     return keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
 
 
+def _applied_log(spec: Path, tmp_path: Path) -> dict[str, Any]:
+    """Run `kprune apply spec` (exit 0 expected) and return the audit log it wrote."""
+    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    return json.loads((tmp_path / "log.json").read_text())
+
+
 def _kernel_l1(model: Any, names: Any) -> dict[str, np.ndarray]:
     """{conv: l1 of each of its filters}, from the input model's kernels in float64."""
     return {n: np.abs(model.get_layer(n).kernel.numpy().astype(np.float64)).sum(axis=(0, 1, 2))
@@ -776,8 +780,7 @@ def test_a_concatenate_inside_a_group_loses_channels_at_offsets(keras: Any, tmp_
                       "models:\n  - path: m.keras\n    layers:\n" + "".join(
                           f"      - {{name: {n}, rules: [{{smallest: {{by: l1, fraction: 0.25}}}}]}}\n"
                           for n in "abc"))
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
+    log = _applied_log(spec, tmp_path)
     l1 = _kernel_l1(model, "abc")
     wa = len(l1["a"])
     scores = l1["c"] + np.concatenate([l1["a"], l1["b"]])
@@ -898,8 +901,7 @@ def test_convnext_removal_with_approximate(keras: Any, tmp_path: Path, nested: b
     before = convnext_like(keras, nested=nested)
     before.save(tmp_path / "m.keras")
     spec = _convnext_spec(tmp_path, nested, approximate=True)
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
+    log = _applied_log(spec, tmp_path)
     # expected: each stage's group loses the floor(0.25 * C) channels of smallest summed l1
     # (ties by index), in every member; the Dense(4C) inside the blocks keeps its units
     gone: dict[str, list[int]] = {}
@@ -976,8 +978,7 @@ def test_round_to_on_a_concatenate_group_leaves_every_member_a_multiple(keras: A
     spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
                       "round_to: 2, max_fraction: 1.0}\nmodels:\n  - path: m.keras\n"
                       "    layers:\n      - {name: c, rules: [{smallest: {by: l1, count: 3}}]}\n")
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
+    log = _applied_log(spec, tmp_path)
     l1 = _kernel_l1(model, "abc")
     scores = l1["c"] + np.concatenate([l1["a"], l1["b"]])
     ranked = set(sorted(range(8), key=lambda u: (scores[u], u))[:3])
@@ -1014,8 +1015,7 @@ def test_a_global_cap_binds_on_a_concatenate_input_inside_a_group(keras: Any,
     spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union}\n"
                       "models:\n  - path: m.keras\n    layers:\n      - {match: '*', rules: "
                       "[{smallest: {by: l1, count: 4, across: entry}}]}\n")
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
+    log = _applied_log(spec, tmp_path)
     l1 = _kernel_l1(model, ("a", "b", "c", "head"))
     caps = {"a": 1, "b": 2, "c": 4, "head": 1}  # floor(0.5 * n)
     # (scores, {member: the filters a channel costs it}) per unit, in the entry's order
@@ -1109,8 +1109,7 @@ def test_neutralize_concat_makes_a_concatenate_group_exact(keras: Any, tmp_path:
             "(measured and logged), or zero these filters instead (action: zero)"), err
         assert not (tmp_path / "pruned" / "m.keras").exists()
         return
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
-    log = json.loads((tmp_path / "log.json").read_text())
+    log = _applied_log(spec, tmp_path)
     got: dict[str, list[int]] = {}
     for r in log["removed"]:
         got.setdefault(r["layer"], []).append(r["filter"])
@@ -1147,9 +1146,9 @@ def test_removal_from_a_legacy_h5_file(keras: Any, tmp_path: Path, case: str) ->
     spec = write_spec(tmp_path, "version: 1\ndefaults: {action: remove, coupled: union, "
                       "batchnorm: neutralize_concat}\nmodels:\n  - path: m.h5\n    layers:\n"
                       + entries)
-    kprune("apply", spec, "--audit-log", tmp_path / "log.json").expect(0)
+    log = _applied_log(spec, tmp_path)
     got: dict[str, list[int]] = {}
-    for r in json.loads((tmp_path / "log.json").read_text())["removed"]:
+    for r in log["removed"]:
         got.setdefault(r["layer"], []).append(r["filter"])
     assert {k: sorted(v) for k, v in got.items()} == selection
     _assert_written_equals_zeroed(keras, model, tmp_path, selection, seed=6,
