@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from kprune_batch.ranges import compact_ranges
+
 ZEROED, REMOVED = "zeroed", "removed"
 
 
@@ -73,7 +75,71 @@ def inconsistency(log: dict[str, Any]) -> str | None:
                 return f"{at}: filter {record['filter']} of layer '{sel['layer']}' is recorded " \
                        f"twice"
             seen.add(key)
+            action = sel.get("options", {}).get("action")
+            if action is not None and action != _ACTION[kind]:
+                return f"{at}: filter {record['filter']} of layer '{sel['layer']}' is recorded " \
+                       f"as {kind}, but the model lists the layer with action {action}"
+            if kind == REMOVED and not model.get("removal"):
+                return f"{at}: filter {record['filter']} of layer '{sel['layer']}' is recorded " \
+                       f"as removed, but model '{model['name']}' has no removal"
+    return _record_inconsistency(log, models)
+
+
+# the record list each action writes (executor: a zeroing record, or a removal's)
+_ACTION = {ZEROED: "zero", REMOVED: "remove"}
+
+
+def _record_inconsistency(
+        log: dict[str, Any],
+        models: dict[str, tuple[dict[str, Any], dict[str, dict[str, Any]]]]) -> str | None:
+    """Where a model's records disagree with what its entry says was edited: each layer's final
+    selection is exactly the filters recorded for it, and a removal's index mapping and its
+    'filters' touch remove exactly the removed records' filters. verify checks the files against
+    the touches and the records: without this, a log whose removed list lost a record, or whose
+    mapping was edited, would verify while report, diff and the review page show what did not
+    happen."""
+    recorded: dict[tuple[str, str], dict[str, set[int]]] = defaultdict(
+        lambda: {ZEROED: set(), REMOVED: set()})
+    for kind in (ZEROED, REMOVED):
+        for record in log[kind]:
+            recorded[(record["model"], record["layer"])][kind].add(record["filter"])
+    for i, (name, (model, layers)) in enumerate(models.items()):
+        if model["status"] != "ok":
+            continue
+        for j, sel in enumerate(model["layers"]):
+            got = recorded.get((name, sel["layer"]), {ZEROED: set(), REMOVED: set()})
+            edited = got[ZEROED] | got[REMOVED]
+            if set(sel["selected"]) != edited:
+                return f"models[{i}].layers[{j}].selected: layer '{sel['layer']}' selects " \
+                       f"{_ranges(set(sel['selected']))}, but its records name " \
+                       f"{_ranges(edited)}"
+        removal = model.get("removal")
+        if not removal:
+            continue
+        for layer, mapping in removal["mappings"].items():
+            gone = {f for f, to in enumerate(mapping["old_to_new"]) if to == -1}
+            got = recorded.get((name, layer), {ZEROED: set(), REMOVED: set()})[REMOVED]
+            if gone != got:
+                return f"models[{i}].removal.mappings['{layer}']: removes {_ranges(gone)}, but " \
+                       f"the removed records of layer '{layer}' name {_ranges(got)}"
+        for t, touch in enumerate(removal["touched"]):
+            if touch["how"] != "filters":
+                continue
+            mapping = removal["mappings"].get(touch["layer"])
+            gone = set(ranges_within(touch["removed"], touch["of"]) or ())
+            if mapping is None:
+                return f"models[{i}].removal.touched[{t}]: removes filters of layer " \
+                       f"'{touch['layer']}', which the removal's mappings do not list"
+            mapped = {f for f, to in enumerate(mapping["old_to_new"]) if to == -1}
+            if len(mapping["old_to_new"]) != touch["of"] or gone != mapped:
+                return f"models[{i}].removal.touched[{t}].removed: '{touch['removed']}' of " \
+                       f"{touch['of']}, but mappings['{touch['layer']}'] removes " \
+                       f"{_ranges(mapped)} of {len(mapping['old_to_new'])}"
     return None
+
+
+def _ranges(filters: set[int]) -> str:
+    return compact_ranges(sorted(filters)) or "none"
 
 
 def ranges_within(text: str, n: int) -> list[int] | None:

@@ -415,3 +415,22 @@ def small_cnn_h5(keras: Any, small_cnn: Path, models_dir: Path) -> Path:
     path = models_dir / "small.h5"
     model.save(path)
     return path
+
+
+def residual_model(keras: Any, folder: Path) -> None:
+    """Conv2D + BN + a residual Add, a DepthwiseConv2D (multiplier 2), a Conv2DTranspose and a
+    use_bias=False conv, saved as .keras and .h5."""
+    L = keras.layers
+    i = keras.Input((8, 8, 3))
+    a = L.ReLU(name="r1")(L.BatchNormalization(name="bn1")(L.Conv2D(8, 3, padding="same",
+                                                                   name="c1")(i)))
+    b = L.BatchNormalization(name="bn2")(L.Conv2D(8, 3, padding="same", name="c2")(a))
+    d = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(
+        L.Add(name="add")([a, b]))
+    t = L.Conv2DTranspose(6, 3, strides=2, padding="same", name="ct")(
+        L.BatchNormalization(name="bn_dw")(d))
+    n = L.BatchNormalization(name="bn_nb")(L.Conv2D(5, 1, use_bias=False, name="nb")(t))
+    model = keras.Model(i, L.Dense(3, name="dense")(L.GlobalAveragePooling2D(name="gap")(n)))
+    _seeded_weights(model, 3)
+    model.save(folder / "rt.keras")
+    model.save(folder / "rt.h5")

@@ -178,3 +178,71 @@ def test_output_over_a_shard_log_is_a_usage_error(run: dict[str, Path]) -> None:
                              f"kprune merge never writes over a log it reads: choose another "
                              f"path\n")
     assert run["shard1"].read_bytes() == before
+
+
+# --- red team (readers): shards whose logs hold both record kinds ----------------------------
+
+BOTH_KINDS_SPEC = """\
+version: 1
+output_dir: out
+models:
+  - name: removed
+    path: rt.keras
+    layers:
+      - {name: c1, action: remove, coupled: union, rules: [{index: [1, 4]}]}
+      - {name: nb, rules: [{index: [0]}]}
+  - name: zeroed
+    path: rt.h5
+    layers: [{name: ct, rules: [{index: [5]}]}]
+  - name: failed
+    path: missing.keras
+    layers: [{name: c1, rules: [{index: [0]}]}]
+"""
+
+
+def test_shards_with_removed_and_zeroed_records_merge_into_the_serial_log(
+        keras: Any, tmp_path: Path) -> None:
+    """Shard 1/2 removes (c1 and its coupled c2, the depthwise follower) and zeroes (nb) in one
+    model and holds the failed model; shard 2/2 zeroes a Conv2DTranspose of a .h5. The merged
+    log is the serial run's, and every reader takes it; a shard whose removed list lost a
+    record is refused."""
+    from conftest import residual_model, write_spec
+
+    residual_model(keras, tmp_path)
+    spec = write_spec(tmp_path, BOTH_KINDS_SPEC)
+    kprune("apply", spec, "--audit-log", tmp_path / "serial.json").expect(1)
+    shutil.rmtree(tmp_path / "out")
+    kprune("apply", spec, "--shard", "1/2", "--audit-log", tmp_path / "s1.json").expect(1)
+    kprune("apply", spec, "--shard", "2/2", "--audit-log", tmp_path / "s2.json").expect(0)
+    out = tmp_path / "merged.json"
+    _merge(tmp_path / "s2.json", tmp_path / "s1.json", output=out).expect(0)
+    merged, serial = read(out), read(tmp_path / "serial.json")
+    assert merged["models"] == serial["models"] and merged["status"] == "partial"
+    assert merged["zeroed"] == serial["zeroed"] and merged["removed"] == serial["removed"]
+    # which filters went, from the spec and the graph alone: the Add couples c1 and c2, the
+    # depthwise (multiplier 2) follows its input channels 1 and 4
+    assert {(r["layer"], r["filter"]) for r in merged["removed"]} == {
+        ("c1", 1), ("c1", 4), ("c2", 1), ("c2", 4), ("dw", 2), ("dw", 3), ("dw", 8), ("dw", 9)}
+    assert {(r["model"], r["layer"], r["filter"]) for r in merged["zeroed"]} == {
+        ("removed", "nb", 0), ("zeroed", "ct", 5)}
+    assert kprune("verify", out).expect(0).stdout.splitlines() == [
+        "ok      removed: 1 zeroed and 8 removed filter(s) verified: every weight equals the "
+        "input's with the logged slices and edits applied",
+        "ok      zeroed: 1 zeroed filter(s) verified, every other weight equals the input's",
+        "skipped failed: status failed in the log (nothing was written)"]
+    report = kprune("report", out).expect(0).stdout
+    assert "  c1: removed 1, 4 (2 of 8, 25.0%)\n" in report
+    assert "  dw: removed 2-3, 8-9 (4 of 16, 25.0%)\n" in report
+    assert "  nb: 0 (1 of 5, 20.0%)\n" in report and "  ct: 5 (1 of 6, 16.7%)\n" in report
+    assert "model failed: failed" in report
+    kprune("report", out, "--format", "html").expect(0)
+    assert kprune("diff", tmp_path / "serial.json", out, "--exit-code").expect(0).stdout == \
+        "no difference in zeroed or removed filters\n"
+    shard = read(tmp_path / "s1.json")
+    shard["removed"] = [r for r in shard["removed"] if (r["layer"], r["filter"]) != ("dw", 9)]
+    (tmp_path / "s1.json").write_text(json.dumps(shard))
+    refused = _merge(tmp_path / "s1.json", tmp_path / "s2.json", output=tmp_path / "no.json")
+    assert refused.expect(1).stderr == (
+        f"error: {tmp_path / 's1.json'}: not a consistent kprune audit log: "
+        f"models[0].layers[3].selected: layer 'dw' selects 2-3, 8-9, but its records name "
+        f"2-3, 8\n")

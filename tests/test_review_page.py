@@ -10,9 +10,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
-from conftest import REPO, kprune, write_spec
+from conftest import REPO, kprune, layer_weights, residual_model, write_spec
 from kprune_batch.errors import printable
 
 EXAMPLE = REPO / "specs" / "examples" / "digits.keras"
@@ -241,3 +242,63 @@ def test_the_impact_table_and_an_unreadable_log(tmp_path: Path) -> None:
     log_path.write_text("{")
     out = kprune("report", log_path, "--format", "html").expect(1)
     assert out.stdout == "" and out.stderr.startswith("error: ")
+
+
+# --- red team (readers): both record kinds, a failed and an up-to-date model on one page -------
+
+MIXED_SPEC = """\
+version: 1
+output_dir: out
+models:
+  - name: k
+    path: rt.keras
+    layers:
+      - {name: c1, action: remove, coupled: union, rules: [{index: [1, 4]}]}
+      - {name: ct, rules: [{smallest: {by: l2, count: 2}}]}
+      - {name: nb, rules: [{index: [0]}]}
+  - name: h
+    path: rt.h5
+    layers:
+      - {name: dw, rules: [{l1: {below: THRESHOLD}}]}
+  - name: gone
+    path: missing.keras
+    layers: [{name: c1, rules: [{index: [0]}]}]
+"""
+
+
+def test_a_page_of_zeroed_and_removed_filters_a_failed_and_an_unchanged_model(
+        keras: Any, tmp_path: Path) -> None:
+    residual_model(keras, tmp_path)
+    weights = {name: layer_weights(keras, tmp_path / "rt.keras")[name]["kernel"]
+               for name in ("ct", "dw")}
+    ct = np.sqrt((weights["ct"].astype(np.float64) ** 2).sum(axis=(0, 1, 3)))  # filter axis -2
+    dw = np.abs(weights["dw"].astype(np.float64)).reshape(9, -1).sum(axis=0)  # f = c * 2 + m
+    expected = {("k", layer): ["kept"] * n for layer, n in
+                (("c1", 8), ("c2", 8), ("dw", 16), ("ct", 6), ("nb", 5))}
+    for layer, filters in (("c1", [1, 4]), ("c2", [1, 4]), ("dw", [2, 3, 8, 9])):
+        for f in filters:  # the Add couples c1 and c2; the depthwise follows its channels
+            expected[("k", layer)][f] = "removed"
+    for f in np.argsort(ct, kind="stable")[:2]:  # ties: the lower index first
+        expected[("k", "ct")][int(f)] = "zeroed"
+    expected[("k", "nb")][0] = "zeroed"
+    threshold = float(np.sort(dw)[3:5].mean())  # between the 4th and 5th smallest l1
+    expected[("h", "dw")] = ["zeroed" if v < threshold else "kept" for v in dw]
+    assert expected[("h", "dw")].count("zeroed") == 4
+    spec = write_spec(tmp_path, MIXED_SPEC.replace("THRESHOLD", repr(threshold)))
+    kprune("apply", spec, "--audit-log", tmp_path / "first.json").expect(1)
+    kprune("apply", spec, "--audit-log", tmp_path / "again.json").expect(1)
+    for log in ("first.json", "again.json"):
+        page = kprune("report", tmp_path / log, "--format", "html").expect(0).stdout
+        dom = parse(page)
+        assert {key: [s.split()[0] for s in states] for key, states in dom.layers.items()} \
+            == expected
+        text = " ".join(dom.text)
+        assert "model 'gone': input file " in text and "missing.keras does not exist" in text
+        unchanged = text.count("(unchanged: already held these bytes)")
+        assert unchanged == (2 if log == "again.json" else 0)
+    if CHROMIUM is not None:  # both kinds and the error render without a console error
+        (tmp_path / "page.html").write_text(page)
+        dom_text, console = browse(tmp_path / "page.html", tmp_path / "page.png")
+        assert console == []
+        assert {key: [s.split()[0] for s in states]
+                for key, states in parse(dom_text).layers.items()} == expected

@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import FRAMEWORKS, kprune, without_frameworks, write_spec
+from conftest import FRAMEWORKS, kprune, layer_weights, without_frameworks, write_spec
 
 SPEC = """\
 version: 1
@@ -142,6 +142,16 @@ def _first(log: dict[str, Any]) -> dict[str, Any]:
     return log["zeroed"][0]
 
 
+def _refilter(log: dict[str, Any], filter: int) -> None:
+    """The first record names `filter`, and its layer's selection says so too (a log consistent
+    in itself: read_log refuses a selection its records do not match)."""
+    record = _first(log)
+    sel = next(s for m in log["models"] if m["name"] == record["model"] for s in m["layers"]
+               if s["layer"] == record["layer"])
+    sel["selected"] = sorted({*sel["selected"]} - {record["filter"]} | {filter})
+    record["filter"] = filter
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda l: _first(l).__setitem__("layer", "ghost"),
      "zeroed[0].layer: names layer 'ghost', which model 'small' does not list"),
@@ -195,7 +205,7 @@ def test_hostile_json_is_one_line(tmp_path: Path, text: str, message: str) -> No
                 [r.__setitem__("layer", "ghost") for r in l["zeroed"]]),
      "the log names layer 'ghost', which the input does not have"),
     (lambda l: (l["models"][0]["layers"][0].__setitem__("filters_total", 100),
-                _first(l).__setitem__("filter", 50)),
+                _refilter(l, 50)),
      "the log names filter 50 of layer 'conv2d_1', which has 8 in the input"),
     (lambda l: (l["models"][0]["layers"][0].__setitem__("layer_class", "Conv1D"),
                 [r.__setitem__("layer_class", "Conv1D") for r in l["zeroed"]]),
@@ -530,3 +540,104 @@ def test_a_removal_through_a_concatenate_is_read_directly(keras: Any, tmp_path: 
         f"MISMATCH m: output file {path} does not match the sha256 in the log (replaced or "
         f"modified since the run)",
         f"MISMATCH m: layer 'c' kernel untouched filter 3: max |difference| {delta:.6g}"]
+
+
+# --- red team (readers): a log whose records disagree with its own entries, or lie about the
+# input's statistics, must not verify nor be shown by report, the review page or diff ----------
+
+def _record(log: dict[str, Any], kind: str, model: str, layer: str, f: int) -> dict[str, Any]:
+    return next(r for r in log[kind]
+                if (r["model"], r["layer"], r["filter"]) == (model, layer, f))
+
+
+def _move_to_removed(log: dict[str, Any], model: str, layer: str, f: int) -> None:
+    record = _record(log, "zeroed", model, layer, f)
+    log["zeroed"].remove(record)
+    log["removed"].append(record)
+
+
+def _remap(log: dict[str, Any], model: str, layer: str, gone: set[int]) -> None:
+    mapping = next(m for m in log["models"] if m["name"] == model)["removal"]["mappings"][layer]
+    kept = [f for f in range(len(mapping["old_to_new"])) if f not in gone]
+    mapping["old_to_new"] = [kept.index(f) if f in kept else -1
+                             for f in range(len(mapping["old_to_new"]))]
+
+
+def _filters_touch(log: dict[str, Any], model: str, layer: str) -> dict[str, Any]:
+    removal = next(m for m in log["models"] if m["name"] == model)["removal"]
+    return next(t for t in removal["touched"] if (t["layer"], t["how"]) == (layer, "filters"))
+
+
+# REMOVE_SPEC's chain: c1 (16 filters) loses 3 and 11 (removed), c2 zeroes 0; a zeroing run's
+# small: conv2d_1 zeroes 2 and 5 (ZERO_SPEC)
+@pytest.mark.parametrize("name, change, message", [
+    ("remove.json", lambda l: l["removed"].remove(_record(l, "removed", "chain", "c1", 3)),
+     "models[0].layers[0].selected: layer 'c1' selects 3, 11, but its records name 11"),
+    ("direct.json", lambda l: l["zeroed"].remove(_record(l, "zeroed", "small", "conv2d_1", 2)),
+     "models[0].layers[0].selected: layer 'conv2d_1' selects 2, 5, but its records name 5"),
+    ("direct.json", lambda l: _move_to_removed(l, "small", "conv2d_1", 2),
+     "removed[0]: filter 2 of layer 'conv2d_1' is recorded as removed, but the model lists the "
+     "layer with action zero"),
+    ("remove.json", lambda l: _move_to_removed(l, "chain", "c2", 0),
+     "removed[3]: filter 0 of layer 'c2' is recorded as removed, but the model lists the layer "
+     "with action zero"),
+    ("remove.json", lambda l: l["models"][0].__setitem__("removal", None),
+     "removed[0]: filter 3 of layer 'c1' is recorded as removed, but model 'chain' has no "
+     "removal"),
+    ("remove.json", lambda l: _remap(l, "chain", "c1", {4, 11}),
+     "models[0].removal.mappings['c1']: removes 4, 11, but the removed records of layer 'c1' "
+     "name 3, 11"),
+    ("remove.json", lambda l: _filters_touch(l, "chain", "c1").__setitem__("removed", "4, 11"),
+     "models[0].removal.touched[0].removed: '4, 11' of 16, but mappings['c1'] removes 3, 11 "
+     "of 16"),
+])
+def test_records_that_disagree_with_the_models_entry_are_refused(
+        runs: dict[str, Any], tmp_path: Path, name: str, change: Any, message: str) -> None:
+    """Before: each of these verified (`ok`) and report/diff showed filters as removed that
+    were zeroed, or counted a removal one filter short, since verify checks the files against
+    the touches and report counts the records."""
+    folder = _copy_run(runs, tmp_path / "copy")
+    log = _crafted(folder / name, change)
+    for command in (["verify", log], ["report", log], ["report", log, "--format", "html"],
+                    ["diff", folder / name, log]):
+        result = kprune(*command, env=runs["no_frameworks"]).expect(1)
+        assert result.stderr == f"error: {log}: not a consistent kprune audit log: {message}\n"
+        assert result.stdout == ""
+
+
+@pytest.mark.parametrize("name, model, kind, layer, f, kernel", [
+    ("direct.json", "small", "zeroed", "conv2d_1", 5, lambda k: k[..., 5]),
+    ("remove.json", "chain", "removed", "c1", 11, lambda k: k[..., 11]),
+])
+def test_a_record_whose_stats_are_not_the_inputs_is_a_mismatch(
+        keras: Any, runs: dict[str, Any], tmp_path: Path, name: str, model: str, kind: str,
+        layer: str, f: int, kernel: Any) -> None:
+    """The review page and report show a record's stats; verify recomputes them from the input
+    (before: a log with an edited l1 verified)."""
+    folder = _copy_run(runs, tmp_path / "copy")
+    log = _crafted(folder / name, lambda l: _record(l, kind, model, layer, f)["stats"]
+                   .__setitem__("l1", 0.001))
+    source = json.loads(log.read_text())
+    entry = next(m for m in source["models"] if m["name"] == model)
+    weights = layer_weights(keras, entry["input"]["path"])[layer]
+    want = float(np.abs(kernel(weights["kernel"]).astype(np.float64)).sum())
+    result = kprune("verify", log, env=runs["no_frameworks"]).expect(1)
+    assert [x for x in result.stdout.splitlines() if x.startswith("MISMATCH")] == [
+        f"MISMATCH {model}: layer '{layer}' filter {f}: the log's l1 0.001 is not the input "
+        f"slice's {want:.6g}"]
+
+
+@pytest.mark.xfail(strict=True, reason="verify --probe checks only the silent claims (a channel "
+                   "recorded silent that measures non-zero); a record claiming 'silent: false' "
+                   "with a made-up constant is shown by report and the review page and still "
+                   "verifies. Checking it needs the probe to measure each not-silent channel's "
+                   "inference-mode constant where the executor judged it (probe._measure)")
+def test_a_silent_channel_recorded_as_not_silent_is_a_mismatch_with_probe(
+        run: dict[str, Any]) -> None:
+    def lie(log: dict[str, Any]) -> None:
+        record = _first(log)
+        record["silent"], record["constant"] = False, 0.5
+
+    log = _crafted(run["log"], lie)
+    result = kprune("verify", log, "--probe").expect(1)
+    assert any(x.startswith("MISMATCH small: ") for x in result.stdout.splitlines()), result

@@ -219,11 +219,14 @@ def _model(i: int, model: dict[str, Any], log: dict[str, Any],
            records: dict[tuple[str, str, int], dict[str, Any]], extra: Extra) -> list[str]:
     name = model["name"]
     output = model["output"]["path"] if model.get("output") else "—"
+    # a re-run that found the output already holding its bytes left it alone (report says so)
+    kept = " (unchanged: already held these bytes)" \
+        if model.get("output") and model["output"].get("written") is False else ""
     out = [f'<section class="model" id="model-{i}" data-model="{esc(name)}">',
            f"<h2>model <code>{esc(name)}</code> "
            f"<span class=\"status st-{esc(model['status'])}\">{esc(model['status'])}</span></h2>",
            f"<p class=\"meta\"><code>{esc(model['input']['path'])}</code> → "
-           f"<code>{esc(output)}</code> · backend {esc(model.get('backend'))}</p>"]
+           f"<code>{esc(output)}</code>{kept} · backend {esc(model.get('backend'))}</p>"]
     if model.get("error"):
         out.append(f'<p class="error">{esc(model["error"])}</p>')
     if name in extra.model_notes:

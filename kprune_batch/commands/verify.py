@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ from kprune_batch.errors import AuditLogError, KpruneError, first_line
 from kprune_batch.families import canonical_class, family_of, member_family_of
 from kprune_batch.files import sha256_file
 from kprune_batch.logfacts import bn_channel
+from kprune_batch.rule_kinds import STAT_KINDS
 
 Opener = Callable[[str, str, str], Any]  # (path, model name, role) -> ModelWeights
 
@@ -327,6 +329,9 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
         if not node.holds_weights or path in dropped:
             continue
         want = _stored(before, path)
+        problem = _stats_problem(path, want, own.get(path, []))
+        if problem:
+            problems.append(problem)
         _zero(want, own.get(path, []), bn.get(path, []))
         if path in touches or path in folds:
             try:
@@ -367,6 +372,37 @@ def _compare(before: Any, after: Any, records: list[dict[str, Any]],
                             f"{', '.join(extra)}")
         del want, got
     return problems
+
+
+def _stats_problem(path: str, variables: dict[str, np.ndarray],
+                   own: list[dict[str, Any]]) -> str | None:
+    """Where the records' `stats` are not those of the input's kernel slices (report, diff and
+    the review page show them to reviewers: a log that lies about them must not verify)."""
+    from kprune_batch.rules import filter_stats
+
+    if not own:
+        return None
+    family = member_family_of(own[0]["layer_class"])
+    kernel = variables.get(family.kernel_name(variables) or family.kernel_var)
+    if kernel is None:  # _log_problems named the layer already
+        return None
+    stats = {key: values.tolist() for key, values in  # floats: 6,640 records x 4 compares
+             filter_stats(family.filter_view(kernel)).items()}
+    bad = []
+    for r in own:
+        for key in STAT_KINDS:  # the schema requires these four (and allows more)
+            logged, actual = r["stats"][key], stats[key][r["filter"]]
+            # the run computed them from these bits in float64: equal up to the summation order
+            # of another reader's memory layout
+            if not math.isclose(logged, actual, rel_tol=1e-9, abs_tol=1e-12):
+                bad.append((r["filter"], key, logged, actual))
+                break
+    if not bad:
+        return None
+    f, key, logged, actual = bad[0]
+    more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
+    return f"layer '{path}' filter {f}{more}: the log's {key} {logged:.6g} is not the input " \
+           f"slice's {actual:.6g}"
 
 
 def _zero(variables: dict[str, np.ndarray], own: list[dict[str, Any]],
