@@ -559,11 +559,19 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"  # at offset 0 unless the file has a user
 
 
 def _format_problem(path: str) -> tuple[str, str] | None:
-    """Why the input at `path` is not what its suffix says, as (message, hint); None if it is.
+    """Why the input at `path` is not what its suffix says, as (message, hint); None if it is
+    (or the check cannot tell: an HDF5 file with a user block starts elsewhere).
 
     Keras decides by zipfile.is_zipfile whether a `.keras` is an archive and otherwise says
     "File not found" (keras/src/saving/saving_api.py, load_model), the direct backend "File is
     not a zip file": both backends fail such a file with this one line instead."""
+    if path.endswith(".h5"):
+        # h5py's own line for a zip is "file signature not found", which does not say why
+        with open_regular(path) as fh:
+            if fh.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE and zipfile.is_zipfile(fh):
+                return ("not an HDF5 file: it is a zip archive (a .keras model)",
+                        "name it .keras (Keras reads a .h5 file only as HDF5)")
+        return None
     if not path.endswith(".keras"):
         return None
     with open_regular(path) as fh:

@@ -56,6 +56,36 @@ def test_truncated_keras_file(tmp_path: Path, small_cnn: Path) -> None:
     assert log["models"][0]["status"] == "failed" and log["models"][0]["output"] is None
 
 
+def _without_member(src: Path, dest: Path, member: str | None) -> None:
+    """dest: the zip at src with `member` left out (None: every member, named dest)."""
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dest, "w") as zo:
+        for name in zi.namelist():
+            if name != member:
+                zo.writestr(name, zi.read(name))
+
+
+@pytest.mark.parametrize("name, member, message", [
+    ("m.h5", None, "not an HDF5 file: it is a zip archive (a .keras model); name it .keras "
+                   "(Keras reads a .h5 file only as HDF5)"),
+    ("m.keras", "config.json", "the .keras archive has no 'config.json' member (not a complete "
+                               "Keras model); re-save it with keras.saving.save_model"),
+    ("m.keras", "model.weights.h5", "the .keras archive has no 'model.weights.h5' member (not "
+                                    "a complete Keras model); re-save it with "
+                                    "keras.saving.save_model"),
+])
+def test_an_archive_that_is_not_a_complete_model_says_what_to_do(
+        tmp_path: Path, small_cnn: Path, name: str, member: str | None, message: str) -> None:
+    """A .keras zip named .h5 and a .keras missing one of the members Keras opens each fail
+    the model with one line that says what to do, the input untouched, nothing written."""
+    _without_member(small_cnn, tmp_path / name, member)
+    before = (tmp_path / name).read_bytes()
+    result, log = run_one(tmp_path, name)
+    assert result.stderr == f"error: {tmp_path / name}: model 'm': {message}\n", result
+    assert log["models"][0]["status"] == "failed"
+    assert (tmp_path / name).read_bytes() == before
+    assert [p.name for p in (tmp_path / "pruned").iterdir()] == [".kprune.lock"]
+
+
 def test_flipped_weight_byte_is_not_copied_on(keras: Any, tmp_path: Path,
                                               small_cnn: Path) -> None:
     """A weight byte that no longer matches the zip's CRC-32 (bit rot) fails the model; the
@@ -173,6 +203,16 @@ def test_index_rule_zeroes_nan_filters_and_logs_them(keras: Any, tmp_path: Path,
             assert after[layer][name].tobytes() == want.tobytes(), (layer, name)
     kprune("verify", log_path).expect(0)
     kprune("report", log_path, "--format", "html").expect(0)
+    # verify recomputes the stats: null only where the slice is not finite
+    want3 = float(np.abs(slice3).sum())
+    for f, value, line in [(3, None, f"the log's l1 null is not the input slice's {want3:.6g}"),
+                           (2, 1.5, "the log's l1 1.5 is not the input slice's null")]:
+        tampered = json.loads(log_path.read_text())
+        next(r for r in tampered["zeroed"] if r["filter"] == f)["stats"]["l1"] = value
+        (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+        result = kprune("verify", tmp_path / "tampered.json").expect(1)
+        assert [x for x in result.stdout.splitlines() if x.startswith("MISMATCH")] == [
+            f"MISMATCH nan: layer 'conv2d' filter {f}: {line}"], result
 
 
 def test_a_kept_batchnorm_with_nan_statistics_still_logs(keras: Any, tmp_path: Path,

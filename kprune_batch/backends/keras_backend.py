@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from typing import Any
 
@@ -48,6 +49,15 @@ def _describe_load_error(exc: BaseException, path: str) -> tuple[str, str | None
             or "signature" in lowered or "not a zip" in lowered:
         return (f"the file is not a readable Keras model ({text.splitlines()[0][:200]})",
                 "check the file is a complete .keras or .h5 model")
+    missing = re.search(r"there is no item named '([^']+)' in the archive", str(exc), re.I)
+    if isinstance(exc, KeyError) and missing:
+        # zipfile's KeyError for a member saving_lib opens (config.json, model.weights.h5)
+        return (f"the .keras archive has no '{missing.group(1)}' member (not a complete "
+                "Keras model)", "re-save it with keras.saving.save_model")
+    if "expected a model.weights.h5 or model.weights.npz" in lowered:
+        # saving_lib's line when the archive holds no weights member
+        return ("the .keras archive has no 'model.weights.h5' member (not a complete Keras "
+                "model)", "re-save it with keras.saving.save_model")
     return f"Keras could not load the model ({text.splitlines()[0][:300]})", None
 
 

@@ -392,17 +392,27 @@ def _stats_problem(path: str, variables: dict[str, np.ndarray],
     for r in own:
         for key in STAT_KINDS:  # the schema requires these four (and allows more)
             logged, actual = r["stats"][key], stats[key][r["filter"]]
+            if not math.isfinite(actual):
+                actual = None  # a slice holding NaN/inf has no statistic: the run logs null
             # the run computed them from these bits in float64: equal up to the summation order
             # of another reader's memory layout
-            if not math.isclose(logged, actual, rel_tol=1e-9, abs_tol=1e-12):
+            if logged is None or actual is None:
+                same = logged is None and actual is None
+            else:
+                same = math.isclose(logged, actual, rel_tol=1e-9, abs_tol=1e-12)
+            if not same:
                 bad.append((r["filter"], key, logged, actual))
                 break
     if not bad:
         return None
     f, key, logged, actual = bad[0]
     more = f" (+{len(bad) - 1} more)" if len(bad) > 1 else ""
-    return f"layer '{path}' filter {f}{more}: the log's {key} {logged:.6g} is not the input " \
-           f"slice's {actual:.6g}"
+    return f"layer '{path}' filter {f}{more}: the log's {key} {_stat_text(logged)} is not " \
+           f"the input slice's {_stat_text(actual)}"
+
+
+def _stat_text(value: float | None) -> str:
+    return "null" if value is None else f"{value:.6g}"
 
 
 def _zero(variables: dict[str, np.ndarray], own: list[dict[str, Any]],
