@@ -632,6 +632,13 @@ def semantic_problems(data: dict[str, Any], positions: Positions, file: str) -> 
                         add(rpath + ("fraction",),
                             f"fraction must be a number greater than 0 and at most 1, got "
                             f"{fraction!r}")
+                if kind in ("smallest", "largest") and "normalize" in params \
+                        and params.get("across", "layer") != "entry":
+                    # a layer ranked on its own keeps its order under any normalisation: the
+                    # user most likely meant one ranking across the entry's layers
+                    add(rpath + ("normalize",),
+                        "normalize applies only to one ranking across layers (across: entry); "
+                        "add 'across: entry' or remove 'normalize'", key=True)
                 if kind == "sign" and cls is not None and family_of(cls) is not None:
                     axes = family_of(cls).slice_axes(cls)  # type: ignore[union-attr]
                     if axes is not None and len(params["element"]) != axes:

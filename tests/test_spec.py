@@ -135,6 +135,26 @@ def test_max_fraction_nan_is_invalid(tmp_path: Path, old: str, new: str, expecte
     assert problems(tmp_path, VALID.replace(old, new)) == [expected]
 
 
+@pytest.mark.parametrize("rule", [
+    "{smallest: {by: l1, count: 2, normalize: max}}",
+    "{largest: {by: l2, fraction: 0.5, across: layer, normalize: none}}",
+])
+def test_normalize_without_a_ranking_across_layers_is_invalid(tmp_path: Path, rule: str) -> None:
+    """normalize cannot change a ranking of one layer on its own: written without across: entry
+    it means the user expected one ranking across the layers and would silently not get it."""
+    kind = rule[1:rule.index(":")]
+    text = VALID.replace("- index: [4, 7]", f"- {rule}")
+    line = text.splitlines()[6]  # the rule's line (7), the key's column counted here
+    assert problems(tmp_path, text) == [
+        f"7:{line.index('normalize') + 1}: models[0].layers[0].rules[0].{kind}.normalize: normalize applies only to "
+        f"one ranking across layers (across: entry); add 'across: entry' or remove 'normalize'"]
+    fixed = rule.replace("normalize", "across: entry, normalize").replace(
+        "across: layer, across: entry", "across: entry")
+    (ranking,) = read_spec(write_spec(tmp_path, VALID.replace(
+        "- index: [4, 7]", f"- {fixed}"))).models[0].layers[0].rules
+    assert (ranking.kind, ranking.params["across"]) == (kind, "entry")
+
+
 def test_semantic_errors(tmp_path: Path) -> None:
     text = """\
     version: 1
