@@ -8,7 +8,7 @@ that readers can index by what a log says without meeting a KeyError or an Index
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 from kprune_batch.ranges import compact_ranges
 
@@ -19,6 +19,12 @@ def bn_channel(record: dict[str, Any], edit: dict[str, Any]) -> int:
     """The BatchNormalization channel a record's BN edit sets: the filter itself, unless the
     edit says otherwise (a follower behind a Concatenate, at the filter's offset there)."""
     return int(edit.get("channel", record["filter"]))
+
+
+def constant_text(value: float | None, number: Callable[[float], str] = str) -> str:
+    """A not-silent record's constant as the readers print it: null is an output that is not
+    a finite number (NaN/inf: strict JSON cannot hold it; the record's notes tell the value)."""
+    return "not finite (see the record's notes)" if value is None else number(value)
 
 
 def inconsistency(log: dict[str, Any]) -> str | None:

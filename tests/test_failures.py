@@ -240,6 +240,14 @@ def test_a_kept_batchnorm_with_nan_statistics_still_logs(keras: Any, tmp_path: P
     assert records[3]["notes"] == ["the channel's constant output is nan, not a finite number "
                                    "(recorded as constant: null)"]
     kprune("verify", log_path).expect(0)
+    text = kprune("report", log_path).expect(0).stdout
+    assert f"    not silent: 2 (constant {records[2]['constant']}), 3 (constant not finite (see " \
+           f"the record's notes))\n" in text, text
+    markdown = kprune("report", log_path, "--format", "markdown").expect(0).stdout
+    assert f"(not: 2→{records[2]['constant']}, 3→not finite (see the record's notes))" \
+        in markdown, markdown
+    page = kprune("report", log_path, "--format", "html").expect(0).stdout
+    assert "not silent: constant output not finite (see the record&#x27;s notes)" in page
 
 
 def test_output_folder_that_cannot_be_created(tmp_path: Path, small_cnn: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 from kprune_batch.audit import read_log
 from kprune_batch.commands import EXIT_FAILED, Result
 from kprune_batch.errors import MAX_LISTED, AuditLogError, printable
-from kprune_batch.logfacts import REMOVED, filter_fates
+from kprune_batch.logfacts import REMOVED, constant_text, filter_fates
 from kprune_batch.ranges import compact_ranges
 
 
@@ -116,7 +116,8 @@ def _text(s: dict[str, Any]) -> list[str]:
                 lines.append(f"    {c(loc)}: {ranges or 'nothing'}")
             if layer["not_silent"]:
                 lines.append("    not silent: " + ", ".join(
-                    f"{n['filter']} (constant {n['constant']})" for n in layer["not_silent"]))
+                    f"{n['filter']} (constant {constant_text(n['constant'])})"
+                    for n in layer["not_silent"]))
     return lines
 
 
@@ -146,7 +147,7 @@ def _markdown(s: dict[str, Any]) -> list[str]:
                                 for loc, r in layer["rules"].items())
             silent = f"{layer['silent']}/{layer['count']}"
             if layer["not_silent"]:
-                silent += " (not: " + ", ".join(f"{n['filter']}→{n['constant']}"
+                silent += " (not: " + ", ".join(f"{n['filter']}→{constant_text(n['constant'])}"
                                                 for n in layer["not_silent"]) + ")"
             action = "removed" if layer["action"] == "remove" else "zeroed"
             lines.append(f"| {_code(layer['layer'])} | {action} | {layer['ranges'] or '—'} | "

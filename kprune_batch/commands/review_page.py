@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kprune_batch.errors import KpruneError, printable
-from kprune_batch.logfacts import REMOVED, ZEROED, filter_fates
+from kprune_batch.logfacts import REMOVED, ZEROED, constant_text, filter_fates
 from kprune_batch.ranges import compact_ranges
 
 KERNEL_STATS = ("mean", "abs_mean", "l1", "l2")
@@ -337,7 +337,7 @@ def _strip(model: str, layer: str, n: int, states: list[str],
             tip.append(", ".join(f"{k} {num(v)}" for k, v in values.items()))
         loud = record is not None and record.get("silent") is False
         if loud:
-            tip.append(f"not silent: constant output {num(record.get('constant'))}")
+            tip.append(f"not silent: constant output {constant_text(record.get('constant'), num)}")
         cls = state.replace(" ", "-")
         out.append(f'<rect class="f {cls}" x="{x}" y="{y}" width="{CELL_W - 1}" '
                    f'height="{CELL_H - 1}" data-filter="{f}"><title>{"&#10;".join(map(esc, tip))}'
